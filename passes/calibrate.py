@@ -1,0 +1,156 @@
+"""Calibrate: activation statistics of every quantized layer's input, over a calibration reader, in bounded memory.
+
+Per tensor we keep a streaming min/max and a fixed-size histogram on [0, R]; when a value exceeds R, R doubles and
+adjacent bins merge pairwise, so memory stays at BINS counts however much data streams through. The clip value c of
+DoReFa's activation quantizer (clip to [0, c], then k-bit uniform) comes from that histogram: the value minimising
+the expected quantization MSE ("mse", default), a percentile, or the max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qcompile.errors import CalibrationError
+
+BINS = 2048
+
+
+@dataclass
+class ActivationStats:
+    """Streaming min/max + a doubling histogram of the nonnegative values."""
+
+    min: float = np.inf
+    max: float = -np.inf
+    count: int = 0
+    upper: float = 0.0                        # histogram covers [0, upper)
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32).ravel()
+        if x.size == 0:
+            return
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        self.count += x.size
+        pos = x[x > 0]
+        if pos.size == 0:
+            self.hist[0] += x.size
+            return
+        if self.upper == 0.0:
+            self.upper = float(pos.max()) * (1 + 1e-6)
+        while pos.max() >= self.upper:       # double the range, merging bin pairs: memory stays BINS
+            self.hist = np.concatenate([self.hist.reshape(-1, 2).sum(1), np.zeros(BINS // 2, np.int64)])
+            self.upper *= 2
+        self.hist += np.bincount((x.clip(0, None) * (BINS / self.upper)).astype(np.int64), minlength=BINS)[:BINS]
+
+    def percentile(self, p: float) -> float:
+        cdf = np.cumsum(self.hist)
+        idx = int(np.searchsorted(cdf, cdf[-1] * p / 100.0))
+        return (idx + 1) * self.upper / BINS
+
+    def mse_clip(self, bits: int, candidates: int = 256) -> float:
+        """argmin_c E[(x - Q_c(x))^2] with x at the bin centres, Q_c = clip to [0,c] then round to c/n steps."""
+        n = 2 ** bits - 1
+        centres = (np.arange(BINS) + 0.5) * (self.upper / BINS)
+        weights = self.hist.astype(np.float64)
+        best, best_err = self.max, np.inf
+        for c in np.linspace(self.max / candidates, self.max, candidates):
+            step = c / n
+            q = np.clip(np.rint(centres / step), 0, n) * step
+            err = float(np.dot(weights, (centres - q) ** 2))
+            if err < best_err:
+                best, best_err = float(c), err
+        return best
+
+    def clip(self, rule: str, bits: int) -> float:
+        if rule == "max":
+            return self.max
+        if rule.startswith("percentile"):
+            return min(self.max, self.percentile(float(rule.split(":")[1])))
+        return self.mse_clip(bits)
+
+
+def _check_batch(batch: dict, inputs: list[ort.NodeArg], source: str) -> dict:
+    names = {i.name for i in inputs}
+    if not isinstance(batch, dict) or set(batch) != names:
+        got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise CalibrationError(f"{source}: calibration batch has inputs {got}, the model expects {sorted(names)}")
+    out = {}
+    for arg in inputs:
+        arr = np.asarray(batch[arg.name])
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise CalibrationError(f"{source}: input '{arg.name}' is {arr.dtype}; the model expects float32")
+        arr = arr.astype(np.float32, copy=False)
+        shape = arg.shape
+        ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
+        if not ok:
+            want = "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise CalibrationError(f"{source}: input '{arg.name}' has shape {list(arr.shape)}, "
+                                   f"the model expects [{want}]")
+        if not np.all(np.isfinite(arr)):
+            raise CalibrationError(f"{source}: input '{arg.name}' contains NaN/Inf")
+        out[arg.name] = arr
+    return out
+
+
+def session_options() -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3   # onnxruntime warns about harmless things (unused initializers) on stderr
+    return so
+
+
+def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: int, progress=None
+                  ) -> dict[str, ActivationStats]:
+    """Run the float model once over the reader, exposing `value_names` as extra outputs."""
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in value_names:
+        if name not in existing:
+            proto.graph.output.add().name = name
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
+    if hasattr(reader, "bind") and len(inputs) == 1:
+        reader.bind(inputs[0].name)
+    source = getattr(reader, "source", "calibration reader")
+    stats = {name: ActivationStats() for name in value_names}
+    batches = 0
+    while batches < max_batches:
+        batch = reader.get_next()
+        if batch is None:
+            break
+        outs = sess.run(value_names, _check_batch(batch, inputs, source))
+        for name, arr in zip(value_names, outs):
+            stats[name].update(arr)
+        batches += 1
+        if progress:
+            progress(batches)
+    if batches == 0:
+        raise CalibrationError(f"{source}: the calibration reader gave no data")
+    return stats
+
+
+class Calibrate:
+    """Collect input-activation statistics for each planned layer and fix its clip value c."""
+
+    name = "calibrate"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        planned = [p for p in ctx.plan.values() if p.quantize]
+        names = sorted({p.activation for p in planned})
+        if not names:
+            return False
+        if ctx.calib is None:
+            ctx.act_ranges = {}      # quantize falls back to DoReFa's [0, 1] and the report warns
+            return False
+        ctx.act_ranges = collect_stats(model, names, ctx.calib, ctx.config.calib_batches)
+        for p in planned:
+            s = ctx.act_ranges[p.activation]
+            if s.min < 0:
+                p.mark_float(f"input activation goes negative (min {s.min:.3g}); DoReFa activations are "
+                             "unsigned: put a ReLU before it or keep it float")
+            elif s.max <= 0:
+                p.mark_float("input activation is 0 on all calibration data: nothing to quantize")
+        return False

@@ -1,0 +1,76 @@
+"""Canonicalize: fold BatchNormalization into Conv/Gemm, fold constants, drop Identity/Dropout and dead code.
+
+After this the graph holds only what runs at inference, with each Conv/Gemm carrying its own bias, so the planner
+sees the weights the deployed kernel will use.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
+
+fold_bn_rules = RewriteRuleSet([
+    fuse_batchnorm_into_conv_rule,   # Conv(x, W, b) -> BN  ==  Conv(x, W*g/s, (b-mean)*g/s + beta)
+    fuse_batchnorm_into_gemm_rule,   # the same for Gemm (Linear -> BatchNorm1d)
+])
+
+
+class FoldBatchNorm:
+    """Fold inference BatchNormalization into the preceding Conv/Gemm weight and bias."""
+
+    name = "fold_batchnorm"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        return fold_bn_rules.apply_to_model(model) > 0
+
+
+class FoldConstants:
+    """Evaluate subgraphs whose inputs are all constant (shape arithmetic, exported Constant chains)."""
+
+    name = "fold_constants"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        before = model.graph.num_nodes()
+        onnxscript.optimizer.fold_constants(model)
+        return model.graph.num_nodes() != before
+
+
+class RemoveNoOps:
+    """Drop Identity, and Dropout (inference mode: an identity); graph outputs keep their names."""
+
+    name = "remove_noops"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type not in ("Identity", "Dropout") or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Dropout" and (len(node.outputs) > 1 and node.outputs[1].uses()):
+                continue  # someone reads the mask: not a no-op
+            src, out = node.inputs[0], node.outputs[0]
+            if out.is_graph_output():
+                continue  # removing it would rename a model output; an Identity there costs nothing
+            out.replace_all_uses_with(src)
+            model.graph.remove(node, safe=True)
+            modified = True
+        return modified
+
+
+class RemoveDeadCode:
+    """Remove nodes and initializers nothing reads."""
+
+    name = "remove_dead_code"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        before = (model.graph.num_nodes(), len(model.graph.initializers))
+        RemoveUnusedNodesPass()(model)
+        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            del model.graph.initializers[name]
+        return (model.graph.num_nodes(), len(model.graph.initializers)) != before
+
+
+def canonicalize_passes() -> list:
+    return [RemoveNoOps(), FoldBatchNorm(), FoldConstants(), RemoveDeadCode()]

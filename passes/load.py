@@ -1,0 +1,85 @@
+"""Load and check an ONNX model: every way a file can be bad gets one line naming it and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qcompile.errors import ModelLoadError, QuantizationError
+
+MIN_OPSET, MAX_OPSET = 11, 25   # default-domain opsets we accept (converted to WORK_OPSET)
+WORK_OPSET = 21                  # INT4/UINT4 DequantizeLinear runs in onnxruntime from opset 21
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read, check and shape-infer; convert to WORK_OPSET. Never writes to `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory; pass the .onnx file")
+    data = path.read_bytes()
+    if not data:
+        raise ModelLoadError(f"{path}: empty file; re-export the model")
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX file (truncated or corrupt?): {str(exc)[:80]}") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph); is this the right file?")
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            try:
+                onnx.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"{path}: external weight data missing ({exc}); keep the .data file "
+                                     "next to the model") from None
+            break
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(f"{path}: opset {opset} unsupported (need {MIN_OPSET}-{MAX_OPSET}); "
+                             "re-export with a supported opset_version")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ModelLoadError(f"{path}: ONNX checker failed: {first}") from None
+    if opset != WORK_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, WORK_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors with C++ text
+            raise ModelLoadError(f"{path}: cannot convert opset {opset} to {WORK_OPSET}: "
+                                 f"{str(exc).splitlines()[0][:120]}") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: shape inference failed: {str(exc).splitlines()[0][:160]}") from None
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelLoadError("model imports no default-domain opset; is this an ONNX model?")
+
+
+def check_weights_finite(model: ir.Model) -> None:
+    """NaN/Inf in any float initializer makes every downstream number meaningless: refuse early."""
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            continue
+        arr = tensor.numpy()
+        if not np.all(np.isfinite(arr)):
+            users = ", ".join(sorted({u.node.name or u.node.op_type for u in value.uses()})) or "no node"
+            raise QuantizationError(f"initializer '{name}' (used by {users}) contains NaN/Inf; "
+                                    "fix or retrain the model before compiling")
+
+
+def to_ir(model: onnx.ModelProto) -> ir.Model:
+    return ir.from_proto(model)

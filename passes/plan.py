@@ -1,0 +1,119 @@
+"""Plan: decide per Conv/Gemm/MatMul whether it is quantized (bits, quantizer) or stays float, and say why.
+
+DoReFa's convention keeps the first and the last weighted layer in float (quantizing them costs the most accuracy
+for the least compute); `keep_float` / `quantize` node-name globs override it. Every op that is not quantized is
+listed with a reason: nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
+
+from qcompile.config import Config
+from qcompile.passes.graph_utils import const_array, node_label
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class LayerPlan:
+    node: str
+    op: str
+    quantize: bool
+    reason: str
+    bits_w: int = 0
+    bits_a: int = 0
+    quantizer: str = ""
+    weight: str = ""            # initializer name of the weight
+    weight_axis: int = 0        # axis of the output channels in the stored weight
+    activation: str = ""        # value name of the activation input
+
+    def mark_float(self, reason: str) -> None:
+        self.quantize, self.reason = False, reason
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def weight_layout(node: ir.Node) -> tuple[ir.Value | None, int, str | None]:
+    """(weight value, output-channel axis, reason it cannot be a bit kernel or None)."""
+    if node.op_type == "Conv":
+        w = node.inputs[1]
+        if const_array(w) is None:
+            return w, 0, "weight is computed at run time, not a constant"
+        if const_array(w).ndim != 4:
+            return w, 0, f"{const_array(w).ndim - 2}-D convolution; bit kernels cover 2-D"
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return w, 0, "auto_pad SAME_* is not supported; export with explicit pads"
+        return w, 0, None
+    if node.op_type == "Gemm":
+        w = node.inputs[1]
+        if node.attributes.get_int("transA", 0):
+            return w, 0, "Gemm with transA=1"
+        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+            return w, 0, "Gemm with alpha/beta != 1"
+        if const_array(w) is None:
+            return w, 0, "weight is computed at run time, not a constant"
+        return w, 0 if node.attributes.get_int("transB", 0) else 1, None
+    if node.op_type == "MatMul":
+        w = node.inputs[1]
+        arr = const_array(w)
+        if arr is None:
+            return w, 1, "second input is not a constant weight"
+        if arr.ndim != 2:
+            return w, 1, f"{arr.ndim}-D weight; bit kernels take a 2-D matrix"
+        return w, 1, None
+    return None, 0, "not a Conv/Gemm/MatMul"
+
+
+class PlanBits:
+    """Choose bits and quantizer for each weighted layer (see module docstring)."""
+
+    name = "plan"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        NameFixPass()(model)  # every node needs a stable name: plans, reports and overrides key on it
+        cfg: Config = ctx.config
+        weighted = [n for n in model.graph if n.op_type in WEIGHTED_OPS and n.domain in ("", "ai.onnx")]
+        first_last = {node_label(weighted[0]), node_label(weighted[-1])} if weighted else set()
+        ctx.plan.clear()
+        for node in weighted:
+            name = node_label(node)
+            w, axis, problem = weight_layout(node)
+            plan = LayerPlan(name, node.op_type, False, "", weight=w.name if w is not None else "",
+                             weight_axis=axis, activation=node.inputs[0].name)
+            if problem:
+                plan.mark_float(problem)
+            elif _matches(name, cfg.quantize):
+                plan.quantize, plan.reason = True, "forced by --quantize pattern"
+            elif _matches(name, cfg.keep_float):
+                plan.mark_float("kept float by --keep-float pattern")
+            elif cfg.keep_first_last_float and name in first_last:
+                which = "first" if name == node_label(weighted[0]) else "last"
+                plan.mark_float(f"{which} weighted layer stays float (DoReFa convention; override with --quantize)")
+            else:
+                plan.quantize, plan.reason = True, "low-bit candidate"
+            if plan.quantize:
+                plan.bits_w, plan.bits_a, plan.quantizer = cfg.bits_w, cfg.bits_a, cfg.quantizer
+            ctx.plan[name] = plan
+        return False  # planning annotates; the graph is unchanged
+
+
+def op_table(model: ir.Model, plan: dict[str, LayerPlan]) -> list[dict]:
+    """One row per node: what happens to it and why (the `inspect` command and the report print this)."""
+    rows = []
+    for node in model.graph:
+        name = node_label(node)
+        p = plan.get(name)
+        if p is not None:
+            status = f"W{p.bits_w}A{p.bits_a} {p.quantizer}" if p.quantize else "float"
+            rows.append({"node": name, "op": node.op_type, "status": status, "why": p.reason})
+        else:
+            rows.append({"node": name, "op": node.op_type, "status": "float",
+                         "why": "no weights: runs as is in onnxruntime"})
+    return rows

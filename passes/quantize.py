@@ -1,0 +1,168 @@
+"""Quantize: weights become integer codes behind DequantizeLinear; activations get Clip/QuantizeLinear/Dequantize.
+
+The fake-quant graph is written in an *integer-exact* form, so that onnxruntime's float execution of it equals the
+deployed integer kernels bit for bit:
+
+    x --Clip(0,c)--QuantizeLinear(c/n_a)--> p (uint8 codes) --DequantizeLinear(scale 1)--> p as float
+    W_int (INT4/INT8 = 2q - zero2) --DequantizeLinear(scale 1)--> W_int as float
+    Conv/Gemm/MatMul(p, W_int)           -> acc: integer-valued float, exact (|acc| << 2^24)
+    Mul(acc, mult[n]) -> Add(bias[n])    -> y   with mult[n] = (alpha[n]/2) * (c/n_a)
+
+A plain QDQ graph (scales inside the DequantizeLinear) rounds every product in float32 and so cannot be matched
+exactly by an integer kernel; moving the scales behind the accumulation loses nothing and keeps the graph standard
+ONNX that onnxruntime runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import ConstantTensorError, QuantizationError
+from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses
+from qcompile.quant import registry
+from qcompile.quant.core import QuantizedTensor
+
+DOREFA_DEFAULT_CLIP = 1.0   # without calibration data, DoReFa's own activation range [0, 1]
+
+
+@dataclass
+class QuantizedLayer:
+    """Everything the report, the fuse pass and the code generators need about one quantized layer."""
+
+    node: str
+    op: str
+    bits_w: int
+    bits_a: int
+    quantizer: str
+    qweight: QuantizedTensor      # codes laid out [N, ...] (output channels first)
+    float_weight: np.ndarray      # the float weight, [N, ...], for errors and plots
+    clip: float                   # activation clip c; activation scale beta = c / (2^bits_a - 1)
+    mult: np.ndarray              # float32 [N]: (alpha/2) * beta
+    bias: np.ndarray              # float32 [N]
+    clip_source: str              # "calibration (mse)" or "DoReFa default [0,1]"
+
+    @property
+    def rel_error(self) -> float:
+        ref = np.linalg.norm(self.float_weight)
+        return float(np.linalg.norm(self.qweight.dequantize() - self.float_weight) / max(ref, 1e-30))
+
+    @property
+    def levels_used(self) -> int:
+        return int(np.unique(self.qweight.codes).size)
+
+    @property
+    def code_entropy(self) -> float:
+        """Effective bitwidth: entropy (bits) of the code histogram; k when every level is equally used."""
+        counts = np.bincount(self.qweight.codes.ravel(), minlength=2 ** self.bits_w).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum())
+
+    @property
+    def bytes_float(self) -> int:
+        return 4 * (self.float_weight.size + self.bias.size)
+
+    @property
+    def bytes_packed(self) -> int:
+        n = self.float_weight.shape[0]
+        return -(-self.float_weight.size * self.bits_w // 8) + 4 * n + 4 * self.bias.size  # codes + mult + bias
+
+
+def _weights_nk(arr: np.ndarray, axis: int) -> np.ndarray:
+    """Weights with output channels first (Conv [N,C,kh,kw]; Gemm/MatMul [N,K])."""
+    return arr if axis == 0 else arr.T
+
+
+def _int_tensor(values: np.ndarray) -> tuple[np.ndarray, ir.DataType]:
+    """The exact small integers 2q - zero2, in INT4 when they fit (true 4-bit storage), else INT8."""
+    if values.min() >= -8 and values.max() <= 7:
+        return values.astype(np.int8), ir.DataType.INT4
+    return values.astype(np.int8), ir.DataType.INT8
+
+
+class QuantizeLayers:
+    """Rewrite every planned layer into the integer-exact fake-quant form above."""
+
+    name = "quantize"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        graph = model.graph
+        cfg = ctx.config
+        act_cache: dict[tuple[str, int, float], ir.Value] = {}
+        nodes = {node_label(n): n for n in graph}
+        modified = False
+        for name, plan in ctx.plan.items():
+            if not plan.quantize:
+                continue
+            node = nodes[name]
+            w_arr = const_array(node.inputs[1]).astype(np.float32)
+            w_nk = _weights_nk(w_arr, plan.weight_axis)
+            spec = registry.get(plan.quantizer)
+            try:
+                qw = spec.weights(w_nk, plan.bits_w, 0 if cfg.per_channel else None, name)
+            except ConstantTensorError as exc:
+                plan.mark_float(str(exc).split(": ", 1)[-1])
+                continue
+            n_out = w_nk.shape[0]
+            bias_in = node.inputs[2] if len(node.inputs) > 2 else None
+            bias = const_array(bias_in)
+            if bias_in is not None and bias is None:
+                plan.mark_float("bias is computed at run time")
+                continue
+            bias = np.zeros(n_out, np.float32) if bias is None else bias.astype(np.float32).reshape(n_out)
+
+            stats = ctx.act_ranges.get(plan.activation)
+            if stats is not None:
+                clip, clip_source = stats.clip(cfg.act_clip, plan.bits_a), f"calibration ({cfg.act_clip})"
+            else:
+                clip, clip_source = DOREFA_DEFAULT_CLIP, "DoReFa default [0,1] (no calibration data)"
+            n_a = 2 ** plan.bits_a - 1
+            beta = np.float32(clip / n_a)
+            alpha_half = (np.broadcast_to(np.asarray(qw.scale, np.float64).reshape(-1), (n_out,)) / 2)
+            mult = (alpha_half * float(beta)).astype(np.float32)
+            if not np.all(np.isfinite(mult)):
+                raise QuantizationError(f"{name}: non-finite scale; check the weights for extreme values")
+
+            x_q = self._activation(graph, node, plan.activation, plan.bits_a, float(clip), float(beta), act_cache)
+            ints, dtype = _int_tensor(qw.int_values())
+            w_int = add_const(graph, f"{plan.weight}_q{plan.bits_w}", _weights_nk(ints, plan.weight_axis), dtype)
+            one = add_const(graph, f"{name}_one", np.float32(1.0))
+            w_dq = ir.node("DequantizeLinear", [w_int, one], name=f"{name}_wdq")
+            attrs = {k: v for k, v in node.attributes.items()}
+            core = ir.node(node.op_type, [x_q, w_dq.outputs[0]], attributes=attrs, name=f"{name}_int")
+            shape = (1, n_out, 1, 1) if node.op_type == "Conv" else (n_out,)
+            mul = ir.node("Mul", [core.outputs[0], add_const(graph, f"{name}_mult", mult.reshape(shape))],
+                          name=f"{name}_scale")
+            add = ir.node("Add", [mul.outputs[0], add_const(graph, f"{name}_bias", bias.reshape(shape))],
+                          name=f"{name}_bias")
+            graph.insert_before(node, [w_dq, core, mul, add])
+            redirect_uses(node.outputs[0], add.outputs[0])
+            graph.remove(node, safe=True)
+            ctx.layers[name] = QuantizedLayer(name, node.op_type, plan.bits_w, plan.bits_a, plan.quantizer, qw,
+                                              w_nk, float(clip), mult, bias, clip_source)
+            modified = True
+        for value in [v for n, v in graph.initializers.items() if not v.uses()]:
+            del graph.initializers[value.name]
+        return modified
+
+    @staticmethod
+    def _activation(graph, consumer, value_name, bits, clip, beta, cache) -> ir.Value:
+        """Clip(0,c) -> QuantizeLinear -> DequantizeLinear(scale 1): the codes p as exact floats, shared."""
+        key = (value_name, bits, clip)
+        if key in cache:
+            return cache[key]
+        x = consumer.inputs[0]
+        base = value_name.replace("/", "_")
+        lo = add_const(graph, f"{base}_lo", np.float32(0.0))
+        hi = add_const(graph, f"{base}_hi", np.float32(clip))
+        scale = add_const(graph, f"{base}_a{bits}_scale", np.float32(beta))
+        zero = add_const(graph, f"{base}_a{bits}_zero", np.uint8(0))
+        one = add_const(graph, f"{base}_a{bits}_one", np.float32(1.0))
+        clip_n = ir.node("Clip", [x, lo, hi], name=f"{base}_clip")
+        q = ir.node("QuantizeLinear", [clip_n.outputs[0], scale, zero], name=f"{base}_quant{bits}")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], one, zero], name=f"{base}_codes{bits}")
+        graph.insert_before(consumer, [clip_n, q, dq])
+        cache[key] = dq.outputs[0]
+        return dq.outputs[0]

@@ -1,0 +1,89 @@
+"""The Python API: qcompile.compile(model, config=..., calib=...) -> CompileResult, with .save(out_dir)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import onnx_ir as ir
+
+from qcompile.calibration import as_reader
+from qcompile.config import Config, resolve_config
+from qcompile.fileio import atomic_dir, sha256_file
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.load import check_weights_finite, load_model
+from qcompile.passes.pipeline import CompileContext, run_pipeline
+from qcompile.passes.plan import PlanBits
+from qcompile.passes.quantize import QuantizeLayers
+
+
+def front_passes() -> list:
+    """Canonicalize and plan: what `inspect` runs."""
+    return [*canonicalize_passes(), PlanBits()]
+
+
+def quantize_passes() -> list:
+    return [Calibrate(), QuantizeLayers()]
+
+
+@dataclass
+class CompileResult:
+    source: str
+    config: Config
+    float_model: onnx.ModelProto          # canonical float model (BN folded): the accuracy baseline
+    model: onnx.ModelProto                # fake-quant model, runs in onnxruntime
+    ctx: CompileContext
+    report: dict = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, *, plots: bool = True) -> Path:
+        """Write model.onnx, float.onnx, report.json, report.md (and weights.png) atomically into out_dir."""
+        from qcompile import report as report_mod
+
+        protect = (self.source,) if Path(self.source).exists() else ()
+        with atomic_dir(out_dir, protect) as tmp:
+            onnx.save(self.model, tmp / "model.onnx")
+            onnx.save(self.float_model, tmp / "float.onnx")
+            (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
+            (tmp / "report.md").write_text(report_mod.to_markdown(self.report))
+            if plots and self.ctx.layers:
+                report_mod.plot_weights(self.ctx.layers, tmp / "weights.png")
+        return Path(out_dir)
+
+
+def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: Any = None,
+            target: str | None = None, verify: bool = False, dump_dir: str | Path | None = None,
+            progress: Callable[[str], None] | None = None, **overrides) -> CompileResult:
+    """Quantize an ONNX model (path) to a fake-quant ONNX model.
+
+    config: a preset (w1a1, w1a2, w2a2, w4a4), a .toml file, or a Config; keyword overrides such as
+    quantizer="uniform", bits_w=4 or keep_float=["conv3"] replace single fields. calib: a .npz path, an array,
+    or a CalibrationDataReader (get_next() -> {input: batch} or None)."""
+    from qcompile import report as report_mod
+
+    cfg = resolve_config(config, **overrides)
+    proto = load_model(model)
+    irm = ir.from_proto(proto)
+    check_weights_finite(irm)
+    ctx = CompileContext(config=cfg, source=str(model), calib=as_reader(calib), target=target, progress=progress)
+    run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
+    ctx.float_model = ir.to_proto(irm)
+    run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
+    result = CompileResult(str(model), cfg, ctx.float_model, ir.to_proto(irm), ctx)
+    result.report = report_mod.build_report(result, sha256_file(model))
+    return result
+
+
+def inspect(model: str | Path, *, config: str | Config | None = "w2a2", **overrides) -> list[dict]:
+    """Each op of the canonical model: quantized or float, and why (no calibration needed)."""
+    from qcompile.passes.plan import op_table
+
+    cfg = resolve_config(config, **overrides)
+    irm = ir.from_proto(load_model(model))
+    check_weights_finite(irm)
+    ctx = CompileContext(config=cfg, source=str(model))
+    run_pipeline(irm, front_passes(), ctx)
+    return op_table(irm, ctx.plan)

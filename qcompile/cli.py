@@ -1,0 +1,140 @@
+"""The `qcompile` command line: compile, inspect, eval, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from qcompile.errors import QcompileError
+
+QUANTIZER_CHOICES = click.Choice(["balanced", "balanced-mean", "dorefa", "uniform", "uniform-percentile", "xnor"])
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not sys.stderr.isatty())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qcompile", prog_name="qcompile")
+def main():
+    """qcompile: quantize ONNX models to 1-4 bits and compile them to bitwise kernels."""
+
+
+def quant_options(f):
+    f = click.option("--config", "preset", default="w2a2", show_default=True,
+                     help="Preset w1a1|w1a2|w2a2|w4a4, or a .toml file.")(f)
+    f = click.option("--quantizer", type=QUANTIZER_CHOICES, help="Weight quantizer (default: the preset's).")(f)
+    f = click.option("--keep-float", multiple=True, metavar="GLOB", help="Node names kept in float.")(f)
+    f = click.option("--quantize", "force", multiple=True, metavar="GLOB",
+                     help="Node names quantized even if first/last.")(f)
+    f = click.option("--per-tensor", is_flag=True, help="One weight scale per layer instead of per channel.")(f)
+    return f
+
+
+def _overrides(quantizer, keep_float, force, per_tensor) -> dict:
+    return {"quantizer": quantizer, "keep_float": keep_float or None, "quantize": force or None,
+            "per_channel": False if per_tensor else None}
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@quant_options
+@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz with array x).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (atomic write).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--verify", is_flag=True, help="Check the model after every pass (debug).")
+@click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after every pass here.")
+def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, out, as_json, verify, dump_dir):
+    """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png."""
+    from qcompile import api, report
+
+    try:
+        with _progress() as prog:
+            task = prog.add_task("compiling", total=None)
+            result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir,
+                                 progress=lambda name: prog.update(task, description=name),
+                                 **_overrides(quantizer, keep_float, force, per_tensor))
+            prog.update(task, description="writing")
+            result.save(out)
+    except QcompileError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+    else:
+        report.print_report(result.report)
+        click.echo(f"wrote {Path(out) / 'model.onnx'} and the report")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@quant_options
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, preset, quantizer, keep_float, force, per_tensor, as_json):
+    """Each op of MODEL: quantized or kept in float, and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qcompile import api
+
+    try:
+        rows = api.inspect(model, config=preset, **_overrides(quantizer, keep_float, force, per_tensor))
+    except QcompileError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{Path(model).name}: plan")
+    for col in ("node", "op", "status", "why"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["node"], r["op"], r["status"], r["why"])
+    Console().print(table)
+
+
+@main.command("eval")
+@click.argument("float_model", type=click.Path(dir_okay=False))
+@click.argument("quant_model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help=".npz with x and y.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(float_model, quant_model, data, as_json):
+    """Top-1 accuracy of FLOAT_MODEL and QUANT_MODEL on DATA, and how often they agree."""
+    from qcompile import evaluate
+
+    try:
+        x, y = evaluate.load_labelled(data)
+        res = evaluate.compare(float_model, quant_model, x, y)
+    except QcompileError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"n={res['n']}  float top-1 {res['float_top1']:.2%}  quantized top-1 {res['quant_top1']:.2%}  "
+                   f"agreement {res['agreement']:.2%}")
+
+
+@main.command()
+@click.option("-o", "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--config", "preset", default="w2a2", show_default=True)
+def demo(out, preset):
+    """Compile the bundled Fashion-MNIST CNN with the balanced and the uniform quantizer; compare accuracy."""
+    from qcompile import demo as demo_mod
+
+    try:
+        demo_mod.run(out, preset)
+    except QcompileError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    main()

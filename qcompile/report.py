@@ -1,0 +1,139 @@
+"""The compile report: per-layer table (stdout), JSON, Markdown, and a PNG of weight histograms and bin occupancy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.passes.plan import op_table
+
+
+def build_report(result, source_sha256: str) -> dict:
+    ctx = result.ctx
+    layers = []
+    for name, q in ctx.layers.items():
+        scale = np.asarray(q.qweight.scale, np.float64).ravel()
+        layers.append({
+            "node": name, "op": q.op, "bits_w": q.bits_w, "bits_a": q.bits_a, "quantizer": q.quantizer,
+            "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+            "levels_used": q.levels_used, "levels": 2 ** q.bits_w, "entropy_bits": round(q.code_entropy, 3),
+            "rel_error": round(q.rel_error, 5), "act_clip": q.clip, "act_clip_source": q.clip_source,
+            "bytes_float": q.bytes_float, "bytes_packed": q.bytes_packed,
+        })
+    import onnx_ir as ir
+    float_ir = ir.from_proto(result.float_model)
+    ops = op_table(float_ir, ctx.plan)
+    kept_float = [r for r in ops if r["status"] == "float" and r["op"] in ("Conv", "Gemm", "MatMul")]
+    weight_bytes = sum(4 * int(np.prod(v.const_value.shape)) for v in float_ir.graph.initializers.values()
+                       if v.const_value is not None)
+    quant_float = sum(x["bytes_float"] for x in layers)
+    quant_packed = sum(x["bytes_packed"] for x in layers)
+    after = weight_bytes - quant_float + quant_packed
+    warnings = []
+    if ctx.calib is None and layers:
+        warnings.append("no calibration data: activations clipped to DoReFa's [0,1]; pass --calib for a "
+                        "float-trained model")
+    return {
+        "source": result.source, "source_sha256": source_sha256, "config": result.config.to_dict(),
+        "passes": [r.__dict__ for r in ctx.records],
+        "layers": layers,
+        "ops": ops,
+        "kept_float_weighted": kept_float,
+        "totals": {
+            "weight_bytes_float": weight_bytes, "weight_bytes_after": after,
+            "compression": round(weight_bytes / max(after, 1), 2),
+            "quantized_layers_compression": round(quant_float / max(quant_packed, 1), 2),
+        },
+        "warnings": warnings,
+    }
+
+
+LAYER_COLUMNS = [("node", "node"), ("op", "op"), ("bits", None), ("quantizer", "quantizer"),
+                 ("scale", None), ("levels", None), ("entropy", "entropy_bits"), ("rel.err", "rel_error"),
+                 ("act clip", "act_clip"), ("bytes fp32", "bytes_float"), ("bytes packed", "bytes_packed")]
+
+
+def _cells(row: dict) -> list[str]:
+    out = []
+    for title, key in LAYER_COLUMNS:
+        if title == "bits":
+            out.append(f"W{row['bits_w']}A{row['bits_a']}")
+        elif title == "scale":
+            out.append(f"{row['scale_min']:.3g}..{row['scale_max']:.3g}")
+        elif title == "levels":
+            out.append(f"{row['levels_used']}/{row['levels']}")
+        elif isinstance(row[key], float):
+            out.append(f"{row[key]:.4g}")
+        else:
+            out.append(str(row[key]))
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# qcompile report: {Path(report['source']).name}", "",
+             f"config `{report['config']['name']}`: W{report['config']['bits_w']}A{report['config']['bits_a']}, "
+             f"quantizer `{report['config']['quantizer']}`", "", "## Quantized layers", "",
+             "| " + " | ".join(t for t, _ in LAYER_COLUMNS) + " |",
+             "|" + "---|" * len(LAYER_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in report["layers"]]
+    lines += ["", "## Kept in float", "", "| node | op | why |", "|---|---|---|"]
+    lines += [f"| {r['node']} | {r['op']} | {r['why']} |" for r in report["kept_float_weighted"]]
+    t = report["totals"]
+    lines += ["", f"Weights: {t['weight_bytes_float']:,} B float -> {t['weight_bytes_after']:,} B "
+              f"({t['compression']}x; quantized layers {t['quantized_layers_compression']}x).", ""]
+    lines += [f"Warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"qcompile: {Path(report['source']).name}  "
+                        f"(W{report['config']['bits_w']}A{report['config']['bits_a']}, {report['config']['quantizer']})")
+    for title, _ in LAYER_COLUMNS:
+        table.add_column(title, justify="left" if title in ("node", "op", "quantizer") else "right")
+    for row in report["layers"]:
+        table.add_row(*_cells(row))
+    console.print(table)
+    for r in report["kept_float_weighted"]:
+        console.print(f"  float: {r['node']} ({r['op']}): {r['why']}")
+    t = report["totals"]
+    console.print(f"  weights {t['weight_bytes_float']:,} B -> {t['weight_bytes_after']:,} B: "
+                  f"{t['compression']}x smaller (quantized layers {t['quantized_layers_compression']}x)")
+    for w in report["warnings"]:
+        console.print(f"  [yellow]warning:[/yellow] {w}")
+
+
+def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
+    """Per layer: the weight histogram with each quantizer's bin edges, and level occupancy, uniform vs balanced."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qcompile.quant import registry
+
+    chosen = list(layers.values())[:max_layers]
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 3.2 * len(chosen)), squeeze=False)
+    for row, q in zip(axes, chosen):
+        w = q.float_weight.ravel()
+        row[0].hist(w, bins=120, color="0.6")
+        row[0].set_title(f"{q.node}: weights (W{q.bits_w})", fontsize=9)
+        width = 0.38
+        levels = np.arange(2 ** q.bits_w)
+        for i, name in enumerate(("uniform", "balanced")):
+            qt = registry.get(name).weights(q.float_weight, q.bits_w, 0, q.node)
+            occ = np.bincount(qt.codes.ravel(), minlength=2 ** q.bits_w) / qt.codes.size
+            row[1].bar(levels + (i - 0.5) * width, occ, width, label=name)
+            for v in np.unique(qt.dequantize()[:1].ravel()):
+                row[0].axvline(v, color=f"C{i}", lw=0.8, alpha=0.8)
+        row[1].axhline(1 / 2 ** q.bits_w, color="k", lw=0.8, ls="--", label="equal share")
+        row[1].set_xticks(levels)
+        row[1].set_title("fraction of weights per level (uniform vs balanced)", fontsize=9)
+        row[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
