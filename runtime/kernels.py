@@ -1,0 +1,139 @@
+"""Load a library built by qcompile.targets.cpu and run its layers on numpy arrays (ctypes; numpy only).
+
+    lib = Library("artifact/kernels/qcompile_kernels.so")
+    y = lib.run("conv3", x)          # x: uint8 codes, [batch, K] (BitGemm) or NCHW [batch, C, H, W] (BitConv)
+
+Each layer is a plain C function ``int qc_layer_<cname>(const uint8_t* x, void* y, int64_t batch)``; its shapes
+and output dtype come from the manifest the library carries (``qc_manifest()``). The code path is chosen inside
+the library at every call: the best the CPU has, or ``QCOMPILE_CPU_PATH=avx512|avx2|generic``; threads from
+``QCOMPILE_NUM_THREADS`` (default: all cores).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import ArtifactError, QcompileError, RuntimeInputError
+
+__all__ = ["ABI_VERSION", "PATH_NAMES", "KernelPathError", "LayerInfo", "Library"]
+
+ABI_VERSION = 1
+PATH_NAMES = ("generic", "avx2", "avx512")
+_ERRORS = {-1: "path", -2: "out of memory", -3: "bad argument"}
+
+
+class KernelPathError(QcompileError):
+    """QCOMPILE_CPU_PATH names a code path this CPU (or this library) cannot run."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    symbol: str
+    op: str
+    in_shape: tuple[int, ...]   # per sample: (K,) or (C, H, W)
+    out_shape: tuple[int, ...]  # per sample: (N,) or (N, Ho, Wo)
+    out_dtype: np.dtype
+    bits_a: int
+    bits_w: int
+    epilogue: str
+
+
+class Library:
+    """A loaded kernel library; :meth:`run` calls one layer."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: kernel library not found")
+        try:
+            self._dll = ctypes.CDLL(str(self.path))
+        except OSError as e:
+            raise ArtifactError(f"{self.path}: cannot load kernel library: {e}") from e
+        try:
+            abi = self._fn("qc_abi_version", ctypes.c_int, [])()
+            raw = self._fn("qc_manifest", ctypes.c_char_p, [])()
+        except AttributeError as e:
+            raise ArtifactError(f"{self.path}: not a qcompile kernel library ({e})") from e
+        if abi != ABI_VERSION:
+            raise ArtifactError(f"{self.path}: kernel ABI {abi}, this runtime speaks {ABI_VERSION}; rebuild it")
+        self.manifest = json.loads(raw.decode())
+        self.layers: dict[str, LayerInfo] = {}
+        self._calls = {}
+        for name, m in self.manifest["layers"].items():
+            info = LayerInfo(name=name, symbol=m["symbol"], op=m["op"], in_shape=tuple(m["in_shape"]),
+                             out_shape=tuple(m["out_shape"]), out_dtype=np.dtype(m["out_dtype"]),
+                             bits_a=m["bits_a"], bits_w=m["bits_w"], epilogue=m["epilogue"])
+            try:
+                fn = self._fn(info.symbol, ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
+            except AttributeError as e:
+                raise ArtifactError(f"{self.path}: layer {name!r} has no function {info.symbol}") from e
+            self.layers[name] = info
+            self._calls[name] = fn
+        self._selected = self._fn("qc_selected_path", ctypes.c_int, [])
+        self._available = self._fn("qc_path_available", ctypes.c_int, [ctypes.c_int])
+        self._threads = self._fn("qc_threads", ctypes.c_int, [])
+
+    def _fn(self, symbol: str, restype, argtypes):
+        f = getattr(self._dll, symbol)
+        f.restype, f.argtypes = restype, argtypes
+        return f
+
+    # ---- queries ----
+    def selected_path(self) -> str | None:
+        """The path a call takes now (QCOMPILE_CPU_PATH honoured); None if the requested one is unavailable."""
+        p = self._selected()
+        return PATH_NAMES[p] if p >= 0 else None
+
+    def path_available(self, path: str) -> bool:
+        return bool(self._available(PATH_NAMES.index(path)))
+
+    def available_paths(self) -> list[str]:
+        return [p for p in PATH_NAMES if self.path_available(p)]
+
+    def num_threads(self) -> int:
+        return int(self._threads())
+
+    # ---- running ----
+    def run(self, layer: str, x: np.ndarray, batch: int | None = None, *, check: bool = True,
+            out: np.ndarray | None = None) -> np.ndarray:
+        """Run ``layer`` on activation codes ``x`` (uint8; [batch, K] or NCHW [batch, C, H, W]).
+
+        Returns int32 acc, float32 or uint8 codes by the layer's epilogue, shaped [batch, *out_shape].
+        ``check`` verifies every code is below 2^bits_a (the kernels would silently drop higher bits).
+        """
+        if layer not in self.layers:
+            raise RuntimeInputError(f"no layer {layer!r} in {self.path.name}; it has {', '.join(self.layers)}")
+        info = self.layers[layer]
+        x = np.asarray(x)
+        if batch is None:
+            batch = x.shape[0] if x.ndim == len(info.in_shape) + 1 else 1
+        expect = (int(batch), *info.in_shape)
+        if x.size != int(np.prod(expect)) or (x.ndim == len(expect) and x.shape != expect):
+            raise RuntimeInputError(f"layer {layer!r}: input shape {x.shape}, expected {expect}")
+        if x.dtype != np.uint8:
+            if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
+                raise RuntimeInputError(f"layer {layer!r}: input must be uint8 codes, got {x.dtype}")
+            x = x.astype(np.uint8)
+        x = np.ascontiguousarray(x)
+        if check and x.size and int(x.max()) >= 1 << info.bits_a:
+            raise RuntimeInputError(f"layer {layer!r}: input codes exceed {info.bits_a} bits (max {int(x.max())})")
+        shape = (int(batch), *info.out_shape)
+        if out is None:
+            out = np.empty(shape, dtype=info.out_dtype)
+        elif out.shape != shape or out.dtype != info.out_dtype or not out.flags.c_contiguous:
+            raise RuntimeInputError(f"layer {layer!r}: out must be C-contiguous {info.out_dtype} {shape}")
+        rc = self._calls[layer](x.ctypes.data, out.ctypes.data, int(batch))
+        if rc == -1:
+            raise KernelPathError(
+                f"QCOMPILE_CPU_PATH={os.environ.get('QCOMPILE_CPU_PATH')!r} is not available on this CPU "
+                f"(available: {', '.join(self.available_paths())})")
+        if rc != 0:
+            raise RuntimeError(f"layer {layer!r} failed: {_ERRORS.get(rc, rc)}")
+        return out

@@ -1,0 +1,155 @@
+"""Compile generated kernels into a shared library with the system C compiler.
+
+``build_library(specs, out_dir) -> Path`` writes ``<name>.c`` (the layers), ``<name>_core.c`` (the kernel core),
+the weight blobs and ``<name>.json`` (the manifest) into ``out_dir`` and runs ``$CC`` (default ``cc``)::
+
+    cc -O3 -fPIC -ffp-contract=off -fopenmp -fvisibility=hidden -c <name>_core.c   (cached, see below)
+    cc -O3 -fPIC -ffp-contract=off -fopenmp -fvisibility=hidden -c <name>.c
+    cc -shared -fopenmp -o <name>.so <name>_core.o <name>.o
+
+The core is the same for every library (it takes a few seconds to compile: all paths x modes x tile shapes), so its
+object is cached under ``$QCOMPILE_CACHE_DIR`` (default ``~/.cache/qcompile``), keyed by a hash of its source, the
+compiler's identity and the flags. ``-ffp-contract=off`` is part of the contract: the float epilogue must not become
+a fused multiply-add.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from pathlib import Path
+
+from qcompile.errors import ToolchainError
+
+from .codegen import generate
+from .spec import LayerSpec
+
+__all__ = ["CFLAGS", "compiler_command", "build_library", "simde_include_dir"]
+
+CFLAGS = ("-O3", "-fPIC", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-std=gnu11")
+LDFLAGS = ("-shared", "-fopenmp")
+
+
+def compiler_command() -> list[str]:
+    """``$CC`` split like a shell would (``CC="ccache gcc"`` works), default ``cc``; ToolchainError if missing."""
+    cc = os.environ.get("CC") or "cc"
+    argv = shlex.split(cc)
+    if not argv or shutil.which(argv[0]) is None:
+        raise ToolchainError(f"C compiler {cc!r} not found; install gcc (apt-get install gcc) or set CC")
+    return argv
+
+
+def simde_include_dir() -> Path | None:
+    """Where SIMDe's headers are (Debian: libsimde-dev), for ``emulate_avx512`` test builds; None if absent."""
+    candidates = [p for p in os.environ.get("CPATH", "").split(":") if p]
+    candidates += ["/usr/include", "/usr/local/include"]
+    for d in candidates:
+        if (Path(d) / "simde" / "x86" / "avx512.h").is_file():
+            return Path(d)
+    return None
+
+
+def _first_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower():
+            return ln
+    return lines[0] if lines else "(no message)"
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float, what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as e:
+        raise ToolchainError(f"C compiler {cmd[0]!r} not found; install gcc (apt-get install gcc) or set CC") from e
+    except subprocess.TimeoutExpired as e:
+        raise ToolchainError(f"C compiler timed out after {timeout:.0f} s on {what}") from e
+    if proc.returncode != 0:
+        raise ToolchainError(f"compiling {what} failed: {_first_error(proc.stderr)}")
+
+
+def _cache_dir() -> Path | None:
+    d = Path(os.environ.get("QCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "qcompile") / "cpu-core"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d if os.access(d, os.W_OK) else None
+
+
+def _compiler_id(argv: list[str]) -> str:
+    try:
+        return subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _core_object(argv: list[str], flags: list[str], source: str, out: Path, name: str, timeout: float) -> Path:
+    """The compiled kernel core: from the cache when an identical build exists, else compiled (and cached)."""
+    key = hashlib.sha256("\0".join([source, *argv, *flags, _compiler_id(argv)]).encode()).hexdigest()[:24]
+    cache = _cache_dir()
+    cached = cache / f"core-{key}.o" if cache else None
+    if cached is not None and cached.is_file():
+        return cached
+    c_file = out / f"{name}_core.c"
+    obj = out / f"{name}_core.o"
+    _run([*argv, *flags, "-c", "-o", obj.name, c_file.name], out, timeout, str(c_file))
+    if cached is not None:
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".o")
+        os.close(fd)
+        shutil.copyfile(obj, tmp)
+        os.replace(tmp, cached)  # atomic: concurrent builds never see half a file
+    return obj
+
+
+def build_library(
+    specs: Sequence[LayerSpec],
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "qcompile_kernels",
+    emulate_avx512: bool = False,
+    extra_cflags: Sequence[str] = (),
+    timeout: float = 600.0,
+) -> Path:
+    """Generate and compile one shared library with a ``qc_layer_*`` function per spec; returns the .so path.
+
+    ``emulate_avx512`` (tests only) compiles the AVX-512 path on SIMDe's portable emulation so that its logic can be
+    checked on a CPU without AVX-512; such a library reports the AVX-512 path as available everywhere.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lib = generate(list(specs), emulate_avx512=emulate_avx512)
+    argv = compiler_command()
+    flags = list(CFLAGS) + list(extra_cflags)
+    if emulate_avx512:
+        inc = simde_include_dir()
+        if inc is None:
+            raise ToolchainError("emulate_avx512 needs SIMDe headers; install libsimde-dev (apt-get install libsimde-dev)")
+        flags += [f"-I{inc}", "-Wno-psabi"]
+    (out / f"{name}_core.c").write_text(lib.core_source)
+    c_file, so_file = out / f"{name}.c", out / f"{name}.so"
+    c_file.write_text(lib.source)
+    for fname, data in lib.blobs.items():
+        (out / fname).write_bytes(data)
+    (out / f"{name}.json").write_text(json.dumps(lib.manifest, indent=1, sort_keys=True))
+    obj = out / f"{name}.o"
+    with ThreadPoolExecutor(2) as pool:  # the core (when not cached) and the layers compile side by side
+        core = pool.submit(_core_object, argv, flags, lib.core_source, out, name, timeout)
+        layers = pool.submit(_run, [*argv, *flags, "-c", "-o", obj.name, c_file.name], out, timeout, str(c_file))
+        core_obj = core.result()
+        layers.result()
+    tmp = out / f".{name}.{os.getpid()}.so"
+    try:
+        _run([*argv, *LDFLAGS, "-o", tmp.name, str(core_obj), obj.name], out, timeout, f"linking {so_file}")
+    except ToolchainError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, so_file)  # atomic: a loaded older library is never overwritten in place
+    return so_file

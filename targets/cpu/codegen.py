@@ -1,0 +1,177 @@
+"""Render one C file holding every layer of an artifact (templates/ + string.Template.substitute).
+
+Two translation units, linked into one shared library:
+
+core (the same for every library, so build.py compiles it once and caches the object):
+  common.h        error codes, the qc_job struct, the epilogue store, prototypes of the core functions
+  core.c          dispatch (cpuid + QCOMPILE_CPU_PATH), threads, packing codes -> planes (one per path), im2col helpers
+  mk_*.c          register-tiled microkernels, one instance per (path, tile shape, mode)
+  driver.c        the blocked, OpenMP-parallel bit GEMM per (path, mode)
+  qc_run_job      picks the driver
+layers (this library's):
+  common.h
+  layer_*.c       one exported function per layer: ``int qc_layer_<cname>(const uint8_t* x, void* y, int64_t batch)``
+                  with the layer's shapes as compile-time constants
+  footer.c        the manifest (JSON) and path queries
+Each layer's constants (packed weights in the kernel layout, wzero2, mult, bias, thresholds) go to a binary blob that
+the assembler embeds with ``.incbin``, so the shared library is self-contained and big weights cost no C parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+
+import numpy as np
+
+from qcompile import __version__, packing
+
+from .spec import LayerSpec
+
+__all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "generate", "c_name", "pack_layer_weights"]
+
+ABI_VERSION = 1
+PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
+MODES = ("QC_AND", "QC_XOR", "QC_XORM")
+EPI_C = {"none": "QC_EPI_NONE", "float": "QC_EPI_FLOAT", "threshold": "QC_EPI_THRESHOLD"}
+OUT_CTYPE = {"none": "int32", "float": "float32", "threshold": "uint8"}
+
+# (rows, channels) of each path's main register tile; leftover rows use 1 x channels.
+TILES = {"avx512": (4, 4), "avx2": (2, 2), "generic": (4, 2)}
+# words a microkernel walks per plane: AVX-512 whole vectors of 8, AVX2 vectors of 4, generic the real words
+KWN = {"avx512": "kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
+TGT = {"avx512": "AVX512", "avx2": "AVX2", "generic": "GENERIC"}
+
+
+def _template(name: str) -> Template:
+    return Template(resources.files("qcompile.targets.cpu").joinpath("templates", name).read_text())
+
+
+def c_name(index: int, name: str) -> str:
+    """A C identifier for layer ``index`` named ``name`` (unique by the index)."""
+    return f"L{index}_" + re.sub(r"[^0-9A-Za-z_]", "_", name)[:48]
+
+
+def _mode(spec: LayerSpec) -> str:
+    if not spec.xor_mode:
+        return "QC_AND"
+    return "QC_XORM" if spec.op == "conv" and any(spec.pads) else "QC_XOR"
+
+
+def _kwp(spec: LayerSpec) -> int:
+    return packing.round_up(packing.n_words(spec.K), 8)
+
+
+def pack_layer_weights(spec: LayerSpec) -> np.ndarray:
+    """Weights in the kernel layout [N, bits_w, Kwp] uint64 (gemm rows, or conv rows in tap-major order)."""
+    planes = (packing.pack_gemm_weights(spec.w, spec.bits_w) if spec.op == "gemm"
+              else packing.pack_conv_weights(spec.w, spec.bits_w))
+    return packing.kernel_weight_layout(planes, 8)
+
+
+def _blob(spec: LayerSpec) -> tuple[bytes, dict[str, int]]:
+    parts = {
+        "W": pack_layer_weights(spec).astype("<u8").tobytes(),
+        "WZ2": spec.wzero2.astype("<i4").tobytes(),
+        "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
+        "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
+        "THR": (spec.thresholds if spec.L else np.zeros((spec.N, 1), np.int32)).astype("<i4").tobytes(),
+    }
+    out, offsets = bytearray(), {}
+    for key, data in parts.items():
+        out += b"\0" * (packing.round_up(len(out), 64) - len(out))
+        offsets[key] = len(out)
+        out += data
+    return bytes(out), offsets
+
+
+@dataclass
+class GeneratedLibrary:
+    core_source: str            # the kernel core (identical for every library of this version and mode)
+    source: str                 # the layers' C file
+    blobs: dict[str, bytes]     # file name (relative to the build dir) -> contents, embedded by .incbin
+    manifest: dict              # what qc_manifest() returns, as a dict
+
+
+def _path_code() -> str:
+    """Microkernels and drivers of every (path, mode), then ``qc_run_job`` that dispatches between them.
+    The SIMD paths exist only on x86 (QC_HAVE_SIMD); elsewhere they compile out and qc_path_supported says no."""
+    parts, cases = [], []
+    mk_driver = _template("driver.c")
+    for p, (path, (mr, nr)) in enumerate((path, TILES[path]) for path in PATHS):
+        tmpl, chunk = _template(f"mk_{path}.c"), []
+        for m, mode in enumerate(MODES):
+            big, one = f"mk_{path}_{mr}x{nr}_{mode[3:]}", f"mk_{path}_1x{nr}_{mode[3:]}"
+            for name, rows in ((big, mr), (one, 1)):
+                chunk.append(tmpl.substitute(NAME=name, MR=rows, NR=nr, MODE=mode, TGT=TGT[path]))
+            chunk.append(mk_driver.substitute(PATH=path, MODE=mode[3:], TGT=TGT[path], MR=mr, NR=nr,
+                                              KWN=KWN[path], MK_BIG=big, MK_ONE=one))
+            case = f"    case {p * 3 + m}: qc_gemm_{path}_{mode[3:]}(j); return;\n"
+            cases.append(case if path == "generic" else f"#if defined(QC_HAVE_SIMD)\n{case}#endif\n")
+        code = "".join(chunk)
+        parts.append(code if path == "generic" else f"#if defined(QC_HAVE_SIMD)\n{code}#endif\n")
+    parts.append("QC_CORE void qc_run_job(int path, const qc_job* j) {\n  switch (path * 3 + j->mode) {\n"
+                 + "".join(cases) + "    default: return;\n  }\n}\n\n")
+    return "".join(parts)
+
+
+def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str, int]) -> str:
+    cname = c_name(index, spec.name)
+    kwp = _kwp(spec)
+    common = dict(LAYER=spec.name, CNAME=cname, BLOB=blob_name, KA=spec.bits_a, KB=spec.bits_w, KWP=kwp,
+                  MODE=_mode(spec), EPI=EPI_C[spec.epilogue], OUT_CTYPE=OUT_CTYPE[spec.epilogue],
+                  L=max(spec.L, 1), N=spec.N, KWORDS=packing.n_words(spec.K),
+                  **{f"OFF_{k}": v for k, v in offsets.items()})
+    if spec.op == "gemm":
+        return _template("layer_gemm.c").substitute(common, K=spec.K)
+    c, h, w = spec.in_shape
+    ho, wo = spec.out_hw
+    return _template("layer_conv.c").substitute(
+        common, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
+        KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
+        PT=spec.pads[0], PL=spec.pads[1], PB=spec.pads[2], PR=spec.pads[3],
+        DH=spec.dilations[0], DW=spec.dilations[1], HO=ho, WO=wo,
+        CGW=packing.n_words(c // spec.group), A_PLANES=2 if _mode(spec) == "QC_XORM" else spec.bits_a)
+
+
+def _c_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> GeneratedLibrary:
+    """The C source, blobs and manifest of one library holding ``specs``."""
+    if not specs:
+        raise ValueError("generate: no layers")
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise ValueError(f"generate: duplicate layer name {s.name!r}")
+        seen.add(s.name)
+    common = _template("common.h").substitute(VERSION=__version__)
+    core = common + _template("core.c").template + _path_code()
+    parts = [common]
+    blobs, layers = {}, {}
+    for i, spec in enumerate(specs):
+        blob, offsets = _blob(spec)
+        blob_name = f"{c_name(i, spec.name)}.bin"
+        blobs[blob_name] = blob
+        parts.append(_layer_source(i, spec, blob_name, offsets))
+        layers[spec.name] = {
+            "symbol": f"qc_layer_{c_name(i, spec.name)}", "op": spec.op, "bits_a": spec.bits_a,
+            "bits_w": spec.bits_w, "in_shape": list(spec.in_shape), "out_shape": list(spec.out_shape),
+            "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
+            "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
+        }
+        if spec.op == "conv":
+            layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),
+                                     dilations=list(spec.dilations), group=spec.group)
+    manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512, "layers": layers}
+    parts.append(_template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),
+                                                  ABI=ABI_VERSION))
+    source = "".join(parts)
+    if emulate_avx512:
+        core = "#define QC_EMULATE_AVX512 1\n" + core
+    return GeneratedLibrary(core_source=core, source=source, blobs=blobs, manifest=manifest)

@@ -1,0 +1,213 @@
+/* the kernel core: path dispatch, packing, and the bit GEMM of every path (microkernels + drivers follow) */
+#define QC_TGT_GENERIC
+#if defined(QC_X86)
+#include <immintrin.h>
+#endif
+#if defined(QC_X86)
+#define QC_TGT_AVX2 __attribute__((target("avx2,popcnt")))
+#if defined(QC_EMULATE_AVX512)
+/* test builds only: the AVX-512 path's code on SIMDe's portable emulation, so its logic is checked on CPUs
+ * without AVX-512 */
+#include <simde/x86/avx512.h>
+typedef simde__m512i qc_v512;
+#define QC512(f) simde_mm512_##f
+#define QC_TGT_AVX512
+#else
+typedef __m512i qc_v512;
+#define QC512(f) _mm512_##f
+#define QC_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
+#endif
+#define QC_HAVE_SIMD 1
+#endif
+
+QC_CORE int qc_path_supported(int path) {
+    if (path == QC_PATH_GENERIC) return 1;
+#if defined(QC_HAVE_SIMD)
+    __builtin_cpu_init();
+    if (path == QC_PATH_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    if (path == QC_PATH_AVX512) {
+#if defined(QC_EMULATE_AVX512)
+        return 1;
+#else
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
+#endif
+    }
+#endif
+    return 0;
+}
+
+/* Read at every call so a test (or a user) can switch paths without reloading the library. */
+QC_CORE int qc_select_path(void) {
+    const char* env = getenv("QCOMPILE_CPU_PATH");
+    if (env && *env && strcmp(env, "auto") != 0) {
+        int p = !strcmp(env, "avx512") ? QC_PATH_AVX512 : !strcmp(env, "avx2") ? QC_PATH_AVX2
+              : !strcmp(env, "generic") ? QC_PATH_GENERIC : -1;
+        return (p >= 0 && qc_path_supported(p)) ? p : -1;
+    }
+    if (qc_path_supported(QC_PATH_AVX512)) return QC_PATH_AVX512;
+    if (qc_path_supported(QC_PATH_AVX2)) return QC_PATH_AVX2;
+    return QC_PATH_GENERIC;
+}
+
+QC_CORE int qc_num_threads(void) {
+    const char* env = getenv("QCOMPILE_NUM_THREADS");
+    int n = env ? atoi(env) : 0;
+#ifdef _OPENMP
+    if (n <= 0) n = omp_get_num_procs();
+#else
+    n = 1;
+#endif
+    return n > 0 ? n : 1;
+}
+
+QC_CORE void* qc_alloc(size_t bytes) {  /* 64-byte aligned, zeroed */
+    void* p = NULL;
+    size_t n = (bytes + 63) / 64 * 64;
+    if (posix_memalign(&p, 64, n ? n : 64)) return NULL;
+    memset(p, 0, n ? n : 64);
+    return p;
+}
+
+/* Rows per block so that a block of packed A rows stays in L1/L2 while weight rows stream past it. */
+static int64_t qc_rows_per_block(const qc_job* j, int mr) {
+    int64_t bytes = j->a_stride * 8;
+    int64_t mb = 24576 / (bytes ? bytes : 1);
+    if (mb < mr) mb = mr;
+    if (mb > 256) mb = 256;
+    return (mb + mr - 1) / mr * mr;
+}
+
+static int64_t qc_cols_per_block(const qc_job* j, int64_t n_mblocks, int nr) {
+    /* enough blocks for every thread (x4 for balance), at most 64 channels, a multiple of nr */
+    int64_t want = (int64_t)j->nthreads * 4;
+    int64_t nb = (j->N * n_mblocks >= want) ? 64 : (j->N + want / n_mblocks - 1) / (want / n_mblocks > 0 ? want / n_mblocks : 1);
+    if (nb > 64) nb = 64;
+    if (nb < nr) nb = nr;
+    return (nb + nr - 1) / nr * nr;
+}
+
+/* ---- scalar helpers shared by the packing of every path ---- */
+
+/* codes[0..n) -> planes: dst[i*plane_stride + w] for i < bits, w < ceil(n/64); returns the sum of the codes */
+static int64_t qc_pack_generic(const uint8_t* src, int64_t n, int bits, uint64_t* dst, int64_t plane_stride) {
+    int64_t sum = 0;
+    for (int64_t w0 = 0; w0 < n; w0 += 64) {
+        uint8_t buf[64];
+        int64_t cnt = n - w0 < 64 ? n - w0 : 64;
+        memcpy(buf, src + w0, (size_t)cnt);
+        memset(buf + cnt, 0, (size_t)(64 - cnt));
+        for (int t = 0; t < 64; ++t) sum += buf[t];
+        for (int i = 0; i < bits; ++i) {
+            uint64_t word = 0;
+            for (int b = 0; b < 8; ++b) {
+                uint64_t v;
+                memcpy(&v, buf + 8 * b, 8);
+                word |= qc_gather8(v, i) << (8 * b);
+            }
+            dst[i * plane_stride + w0 / 64] = word;
+        }
+    }
+    return sum;
+}
+
+#if defined(QC_HAVE_SIMD)
+QC_TGT_AVX2 static int64_t qc_pack_avx2(const uint8_t* src, int64_t n, int bits, uint64_t* dst, int64_t plane_stride) {
+    int64_t sum = 0;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t w0 = 0; w0 < n; w0 += 64) {
+        __m256i lo, hi;
+        if (n - w0 >= 64) {
+            lo = _mm256_loadu_si256((const __m256i*)(src + w0));
+            hi = _mm256_loadu_si256((const __m256i*)(src + w0 + 32));
+        } else {
+            uint8_t buf[64] __attribute__((aligned(32)));
+            memset(buf, 0, 64);
+            memcpy(buf, src + w0, (size_t)(n - w0));
+            lo = _mm256_load_si256((const __m256i*)buf);
+            hi = _mm256_load_si256((const __m256i*)(buf + 32));
+        }
+        __m256i s = _mm256_add_epi64(_mm256_sad_epu8(lo, zero), _mm256_sad_epu8(hi, zero));
+        sum += _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+               _mm256_extract_epi64(s, 3);
+        for (int i = 0; i < bits; ++i) {
+            /* a 16-bit shift moves bit i of every byte to that byte's top bit; movemask collects the top bits */
+            __m128i sh = _mm_cvtsi32_si128(7 - i);
+            uint32_t l = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(lo, sh));
+            uint32_t h = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(hi, sh));
+            dst[i * plane_stride + w0 / 64] = (uint64_t)l | ((uint64_t)h << 32);
+        }
+    }
+    return sum;
+}
+
+QC_TGT_AVX512 static int64_t qc_pack_avx512(const uint8_t* src, int64_t n, int bits, uint64_t* dst,
+                                             int64_t plane_stride) {
+    int64_t sum = 0;
+    const qc_v512 zero = QC512(setzero_si512)();
+    for (int64_t w0 = 0; w0 < n; w0 += 64) {
+        qc_v512 v;
+        if (n - w0 >= 64) {
+            v = QC512(loadu_si512)((const void*)(src + w0));
+        } else {
+            uint8_t buf[64] __attribute__((aligned(64)));
+            memset(buf, 0, 64);
+            memcpy(buf, src + w0, (size_t)(n - w0));
+            v = QC512(loadu_si512)((const void*)buf);
+        }
+        int64_t s8[8];
+        QC512(storeu_si512)((void*)s8, QC512(sad_epu8)(v, zero));
+        for (int q = 0; q < 8; ++q) sum += s8[q];
+        for (int i = 0; i < bits; ++i)
+            dst[i * plane_stride + w0 / 64] = (uint64_t)QC512(test_epi8_mask)(v, QC512(set1_epi8)((char)(1 << i)));
+    }
+    return sum;
+}
+#endif
+
+QC_CORE qc_pack_fn qc_packer(int path) {
+#if defined(QC_HAVE_SIMD)
+    if (path == QC_PATH_AVX512) return qc_pack_avx512;
+    if (path == QC_PATH_AVX2) return qc_pack_avx2;
+#endif
+    (void)path;
+    return qc_pack_generic;
+}
+
+/* OR `nbits` bits of src (zero beyond nbits) into dst starting at bit `off`. */
+QC_CORE void qc_or_bits(uint64_t* dst, int64_t off, const uint64_t* src, int64_t nbits) {
+    int64_t nw = (nbits + 63) / 64, w = off >> 6;
+    int sh = (int)(off & 63);
+    if (sh == 0) {
+        for (int64_t q = 0; q < nw; ++q) dst[w + q] |= src[q];
+        return;
+    }
+    int64_t last = (off + nbits - 1) >> 6;  /* the last destination word that receives bits */
+    for (int64_t q = 0; q < nw; ++q) {
+        dst[w + q] |= src[q] << sh;
+        if (w + q + 1 <= last) dst[w + q + 1] |= src[q] >> (64 - sh);
+    }
+}
+
+/* set bits [off, off+nbits) */
+QC_CORE void qc_set_bits(uint64_t* dst, int64_t off, int64_t nbits) {
+    for (int64_t b = off; b < off + nbits;) {
+        int sh = (int)(b & 63);
+        int64_t take = 64 - sh < off + nbits - b ? 64 - sh : off + nbits - b;
+        uint64_t mask = take == 64 ? ~0ULL : (((1ULL << take) - 1) << sh);
+        dst[b >> 6] |= mask;
+        b += take;
+    }
+}
+
+/* ---- activation rows of a BitGemm: packed in parallel ---- */
+QC_CORE void qc_pack_rows(int path, const uint8_t* x, int64_t rows, int64_t K, int ka, int xor_mode, int64_t kwp,
+                         uint64_t* A, int32_t* rowsum, int nthreads) {
+    qc_pack_fn pack = qc_packer(path);
+    int64_t stride = (int64_t)ka * kwp;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * K > 65536)
+    for (int64_t m = 0; m < rows; ++m) {
+        int64_t s = pack(x + m * K, K, ka, A + m * stride, kwp);
+        rowsum[m] = xor_mode ? (int32_t)K : (int32_t)s;
+    }
+}

@@ -1,0 +1,40 @@
+/* ---- layer ${LAYER} (${CNAME}): BitGemm, x uint8 [batch, ${K}] -> y ${OUT_CTYPE} [batch, ${N}];
+ *      bits_a=${KA} bits_w=${KB} mode=${MODE} epilogue=${EPI} ---- */
+__asm__(".section .rodata\n.balign 64\nqc_blob_${CNAME}:\n.incbin \"${BLOB}\"\n.previous\n");
+extern const uint8_t qc_blob_${CNAME}[] __attribute__((visibility("hidden")));
+
+QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+    enum { K = ${K}, N = ${N}, KA = ${KA}, KB = ${KB}, KWP = ${KWP}, L = ${L} };
+    if (!x || !y || batch < 0) return QC_ERR_ARG;
+    if (batch == 0) return QC_OK;
+    const int path = qc_select_path();
+    if (path < 0) return QC_ERR_PATH;
+    qc_job j;
+    memset(&j, 0, sizeof j);
+    j.ka = KA; j.kb = KB; j.mode = ${MODE}; j.kwp = KWP; j.kw = ${KWORDS}; j.a_stride = (int64_t)KA * KWP;
+    j.W = (const uint64_t*)(qc_blob_${CNAME} + ${OFF_W});
+    j.wz2 = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2});
+    j.N = N; j.epi = ${EPI}; j.L = L;
+    j.mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
+    j.bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
+    j.thr = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THR});
+    j.y = y; j.P = 1; j.n_total = N; j.n0 = 0;
+    j.nthreads = qc_num_threads();
+    /* pack activations in chunks of rows so the packed copy stays within 32 MiB */
+    int64_t chunk = ((int64_t)32 << 20) / (j.a_stride * 8 + 4);
+    if (chunk < 1) chunk = 1;
+    if (chunk > batch) chunk = batch;
+    uint64_t* A = (uint64_t*)qc_alloc((size_t)(chunk * j.a_stride) * 8);  /* zeroed: padding words stay 0 */
+    int32_t* rowsum = (int32_t*)qc_alloc((size_t)chunk * 4);
+    if (!A || !rowsum) { free(A); free(rowsum); return QC_ERR_NOMEM; }
+    j.A = A; j.rowsum = rowsum;
+    for (int64_t r0 = 0; r0 < batch; r0 += chunk) {
+        const int64_t rows = batch - r0 < chunk ? batch - r0 : chunk;
+        qc_pack_rows(path, x + r0 * K, rows, K, KA, ${MODE} != QC_AND, KWP, A, rowsum, j.nthreads);
+        j.M = rows; j.row0 = r0;
+        qc_run_job(path, &j);
+    }
+    free(A); free(rowsum);
+    return QC_OK;
+}
+
