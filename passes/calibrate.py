@@ -28,11 +28,23 @@ class ActivationStats:
     count: int = 0
     upper: float = 0.0                        # histogram covers [0, upper)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+    channel_sum: np.ndarray | None = None     # per channel (axis 1) sums, for the bias correction
+    channel_count: int = 0
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None else self.channel_sum / max(self.channel_count, 1)
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32).ravel()
+        x = np.asarray(x, np.float32)
         if x.size == 0:
             return
+        if x.ndim >= 2:
+            per_channel = x.swapaxes(0, 1).reshape(x.shape[1], -1)
+            sums = per_channel.sum(1, dtype=np.float64)
+            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+            self.channel_count += per_channel.shape[1]
+        x = x.ravel()
         self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
         self.count += x.size
         pos = x[x > 0]
@@ -57,7 +69,7 @@ class ActivationStats:
         centres = (np.arange(BINS) + 0.5) * (self.upper / BINS)
         weights = self.hist.astype(np.float64)
         best, best_err = self.max, np.inf
-        for c in np.linspace(self.max / candidates, self.max, candidates):
+        for c in np.geomspace(max(self.max, 1e-30) / candidates, max(self.max, 1e-30), candidates):
             step = c / n
             q = np.clip(np.rint(centres / step), 0, n) * step
             err = float(np.dot(weights, (centres - q) ** 2))

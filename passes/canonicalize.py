@@ -24,7 +24,15 @@ class FoldBatchNorm:
     name = "fold_batchnorm"
 
     def __call__(self, model: ir.Model, ctx) -> bool:
-        return fold_bn_rules.apply_to_model(model) > 0
+        # The rewrite builds new Conv/Gemm nodes that write the BatchNormalization's output value; give each the
+        # name of the layer it replaces, so plans, reports and --keep-float patterns keep working.
+        layer_of = {n.outputs[0].name: n.inputs[0].producer().name for n in model.graph
+                    if n.op_type == "BatchNormalization" and n.inputs[0].producer() is not None}
+        count = fold_bn_rules.apply_to_model(model)
+        for node in model.graph:
+            if node.op_type in ("Conv", "Gemm") and node.outputs[0].name in layer_of:
+                node.name = layer_of[node.outputs[0].name] or node.name
+        return count > 0
 
 
 class FoldConstants:

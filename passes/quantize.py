@@ -70,6 +70,20 @@ class QuantizedLayer:
         return -(-self.float_weight.size * self.bits_w // 8) + 4 * n + 4 * self.bias.size  # codes + mult + bias
 
 
+def weight_bias_correction(w: np.ndarray, wq: np.ndarray, x_mean: np.ndarray) -> np.ndarray:
+    """E[W x] - E[Wq x] per output channel, from the calibration mean of each input channel.
+
+    Inputs after a ReLU have a large positive mean, so a quantizer whose errors do not sum to zero over a row
+    (balanced bins are centred on the median, not on 0) shifts every output; adding this to the bias cancels the
+    shift (the empirical bias correction of Nagel et al., arXiv:1906.04721). Conv: x_mean is per input channel."""
+    err = (w.astype(np.float64) - wq.astype(np.float64))
+    if err.ndim == 4:  # [N, C, kh, kw]: sum the taps; the activation mean is taken per channel
+        err = err.sum(axis=(2, 3))
+    if err.shape[1] != x_mean.size:
+        return np.zeros(err.shape[0], np.float32)  # grouped conv or a reshape in between: no correction
+    return (err @ x_mean).astype(np.float32)
+
+
 def _weights_nk(arr: np.ndarray, axis: int) -> np.ndarray:
     """Weights with output channels first (Conv [N,C,kh,kw]; Gemm/MatMul [N,K])."""
     return arr if axis == 0 else arr.T
@@ -114,6 +128,8 @@ class QuantizeLayers:
             bias = np.zeros(n_out, np.float32) if bias is None else bias.astype(np.float32).reshape(n_out)
 
             stats = ctx.act_ranges.get(plan.activation)
+            if cfg.bias_correction and stats is not None and stats.channel_mean is not None:
+                bias = bias + weight_bias_correction(w_nk, qw.dequantize(), stats.channel_mean)
             if stats is not None:
                 clip, clip_source = stats.clip(cfg.act_clip, plan.bits_a), f"calibration ({cfg.act_clip})"
             else:

@@ -24,6 +24,7 @@ class Config:
     keep_float: tuple[str, ...] = ()     # node-name globs forced to stay float
     quantize: tuple[str, ...] = ()       # node-name globs forced to be quantized (beats the two above)
     act_clip: str = "mse"                # "mse" | "max" | "percentile:99.99": how calibration picks clip c
+    bias_correction: bool = True         # fold E[(W - Wq) x] from calibration into the bias
     calib_batches: int = 64              # at most this many calibration batches are read
     name: str = "custom"
 
