@@ -38,13 +38,23 @@ class CompileResult:
     model: onnx.ModelProto                # fake-quant model, runs in onnxruntime
     ctx: CompileContext
     report: dict = field(default_factory=dict)
+    lowered: Any = None                   # qcompile.artifact.Lowered when a target was given
+
+    @property
+    def manifest(self) -> dict | None:
+        return None if self.lowered is None else self.lowered.manifest
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> Path:
-        """Write model.onnx, float.onnx, report.json, report.md (and weights.png) atomically into out_dir."""
+        """Write the result atomically into out_dir: model.onnx (fake-quant), float.onnx, report.json/.md and
+        weights.png; with a target, also the artifact (manifest.json, graph.onnx, partitions/, kernels/)."""
+        from qcompile import artifact
         from qcompile import report as report_mod
 
         protect = (self.source,) if Path(self.source).exists() else ()
         with atomic_dir(out_dir, protect) as tmp:
+            if self.lowered is not None:
+                self.lowered.copy_into(tmp)
+                artifact.write_manifest(tmp, self.lowered.manifest)
             onnx.save(self.model, tmp / "model.onnx")
             onnx.save(self.float_model, tmp / "float.onnx")
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
@@ -74,6 +84,13 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
     run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
     result = CompileResult(str(model), cfg, ctx.float_model, ir.to_proto(irm), ctx)
     result.report = report_mod.build_report(result, sha256_file(model))
+    if target is not None:
+        from qcompile import artifact
+
+        if progress:
+            progress(f"lower to {target}")
+        result.lowered = artifact.lower(result, target)
+        result.report["plan"] = result.lowered.manifest["plan"]
     return result
 
 

@@ -1,0 +1,214 @@
+"""Fuse: quantized Conv/Gemm/MatMul + its activation quantizer + scale/bias (+ ReLU and the next quantizer) become
+one `ai.qcompile` BitConv / BitGemm node (docs/ops.md).
+
+Matched shape (written by passes/quantize.py):
+
+    x --Clip(0,c)--QuantizeLinear--> p --DequantizeLinear(1)--> . --Conv/Gemm/MatMul(., DQ(W_int))--> acc
+      --Mul(mult)--Add(bias)--> y  [--Relu] [--MaxPool]* --Clip(0,c')--QuantizeLinear(s')--> p'
+
+BitConv reads the codes p (uint8). Its epilogue is
+  * threshold: when y only feeds the next layer's quantizer (through ReLU and pad-free MaxPools, which commute
+    with a monotone quantizer), the node writes p' directly: p' = #{j : acc >= T[n, j]}. T is found by binary
+    search on the very float32 arithmetic the fake-quant graph does (mult, bias, relu, clip, divide, round half
+    to even), so codes agree exactly. Consecutive low-bit layers never pass through float.
+  * float: y = float32(acc) * mult[n] + bias[n], otherwise.
+Every layer that is not fused says why (ctx.fuse_notes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses
+
+DOMAIN = "ai.qcompile"
+
+
+# ----------------------------------------------------------------------------------------------- thresholds
+def next_codes(acc: np.ndarray, mult: np.ndarray, bias: np.ndarray, relu: bool, clip: float, scale: float,
+               n_levels: int) -> np.ndarray:
+    """The codes the fake-quant graph computes from integer accumulators, in its float32 arithmetic."""
+    y = acc.astype(np.float32) * mult.astype(np.float32)   # Mul: one float32 rounding
+    y = y + bias.astype(np.float32)                       # Add: another (never fused into an FMA)
+    if relu:
+        y = np.maximum(y, np.float32(0))
+    y = np.clip(y, np.float32(0), np.float32(clip))       # Clip(0, c')
+    q = np.rint(y / np.float32(scale))                    # QuantizeLinear: x / scale, round half to even
+    return np.clip(q, 0, n_levels).astype(np.int64)
+
+
+def thresholds(mult: np.ndarray, bias: np.ndarray, relu: bool, clip: float, scale: float, bits: int,
+               acc_bound: int) -> np.ndarray:
+    """T[n, j-1] = smallest acc in [-B, B] with code >= j (B+1 when none): int32 [N, 2^bits - 1].
+
+    Valid because code(acc) is non-decreasing in acc (mult > 0 and every step is monotone)."""
+    n_levels = 2 ** bits - 1
+    mult = np.asarray(mult, np.float32).reshape(-1, 1)
+    bias = np.asarray(bias, np.float32).reshape(-1, 1)
+    if np.any(mult < 0):
+        raise ValueError("negative scale: the epilogue is not monotone")
+    j = np.arange(1, n_levels + 1).reshape(1, -1)
+    lo = np.full((mult.shape[0], n_levels), -acc_bound, np.int64)
+    hi = np.full_like(lo, acc_bound + 1)                  # invariant: code(lo-1) < j <= code(hi) (hi may be "never")
+    below = next_codes(lo, mult, bias, relu, clip, scale, n_levels) >= j
+    while np.any(hi - lo > 0):
+        mid = (lo + hi) // 2
+        ok = next_codes(mid, mult, bias, relu, clip, scale, n_levels) >= j
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid + 1)
+    t = np.where(below, -acc_bound, hi)
+    return np.clip(t, -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------- matching
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def _scalar(value) -> float | None:
+    arr = const_array(value)
+    return None if arr is None or arr.size != 1 else float(arr.reshape(()))
+
+
+def match_activation_quant(codes_float: ir.Value):
+    """p_float = DQL(QL(Clip(x, 0, c), s, 0), 1, 0) -> (codes value p, x, c, s) or None."""
+    dq = codes_float.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or _scalar(dq.inputs[1]) != 1.0:
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    clip = q.inputs[0].producer()
+    if clip is None or clip.op_type != "Clip" or _scalar(clip.inputs[1]) != 0.0:
+        return None
+    return q.outputs[0], clip.inputs[0], _scalar(clip.inputs[2]), _scalar(q.inputs[1])
+
+
+# Ops that commute with a monotone elementwise quantizer, so they can run on codes instead of floats:
+# max(Q(a), Q(b)) == Q(max(a, b)) for pad-free MaxPool; Flatten/Reshape only move elements.
+CODE_TRANSPARENT = ("MaxPool", "Flatten", "Reshape")
+
+
+def match_output_quant(y: ir.Value):
+    """y [-> Relu] [-> MaxPool|Flatten|Reshape]* -> Clip(0,c') -> QuantizeLinear(s') : (relu, maxpools, clip node, QL node)."""
+    node, relu, pools = _single_consumer(y), False, []
+    if node is not None and node.op_type == "Relu":
+        relu, node = True, _single_consumer(node.outputs[0])
+    while node is not None and node.op_type in CODE_TRANSPARENT:
+        if node.op_type == "MaxPool" and (any(node.attributes.get_ints("pads", [0])) or len(node.outputs) > 1
+                                          or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET"):
+            return None
+        pools.append(node)
+        node = _single_consumer(node.outputs[0])
+    if node is None or node.op_type != "Clip" or _scalar(node.inputs[1]) != 0.0:
+        return None
+    ql = _single_consumer(node.outputs[0])
+    if ql is None or ql.op_type != "QuantizeLinear" or _scalar(ql.inputs[2]) not in (0.0, None):
+        return None
+    return relu, pools, node, ql
+
+
+class FuseBitKernels:
+    """Replace each quantized layer of the fake-quant graph by a BitConv/BitGemm node."""
+
+    name = "fuse"
+
+    def __call__(self, model: ir.Model, ctx) -> bool:
+        graph = model.graph
+        notes = ctx.__dict__.setdefault("fuse_notes", {})
+        fused = 0
+        # last layer first: fusing layer i rewires the codes that layer i+1 reads, so i+1 must already be matched
+        for name, layer in reversed(list(ctx.layers.items())):
+            core = next((n for n in graph if n.name == f"{name}_int"), None)
+            if core is None:
+                notes[name] = "quantized layer not found in the graph"
+                continue
+            act = match_activation_quant(core.inputs[0])
+            scale_mul = _single_consumer(core.outputs[0])
+            bias_add = _single_consumer(scale_mul.outputs[0]) if scale_mul is not None else None
+            if act is None or scale_mul is None or scale_mul.op_type != "Mul" or bias_add is None \
+                    or bias_add.op_type != "Add":
+                notes[name] = "graph around the layer is not the quantizer's pattern; left as fake-quant"
+                continue
+            codes_in = act[0]
+            y = bias_add.outputs[0]
+            out_q = match_output_quant(y)
+            attrs = self._attributes(core, layer)
+            qw = layer.qweight
+            inputs = [codes_in,
+                      add_const(graph, f"{name}_wcodes", qw.codes.astype(np.uint8)),
+                      add_const(graph, f"{name}_wzero2", np.broadcast_to(qw.zero2.reshape(-1),
+                                                                         (qw.codes.shape[0],)).astype(np.int32))]
+            if out_q is not None:
+                relu, pools, clip_node, ql = out_q
+                bits_next = int(round(np.log2(round(_scalar(clip_node.inputs[2]) / _scalar(ql.inputs[1])) + 1)))
+                bound = layer_acc_bound(layer)
+                t = thresholds(layer.mult, layer.bias, relu, _scalar(clip_node.inputs[2]), _scalar(ql.inputs[1]),
+                               bits_next, bound)
+                inputs += [None, None, add_const(graph, f"{name}_thresholds", t)]
+                attrs["epilogue"] = ir.AttrString("epilogue", "threshold")
+                attrs["bits_out"] = ir.AttrInt64("bits_out", bits_next)
+                node = ir.node("BitConv" if core.op_type == "Conv" else "BitGemm", inputs, attributes=attrs,
+                               domain=DOMAIN, name=name)
+                node.outputs[0].dtype = ir.DataType.UINT8
+                graph.insert_before(core, node)
+                # the MaxPool/Flatten/Reshape chain now runs on codes: re-create it after the fused node
+                last = node.outputs[0]
+                for pool in pools:
+                    new_pool = ir.node(pool.op_type, [last, *pool.inputs[1:]],
+                                       attributes=dict(pool.attributes.items()), name=f"{pool.name}_codes")
+                    graph.insert_before(core, new_pool)
+                    last = new_pool.outputs[0]
+                redirect_uses(ql.outputs[0], last)
+                notes[name] = (f"fused: {node.op_type} W{layer.bits_w}A{layer.bits_a}, threshold epilogue -> "
+                               f"{bits_next}-bit codes" + (f" (then {', '.join(p.op_type for p in pools)} on codes)"
+                                                            if pools else ""))
+            else:
+                inputs += [add_const(graph, f"{name}_mult", layer.mult),
+                           add_const(graph, f"{name}_fbias", layer.bias)]
+                attrs["epilogue"] = ir.AttrString("epilogue", "float")
+                node = ir.node("BitConv" if core.op_type == "Conv" else "BitGemm", inputs, attributes=attrs,
+                               domain=DOMAIN, name=name)
+                node.outputs[0].dtype = ir.DataType.FLOAT
+                graph.insert_before(core, node)
+                redirect_uses(y, node.outputs[0])
+                notes[name] = f"fused: {node.op_type} W{layer.bits_w}A{layer.bits_a}, float epilogue"
+            fused += 1
+        if fused:
+            from onnx_ir.passes.common import RemoveUnusedNodesPass
+            RemoveUnusedNodesPass()(model)
+            for value in [v for v in graph.initializers.values() if not v.uses()]:
+                del graph.initializers[value.name]
+            if all(imp != DOMAIN for imp in graph.opset_imports):
+                graph.opset_imports[DOMAIN] = 1
+                model.opset_imports[DOMAIN] = 1
+        return fused > 0
+
+    @staticmethod
+    def _attributes(core: ir.Node, layer) -> dict:
+        attrs = {"bits_a": ir.AttrInt64("bits_a", layer.bits_a), "bits_w": ir.AttrInt64("bits_w", layer.bits_w)}
+        if core.op_type == "Conv":
+            kh, kw = layer.qweight.codes.shape[2:]
+            a = core.attributes
+            attrs.update({
+                "kernel_shape": ir.AttrInt64s("kernel_shape", [kh, kw]),
+                "strides": ir.AttrInt64s("strides", a.get_ints("strides", [1, 1])),
+                "pads": ir.AttrInt64s("pads", a.get_ints("pads", [0, 0, 0, 0])),
+                "dilations": ir.AttrInt64s("dilations", a.get_ints("dilations", [1, 1])),
+                "group": ir.AttrInt64("group", a.get_int("group", 1)),
+            })
+        return attrs
+
+
+def layer_acc_bound(layer) -> int:
+    """|acc| <= K * max|2q - zero2| * (2^bits_a - 1): the range the threshold search covers."""
+    k = int(np.prod(layer.qweight.codes.shape[1:]))
+    vmax = int(np.abs(layer.qweight.int_values()).max()) if layer.qweight.codes.size else 0
+    return k * max(vmax, 1) * (2 ** layer.bits_a - 1)
+
+
+__all__ = ["FuseBitKernels", "thresholds", "next_codes", "node_label", "DOMAIN"]

@@ -1,0 +1,153 @@
+"""Lower a fake-quant model to a deployable artifact folder for a target.
+
+    manifest.json   schema, source sha256, config, target + capabilities, per-layer plan, every file's sha256,
+                    input/output signature, and the schedule the runtime follows
+    graph.onnx      the fused graph (ai.qcompile BitConv/BitGemm nodes + standard ops), for people and tools
+    fakequant.onnx  the fake-quant model (onnxruntime runs it; the artifact's outputs equal its outputs)
+    partitions/     onnxruntime sub-models of the float/glue parts, in schedule order
+    kernels/        generated C sources and the built shared library
+    report.json/.md, weights.png
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+
+import qcompile
+from qcompile.errors import ConfigError
+from qcompile.fileio import sha256_file
+from qcompile.partition import partition
+from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+
+SCHEMA = "qcompile.artifact"
+SCHEMA_VERSION = 1
+TARGETS = ("cpu", "cpu:avx2", "cpu:generic")
+
+
+def get_target(name: str):
+    if name not in TARGETS:
+        raise ConfigError(f"unknown target '{name}'; available: {', '.join(TARGETS)} (gpu and fpga are planned)")
+    from qcompile.targets.cpu import caps as cpu_caps
+    return cpu_caps.detect(name)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
+    """One LayerSpec per ai.qcompile node; per-sample input shapes come from the fake-quant model."""
+    from qcompile.targets.cpu.spec import LayerSpec
+
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in onnx.shape_inference.infer_shapes(fakequant).graph.value_info}
+    core_input = {n.name[:-len("_int")]: n.input[0] for n in fakequant.graph.node if n.name.endswith("_int")}
+    inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
+    specs = []
+    for node in fused.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        arrays = [inits.get(name) if name else None for name in list(node.input) + [""] * (6 - len(node.input))]
+        _, w, wzero2, mult, bias, thr = arrays[:6]
+        attrs = {a.name: _attr(node, a.name) for a in node.attribute}
+        attrs["epilogue"] = attrs["epilogue"].decode() if isinstance(attrs["epilogue"], bytes) else attrs["epilogue"]
+        in_shape = shapes[core_input[node.name]][1:]
+        specs.append(LayerSpec.from_node(node.name, node.op_type, attrs, w, wzero2, in_shape=in_shape,
+                                         mult=mult, bias=bias, thresholds=thr))
+    return specs
+
+
+def _tensor_type(elem: int, shape) -> onnx.TypeProto:
+    return helper.make_tensor_type_proto(elem, ["batch", *shape])
+
+
+@dataclass
+class Lowered:
+    """A compiled artifact, built in a temporary folder until saved."""
+
+    workdir: Path
+    manifest: dict
+
+    def copy_into(self, dest: Path) -> None:
+        for item in self.workdir.iterdir():
+            target = dest / item.name
+            if item.is_dir():
+                shutil.copytree(item, target)
+            else:
+                shutil.copy2(item, target)
+
+
+def lower(result, target_name: str) -> Lowered:
+    """Fuse, generate and build kernels, partition the rest, and describe it all in a manifest."""
+    caps = get_target(target_name)
+    from qcompile.targets.cpu.build import build_library
+
+    fused_ir = ir.from_proto(result.model)
+    FuseBitKernels()(fused_ir, result.ctx)
+    fused = ir.to_proto(fused_ir)
+    specs = layer_specs(fused, result.model)
+    work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
+    (work / "kernels").mkdir()
+    (work / "partitions").mkdir()
+    library = build_library(specs, work / "kernels") if specs else None
+    for leftover in (work / "kernels").glob("*.o"):
+        leftover.unlink()
+
+    types = {i.name: i.type for i in fused.graph.input}
+    for spec in specs:
+        out_name = next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
+        elem = {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
+        types[out_name] = _tensor_type(elem, spec.out_shape)
+    schedule = []
+    for index, step in enumerate(partition(fused, types)):
+        if step.kind == "kernel":
+            schedule.append({"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
+                             "inputs": step.inputs[:1], "outputs": step.outputs})
+        else:
+            rel = f"partitions/p{index:02d}.onnx"
+            onnx.save(step.model, work / rel)
+            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs})
+    onnx.save(fused, work / "graph.onnx")
+    onnx.save(result.model, work / "fakequant.onnx")
+
+    def signature(values):
+        return [{"name": v.name, "dtype": _dtype_name(v.type.tensor_type.elem_type),
+                 "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                           for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    plan = []
+    for name, p in result.ctx.plan.items():
+        note = getattr(result.ctx, "fuse_notes", {}).get(name)
+        plan.append({"node": name, "op": p.op,
+                     "kernel": ("bitserial-" + caps.path) if note and note.startswith("fused") else "onnxruntime-fp32",
+                     "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float", "why": note or p.reason})
+    manifest = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
+        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
+        "config": result.config.to_dict(),
+        "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps)},
+        "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
+        "plan": plan, "schedule": schedule,
+        "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
+    }
+    return Lowered(work, manifest)
+
+
+def _dtype_name(elem: int) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+
+
+def write_manifest(dest: Path, manifest: dict) -> None:
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -1,0 +1,131 @@
+"""The deployed runtime: InferenceSession(artifact_dir) with onnxruntime's shape (run, get_inputs, get_outputs).
+
+Needs only numpy, onnxruntime and the artifact's built kernels: no onnx, torch, click or compiler. Every file the
+manifest lists is checked against its sha256 before anything is loaded, so a tampered kernel never runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qcompile.errors import ArtifactError, RuntimeInputError
+
+SCHEMA = "qcompile.artifact"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """Like onnxruntime.NodeArg: name, shape (None/str for dynamic dims), type ('tensor(float)')."""
+
+    name: str
+    shape: list
+    type: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _ort_type(dtype: str) -> str:
+    return {"float32": "tensor(float)", "uint8": "tensor(uint8)", "int64": "tensor(int64)"}.get(dtype,
+                                                                                            f"tensor({dtype})")
+
+
+class InferenceSession:
+    """Run a compiled qcompile artifact: fused layers on its kernels, the rest on onnxruntime."""
+
+    def __init__(self, artifact_dir: str | Path, *, intra_op_num_threads: int = 0):
+        self.path = Path(artifact_dir)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{self.path}: no manifest.json; is this a qcompile artifact folder?")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{manifest_path}: corrupt manifest ({exc})") from None
+        if self.manifest.get("schema") != SCHEMA or self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(f"{manifest_path}: schema {self.manifest.get('schema')} "
+                                f"v{self.manifest.get('schema_version')}, this runtime reads {SCHEMA} "
+                                f"v{SCHEMA_VERSION}; recompile the model")
+        self._verify_files()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = intra_op_num_threads
+        self._libraries: dict = {}
+        self._steps = []
+        for step in self.manifest["schedule"]:
+            if step["kind"] == "onnxruntime":
+                sess = ort.InferenceSession(str(self.path / step["model"]), so, providers=["CPUExecutionProvider"])
+                self._steps.append(("ort", sess, step))
+            elif step["kind"] == "kernel":
+                lib = self._library(step["library"])
+                self._steps.append(("kernel", lib, step))
+            else:
+                raise ArtifactError(f"{manifest_path}: unknown step kind '{step['kind']}'")
+        self._inputs = [NodeArg(i["name"], i["shape"], _ort_type(i["dtype"])) for i in self.manifest["inputs"]]
+        self._outputs = [NodeArg(o["name"], o["shape"], _ort_type(o["dtype"])) for o in self.manifest["outputs"]]
+        self._input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.manifest["inputs"]}
+
+    def _verify_files(self) -> None:
+        for rel, digest in self.manifest.get("files", {}).items():
+            path = self.path / rel
+            if not path.is_file():
+                raise ArtifactError(f"{path}: listed in the manifest but missing; copy the whole artifact folder")
+            if _sha256(path) != digest:
+                raise ArtifactError(f"{path}: sha256 differs from the manifest (modified or corrupt); "
+                                    "refusing to load it, recompile the model")
+
+    def _library(self, rel: str):
+        if rel not in self._libraries:
+            from qcompile.runtime.kernels import Library
+            self._libraries[rel] = Library(self.path / rel)
+        return self._libraries[rel]
+
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self._outputs)
+
+    def _check_feeds(self, feeds: dict) -> dict:
+        names = [i.name for i in self._inputs]
+        unknown = [k for k in feeds if k not in names]
+        if unknown:
+            raise RuntimeInputError(f"unknown input '{unknown[0]}'; this model's inputs are {names}")
+        checked = {}
+        for arg in self._inputs:
+            if arg.name not in feeds:
+                raise RuntimeInputError(f"missing input '{arg.name}' (expected {arg.type}, shape {arg.shape})")
+            x = feeds[arg.name]
+            want = self._input_dtypes[arg.name]
+            if not isinstance(x, np.ndarray) or x.dtype != want:
+                got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+                raise RuntimeInputError(f"input '{arg.name}': dtype {got}, expected {want}")
+            if x.ndim != len(arg.shape) or any(isinstance(d, int) and d > 0 and d != s
+                                               for d, s in zip(arg.shape, x.shape)):
+                raise RuntimeInputError(f"input '{arg.name}': shape {list(x.shape)}, expected {arg.shape}")
+            checked[arg.name] = np.ascontiguousarray(x)
+        return checked
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
+        values = self._check_feeds(input_feed)
+        for kind, engine, step in self._steps:
+            if kind == "ort":
+                outs = engine.run(step["outputs"], {k: values[k] for k in step["inputs"]})
+                values.update(zip(step["outputs"], outs))
+            else:
+                x = values[step["inputs"][0]]
+                values[step["outputs"][0]] = engine.run(step["layer"], x, x.shape[0], check=False)
+        names = output_names or [o.name for o in self._outputs]
+        return [values[n] for n in names]
