@@ -30,7 +30,9 @@ def test_streaming_histogram_matches_one_shot(maxima, seed):
 def test_clip_rules_are_ordered():
     rng = np.random.default_rng(0)
     stats = ActivationStats()
-    stats.update(np.abs(rng.standard_cauchy(100_000)).astype(np.float32))  # heavy tail
+    x = np.abs(rng.normal(0, 1, 100_000))
+    x[:100] *= 20                                   # a few outliers, as post-ReLU activations have
+    stats.update(x.astype(np.float32))
     mse2, p9999, mx = stats.clip("mse", 2), stats.clip("percentile:99.99", 2), stats.clip("max", 2)
     assert 0 < mse2 < p9999 <= mx
     assert stats.clip("mse", 2) < stats.clip("mse", 4)  # more bits afford a wider range
