@@ -1,0 +1,283 @@
+"""Generated CPU kernels, every code path, bit-exact against qcompile.reference.
+
+All layers compile into ONE shared library per module (gcc costs seconds; the kernel core is cached), then each
+path is forced with QCOMPILE_CPU_PATH. The AVX-512 path runs natively where the CPU has AVX-512 VPOPCNTDQ, and
+otherwise on a second build of the same code over SIMDe's portable emulation (Debian: libsimde-dev), so its
+indexing, tiling and tails are checked on any x86 machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompile import reference as ref
+from qcompile.errors import QcompileError, ToolchainError
+from qcompile.runtime.kernels import KernelPathError, Library, RuntimeInputError
+from qcompile.targets.cpu import LayerSpec, build_library, caps
+from qcompile.targets.cpu.build import simde_include_dir
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU target builds ELF libraries")
+
+GEMM_KS = [1, 63, 64, 65, 1000, 4096]
+BITS = [(1, 1), (2, 1), (2, 2), (4, 4), (4, 1), (1, 2), (3, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2, W4A4, W1A4...
+
+
+def _epilogue(rng, n, kind, lo, hi):
+    if kind == "float":
+        return dict(mult=rng.standard_normal(n).astype(np.float32) * 0.37,
+                    bias=rng.standard_normal(n).astype(np.float32) * 100)
+    if kind == "threshold":
+        levels = int(rng.choice([1, 3, 15]))
+        t = np.sort(rng.integers(lo, hi + 1, size=(n, levels)), axis=1).astype(np.int32)
+        return dict(thresholds=t)
+    return {}
+
+
+def _wzero2(rng, n, bits_w, asym):
+    if asym:
+        return (2 * rng.integers(0, 1 << bits_w, size=n)).astype(np.int32)
+    return np.full(n, (1 << bits_w) - 1, np.int32)
+
+
+def _specs() -> list[LayerSpec]:
+    rng = np.random.default_rng(2026)
+    specs = []
+    epis = ["none", "float", "threshold"]
+    for i, k in enumerate(GEMM_KS):
+        for j, (ba, bw) in enumerate(BITS):
+            n = [1, 5, 67, 130, 3, 17, 9][(i + j) % 7] if k < 4096 else [3, 70][j % 2]
+            epi = epis[(i + j) % 3]
+            w = rng.integers(0, 1 << bw, size=(n, k), dtype=np.uint8)
+            bound = k * ((1 << ba) - 1) * (1 << bw)
+            specs.append(LayerSpec(f"gemm_a{ba}w{bw}_k{k}_n{n}_{epi}", "gemm", ba, bw, w,
+                                   _wzero2(rng, n, bw, asym=(i + j) % 2 == 1), epilogue=epi,
+                                   **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
+    for k in [1, 64, 65, 1000]:
+        n = 7
+        specs.append(LayerSpec(f"gemm_xor_k{k}", "gemm", 1, 1, rng.integers(0, 2, (n, k), dtype=np.uint8),
+                               np.ones(n, np.int32), xor_mode=True))
+    convs = [
+        # name, (C, H, W), N, (kh, kw), strides, pads, dilations, group, (ba, bw), epilogue, xor
+        ("conv1x1", (5, 4, 3), 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (2, 2), "none", False),
+        ("conv3x3_pad_c64", (64, 6, 7), 65, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (1, 1), "none", False),
+        ("conv3x3_s2_oddpad_c70", (70, 9, 7), 10, (3, 3), (2, 2), (1, 0, 2, 1), (1, 1), 1, (2, 1), "float", False),
+        ("conv_grouped", (12, 5, 5), 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 3, (4, 4), "threshold", False),
+        ("conv_depthwise", (8, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8, (2, 2), "none", False),
+        ("conv_dilated", (16, 9, 8), 5, (3, 2), (1, 2), (2, 1, 2, 1), (2, 2), 1, (4, 1), "none", False),
+        ("conv_big_c130", (130, 5, 5), 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, (1, 2), "float", False),
+        ("conv_5x5_valid", (3, 8, 8), 4, (5, 5), (1, 1), (0, 0, 0, 0), (1, 1), 1, (3, 2), "threshold", False),
+        ("conv_xor_pad", (20, 5, 6), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (1, 1), "none", True),
+        ("conv_xor_valid", (66, 5, 4), 3, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (1, 1), "none", True),
+        ("conv_xor_grouped_pad", (6, 4, 5), 4, (3, 3), (2, 1), (1, 1, 0, 1), (1, 1), 2, (1, 1), "none", True),
+    ]
+    for name, chw, n, kernel, strides, pads, dil, group, (ba, bw), epi, xor in convs:
+        w = rng.integers(0, 1 << bw, size=(n, chw[0] // group, *kernel), dtype=np.uint8)
+        bound = chw[0] // group * kernel[0] * kernel[1] * ((1 << ba) - 1) * (1 << bw)
+        z2 = np.ones(n, np.int32) if xor else _wzero2(rng, n, bw, asym=bw > 1 and n % 2 == 0)
+        specs.append(LayerSpec(name, "conv", ba, bw, w, z2, in_shape=chw, strides=strides, pads=pads,
+                               dilations=dil, group=group, epilogue=epi, xor_mode=xor,
+                               **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
+    return specs
+
+
+SPECS = _specs()
+BY_NAME = {s.name: s for s in SPECS}
+
+
+def expected(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
+    geo = dict(strides=spec.strides, pads=spec.pads, dilations=spec.dilations, group=spec.group)
+    if spec.op == "gemm":
+        acc = ref.bit_gemm_xor(x, spec.w) if spec.xor_mode else ref.bit_gemm(x, spec.w, spec.wzero2)
+    else:
+        acc = ref.bit_conv_xor(x, spec.w, **geo) if spec.xor_mode else ref.bit_conv(x, spec.w, spec.wzero2, **geo)
+    if spec.epilogue == "float":
+        return ref.epilogue_float(acc, spec.mult, spec.bias)
+    if spec.epilogue == "threshold":
+        return ref.epilogue_threshold(acc, spec.thresholds)
+    return acc
+
+
+def make_input(spec: LayerSpec, batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 1 << spec.bits_a, size=(batch, *spec.in_shape), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def native_lib(tmp_path_factory) -> Library:
+    return Library(build_library(SPECS, tmp_path_factory.mktemp("cpu_native")))
+
+
+@pytest.fixture(scope="module")
+def emulated_lib(tmp_path_factory) -> Library:
+    if simde_include_dir() is None:
+        pytest.skip("SIMDe headers missing (apt-get install libsimde-dev): cannot emulate AVX-512 here")
+    return Library(build_library(SPECS, tmp_path_factory.mktemp("cpu_emulated"), emulate_avx512=True))
+
+
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def path_lib(request, monkeypatch):
+    """(path, library) with QCOMPILE_CPU_PATH forcing the path; AVX-512 falls back to the emulated build."""
+    path = request.param
+    lib = request.getfixturevalue("native_lib")
+    if not lib.path_available(path):
+        if path != "avx512":
+            pytest.skip(f"this CPU has no {path}")
+        lib = request.getfixturevalue("emulated_lib")
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", path)
+    assert lib.selected_path() == path
+    return path, lib
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_layer_bit_exact(path_lib, name):
+    path, lib = path_lib
+    spec = BY_NAME[name]
+    for batch in (1, 3, 6) if spec.op == "gemm" else (1, 2):
+        x = make_input(spec, batch, seed=batch * 7919 + len(name))
+        y = lib.run(name, x)
+        want = expected(spec, x)
+        assert y.dtype == want.dtype and y.shape == want.shape
+        np.testing.assert_array_equal(y, want, err_msg=f"{name} path={path} batch={batch}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from([s.name for s in SPECS if s.K <= 1000]), batch=st.integers(1, 13),
+       seed=st.integers(0, 2**32 - 1), path=st.sampled_from(["generic", "avx2", "avx512"]))
+def test_random_batches_bit_exact(native_lib, emulated_lib, name, batch, seed, path):
+    lib = native_lib if native_lib.path_available(path) else emulated_lib if path == "avx512" else None
+    if lib is None:
+        return
+    spec = BY_NAME[name]
+    x = make_input(spec, batch, seed)
+    os.environ["QCOMPILE_CPU_PATH"] = path
+    try:
+        np.testing.assert_array_equal(lib.run(name, x), expected(spec, x))
+    finally:
+        del os.environ["QCOMPILE_CPU_PATH"]
+
+
+def test_auto_path_is_the_best_available(native_lib, monkeypatch):
+    monkeypatch.delenv("QCOMPILE_CPU_PATH", raising=False)
+    c = caps.detect()
+    assert native_lib.selected_path() == c.path
+    spec = BY_NAME["gemm_a2w2_k1000_n67_none"] if "gemm_a2w2_k1000_n67_none" in BY_NAME else SPECS[0]
+    x = make_input(spec, 5, 1)
+    np.testing.assert_array_equal(native_lib.run(spec.name, x), expected(spec, x))
+
+
+def test_large_batch_and_threads_agree(native_lib, monkeypatch):
+    spec = next(s for s in SPECS if s.name.startswith("gemm_a2w2_k4096"))
+    x = make_input(spec, 67, 5)
+    want = expected(spec, x)
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("QCOMPILE_NUM_THREADS", threads)
+        assert native_lib.num_threads() == int(threads)
+        np.testing.assert_array_equal(native_lib.run(spec.name, x), want)
+
+
+def test_float_epilogue_is_not_fused(native_lib):
+    """The data must tell an FMA from a multiply-then-add, and the kernel must give the latter."""
+    spec = next(s for s in SPECS if s.epilogue == "float" and s.op == "gemm" and s.K >= 1000)
+    x = make_input(spec, 64, 11)
+    acc = ref.bit_gemm(x, spec.w, spec.wzero2).astype(np.float32)
+    fused = (acc.astype(np.float64) * spec.mult.astype(np.float64) + spec.bias).astype(np.float32)
+    separate = (acc * spec.mult) + spec.bias
+    assert np.any(fused != separate), "test data cannot distinguish an FMA"
+    np.testing.assert_array_equal(native_lib.run(spec.name, x), separate)
+
+
+def test_unknown_or_unavailable_path_raises(native_lib, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", "sse9")
+    assert native_lib.selected_path() is None
+    with pytest.raises(KernelPathError, match="sse9"):
+        native_lib.run(SPECS[0].name, make_input(SPECS[0], 1, 0))
+    if not native_lib.path_available("avx512"):
+        monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx512")
+        with pytest.raises(KernelPathError, match="available"):
+            native_lib.run(SPECS[0].name, make_input(SPECS[0], 1, 0))
+
+
+def test_run_checks_inputs(native_lib):
+    spec = BY_NAME["conv1x1"]
+    with pytest.raises(RuntimeInputError, match="shape"):
+        native_lib.run("conv1x1", np.zeros((1, 5, 4, 4), np.uint8))
+    with pytest.raises(RuntimeInputError, match="exceed"):
+        native_lib.run("conv1x1", np.full((1, *spec.in_shape), 4, np.uint8))
+    with pytest.raises(RuntimeInputError, match="no layer"):
+        native_lib.run("nope", np.zeros(3, np.uint8))
+    assert native_lib.run("conv1x1", np.zeros((0, *spec.in_shape), np.uint8)).shape == (0, *spec.out_shape)
+
+
+def test_manifest_describes_layers(native_lib):
+    info = native_lib.layers["conv3x3_s2_oddpad_c70"]
+    assert info.op == "conv" and info.in_shape == (70, 9, 7) and info.out_shape == (10, 5, 3)
+    assert info.out_dtype == np.float32
+    assert native_lib.manifest["abi"] == 1
+
+
+def test_missing_compiler_raises_toolchain_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(ToolchainError, match=r"C compiler .* not found; install gcc"):
+        build_library(SPECS[:1], tmp_path)
+
+
+def test_compile_failure_names_the_first_error(tmp_path):
+    with pytest.raises(ToolchainError, match="failed: .*(error|unrecognized)"):
+        build_library(SPECS[:1], tmp_path, extra_cflags=["-fno-such-flag-qcompile"])
+
+
+def test_bad_specs_are_refused():
+    w = np.zeros((2, 8), np.uint8)
+    with pytest.raises(QcompileError, match="xor mode"):
+        LayerSpec("x", "gemm", 2, 1, w, np.ones(2, np.int32), xor_mode=True)
+    with pytest.raises(QcompileError, match="weight codes"):
+        LayerSpec("x", "gemm", 1, 1, w + 2, np.ones(2, np.int32))
+    with pytest.raises(ValueError, match="thresholds"):
+        LayerSpec("x", "gemm", 1, 1, w, np.ones(2, np.int32), epilogue="threshold")
+    with pytest.raises(ValueError, match="group"):
+        LayerSpec("x", "conv", 1, 1, np.zeros((3, 2, 1, 1), np.uint8), np.ones(3, np.int32), in_shape=(4, 2, 2),
+                  group=2)
+
+
+def test_from_node_attributes():
+    w = np.zeros((4, 3, 3, 3), np.uint8)
+    s = LayerSpec.from_node("c", "BitConv", {"bits_a": 2, "bits_w": 1, "strides": [2, 2], "pads": [1, 1, 1, 1],
+                                             "group": 1, "epilogue": b"none", "kernel_shape": [3, 3]},
+                            w, np.ones(4, np.int32), in_shape=(3, 8, 8))
+    assert s.op == "conv" and s.out_shape == (4, 4, 4) and s.K == 27
+
+
+def test_runtime_imports_with_numpy_only():
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"onnx", "onnxruntime", "torch", "click", "rich", "onnx_ir"}:
+                    raise ImportError("blocked " + name)
+        sys.meta_path.insert(0, Block())
+        import qcompile.runtime.kernels as k
+        print(k.Library.__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Library" in proc.stdout
+
+
+def test_caps_parse_and_variants():
+    info = "flags\t: fpu sse2 avx2 popcnt fma avx512f avx512bw avx512_vpopcntdq amx_tile amx_int8\ncpu MHz\t: 2500.0\n"
+    c = caps.detect("cpu", cpuinfo=info)
+    assert (c.path, c.popcount_bits, c.int8_dot, c.ghz) == ("avx512", 512, "amx", 2.5)
+    assert caps.detect("cpu:avx2", cpuinfo=info).path == "avx2"
+    assert caps.detect("cpu:generic", cpuinfo=info).popcount_bits == 64
+    zen = caps.detect("cpu", cpuinfo="flags\t: sse2 avx2 popcnt fma\n")
+    assert zen.path == "avx2" and zen.int8_dot is None
+    with pytest.raises(ValueError, match="cpu:avx2"):
+        caps.detect("gpu")
