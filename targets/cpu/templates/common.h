@@ -67,11 +67,20 @@ typedef struct {
     int nthreads;
 } qc_job;
 
-QC_INLINE void qc_store(const qc_job* j, int64_t m, int64_t n, int64_t s) {
+/* Output element (row m, channel n) lives at rbase[m] + (n0 + n) * P, rbase[m] = image * n_total * P + pixel:
+ * NCHW for conv, [M, N] for gemm (P = 1). */
+QC_INLINE void qc_row_bases(const qc_job* j, int64_t m_lo, int64_t m_hi, int64_t* rbase) {
+    int64_t gr = j->row0 + m_lo, b = gr / j->P, p = gr - b * j->P;
+    for (int64_t m = m_lo; m < m_hi; ++m) {
+        rbase[m - m_lo] = b * j->n_total * j->P + p;
+        if (++p == j->P) { p = 0; ++b; }
+    }
+}
+
+QC_INLINE void qc_store(const qc_job* j, int64_t m, int64_t n, int64_t rbase, int64_t s) {
     int64_t acc64 = j->mode == QC_AND ? 2 * s - (int64_t)j->wz2[n] * j->rowsum[m] : (int64_t)j->rowsum[m] - 2 * s;
     int32_t acc = (int32_t)acc64;
-    int64_t gr = j->row0 + m, b = gr / j->P, p = gr - b * j->P;
-    int64_t idx = (b * j->n_total + j->n0 + n) * j->P + p;
+    int64_t idx = rbase + (j->n0 + n) * j->P;
     if (j->epi == QC_EPI_NONE) {
         ((int32_t*)j->y)[idx] = acc;
     } else if (j->epi == QC_EPI_FLOAT) {

@@ -1,0 +1,312 @@
+"""Benchmark the CPU bit kernels against float and int8 baselines on this machine (run on demand; not a test).
+
+    python bench/bench_kernels.py                 # print the table
+    python bench/bench_kernels.py --write         # ... and replace the "## CPU bit kernels" section of bench/RESULTS.md
+
+1. Measures this machine's popcount peak with tight L1-resident AND+popcount loops of every path the CPU runs
+   (binary MAC/s = bits ANDed and counted per second), on 1 core and on all cores.
+2. W1A1, W1A2, W2A2 BitGemm at M in {1, 16, 256}, K = N in {1024, 4096}, and a 3x3 BitConv on 32x32x256 (batch 1,
+   256 -> 256 channels, pad 1), built by qcompile.targets.cpu (auto path, all cores).
+3. The same logical shapes in numpy fp32 (x @ w.T), onnxruntime fp32 MatMul/Conv and onnxruntime int8
+   MatMulInteger/ConvInteger (uint8 x int8 -> int32).
+Each timing is the median of repeated calls after warm-up; every library runs with all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.runtime.kernels import Library
+from qcompile.targets.cpu import LayerSpec, build_library, caps
+from qcompile.targets.cpu.build import compiler_command
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## CPU bit kernels"
+
+PEAK_C = r"""
+#include <stdint.h>
+#include <omp.h>
+#include <immintrin.h>
+#define KW 64   /* 4 rows x 64 words + 4 cols x 64 words = 4 KiB: L1-resident */
+static uint64_t A[4][KW] __attribute__((aligned(64))), W[4][KW] __attribute__((aligned(64)));
+static void fill(void) { uint64_t s = 88172645463325252ULL;
+  for (int i = 0; i < 4; ++i) for (int k = 0; k < KW; ++k) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; A[i][k] = s;
+    s ^= s << 13; s ^= s >> 7; s ^= s << 17; W[i][k] = s; } }
+/* each returns a checksum; binary MACs done = reps * 16 * KW * 64 (4x4 tile) */
+__attribute__((target("popcnt"))) static uint64_t scalar(long reps) { uint64_t t = 0;
+  for (long r = 0; r < reps; ++r) { uint64_t c[4][4] = {{0}};
+    for (int k = 0; k < KW; ++k) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 2; ++j) c[i][j] += __builtin_popcountll(A[i][k] & W[j][k]);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+        for (int j = 2; j < 4; ++j) c[i][j] += __builtin_popcountll(A[i][k] & W[j][k]); }
+    for (int i = 0; i < 16; ++i) t += c[i / 4][i % 4]; __asm__ volatile("" : "+r"(t)::"memory"); }
+  return t; }
+__attribute__((target("avx2"))) static uint64_t avx2(long reps) { uint64_t t = 0;
+  const __m256i lut = _mm256_setr_epi8(0,1,1,2,1,2,2,3,1,2,2,3,2,3,3,4,0,1,1,2,1,2,2,3,1,2,2,3,2,3,3,4);
+  const __m256i m4 = _mm256_set1_epi8(15), z = _mm256_setzero_si256();
+  for (long r = 0; r < reps; ++r) for (int h = 0; h < 4; ++h) {   /* 4 x (2x2 tile over rows/cols pairs) */
+    int i0 = (h >> 1) * 2, j0 = (h & 1) * 2; __m256i b[2][2] = {{z, z}, {z, z}};
+    for (int k = 0; k < KW; k += 4) { __m256i a[2], w[2];
+      for (int i = 0; i < 2; ++i) a[i] = _mm256_load_si256((const __m256i*)&A[i0 + i][k]);
+      for (int j = 0; j < 2; ++j) w[j] = _mm256_load_si256((const __m256i*)&W[j0 + j][k]);
+      for (int i = 0; i < 2; ++i) for (int j = 0; j < 2; ++j) { __m256i v = _mm256_and_si256(a[i], w[j]);
+        b[i][j] = _mm256_add_epi8(b[i][j], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4)),
+                                   _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)))); } }
+    __m256i s = z; for (int i = 0; i < 4; ++i) s = _mm256_add_epi64(s, _mm256_sad_epu8(b[i / 2][i % 2], z));
+    t += (uint64_t)_mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 3); __asm__ volatile("" : "+r"(t)::"memory"); }
+  return t; }
+__attribute__((target("avx512f,avx512vpopcntdq"))) static uint64_t avx512(long reps) { uint64_t t = 0;
+  for (long r = 0; r < reps; ++r) { __m512i c[4][4];
+    for (int i = 0; i < 16; ++i) c[i / 4][i % 4] = _mm512_setzero_si512();
+    for (int k = 0; k < KW; k += 8) { __m512i a[4], w[4];
+      for (int i = 0; i < 4; ++i) a[i] = _mm512_load_si512(&A[i][k]);
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_load_si512(&W[j][k]);
+      for (int i = 0; i < 4; ++i) for (int j = 0; j < 4; ++j)
+        c[i][j] = _mm512_add_epi64(c[i][j], _mm512_popcnt_epi64(_mm512_and_si512(a[i], w[j]))); }
+    __m512i s = c[0][0]; for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, c[i / 4][i % 4]);
+    t += (uint64_t)_mm512_reduce_add_epi64(s); __asm__ volatile("" : "+r"(t)::"memory"); }
+  return t; }
+/* path: 0 scalar popcnt, 1 avx2, 2 avx512; returns the checksum summed over threads */
+uint64_t peak(int path, long reps, int threads) { fill(); uint64_t tot = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : tot)
+  { tot += path == 2 ? avx512(reps) : path == 1 ? avx2(reps) : scalar(reps); }
+  return tot; }
+"""
+
+
+def _median_time(fn, min_time: float = 0.4, min_runs: int = 5, max_runs: int = 200) -> float:
+    fn()
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_peak(c: caps.CpuCaps, tmp: Path) -> dict[str, tuple[float, float]]:
+    """Binary MAC/s of the tight loop of each path this CPU runs: {path: (1 core, all cores)}."""
+    src, so = tmp / "peak.c", tmp / "peak.so"
+    src.write_text(PEAK_C)
+    subprocess.run([*compiler_command(), "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.peak.restype, lib.peak.argtypes = ctypes.c_uint64, [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    paths = {"scalar-popcnt": 0}
+    if c.avx2:
+        paths["avx2"] = 1
+    if c.avx512_vpopcntdq:
+        paths["avx512"] = 2
+    out = {}
+    for name, p in paths.items():
+        rates = []
+        for threads in (1, c.cores):
+            reps = 20000
+            while True:
+                t = time.perf_counter()
+                lib.peak(p, reps, threads)
+                dt = time.perf_counter() - t
+                if dt > 0.25:
+                    break
+                reps *= 2
+            best = min(_timed(lib.peak, p, reps, threads) for _ in range(3))
+            rates.append(threads * reps * 16 * 64 * 64 / best)
+        out[name] = (rates[0], rates[1])
+    return out
+
+
+def _timed(f, *args) -> float:
+    t = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - t
+
+
+def _ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _matmul_model(m: int, k: int, n: int, int8: bool, rng):
+    from onnx import TensorProto, helper, numpy_helper
+
+    if int8:
+        w = numpy_helper.from_array(rng.integers(-1, 2, (k, n)).astype(np.int8), "W")
+        node = helper.make_node("MatMulInteger", ["X", "W"], ["Y"])
+        x_t, y_t = TensorProto.UINT8, TensorProto.INT32
+    else:
+        w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
+        node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+        x_t, y_t = TensorProto.FLOAT, TensorProto.FLOAT
+    g = helper.make_graph([node], "mm", [helper.make_tensor_value_info("X", x_t, [m, k])],
+                          [helper.make_tensor_value_info("Y", y_t, [m, n])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv_model(c: int, h: int, w_: int, n: int, int8: bool, rng):
+    from onnx import TensorProto, helper, numpy_helper
+
+    if int8:
+        w = numpy_helper.from_array(rng.integers(-1, 2, (n, c, 3, 3)).astype(np.int8), "W")
+        node = helper.make_node("ConvInteger", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])
+        x_t, y_t = TensorProto.UINT8, TensorProto.INT32
+    else:
+        w = numpy_helper.from_array(rng.standard_normal((n, c, 3, 3)).astype(np.float32), "W")
+        node = helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])
+        x_t, y_t = TensorProto.FLOAT, TensorProto.FLOAT
+    g = helper.make_graph([node], "conv", [helper.make_tensor_value_info("X", x_t, [1, c, h, w_])],
+                          [helper.make_tensor_value_info("Y", y_t, [1, n, h, w_])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS}")
+    ap.add_argument("--quick", action="store_true", help="K=N=1024 only, shorter timings")
+    args = ap.parse_args(argv)
+
+    c = caps.detect()
+    threads = c.cores
+    os.environ.setdefault("QCOMPILE_NUM_THREADS", str(threads))
+    rng = np.random.default_rng(0)
+    sizes = [1024] if args.quick else [1024, 4096]
+    bit_pairs = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
+    specs = []
+    for ba, bw in bit_pairs:
+        for k in sizes:
+            specs.append(LayerSpec(f"w{bw}a{ba}_k{k}", "gemm", ba, bw,
+                                   rng.integers(0, 1 << bw, (k, k), dtype=np.uint8),
+                                   np.full(k, (1 << bw) - 1, np.int32)))
+    conv_specs = [(1, 1), (2, 1), (2, 2)]
+    for ba, bw in conv_specs:
+        specs.append(LayerSpec(f"conv_w{bw}a{ba}", "conv", ba, bw,
+                               rng.integers(0, 1 << bw, (256, 256, 3, 3), dtype=np.uint8),
+                               np.full(256, (1 << bw) - 1, np.int32), in_shape=(256, 32, 32), pads=(1, 1, 1, 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"machine: {_cpu_name()}, {c.cores} cores, kernel path {c.path}, int8 dot {c.int8_dot}", flush=True)
+        peak = measure_peak(c, tmp)
+        best_path = max(peak, key=lambda p: peak[p][1])
+        peak1, peak_all = peak[best_path]
+        for name, (one, allc) in peak.items():
+            print(f"popcount peak {name:14s}: {one / 1e9:7.1f} G binary MAC/s (1 core), {allc / 1e9:7.1f} (all cores)")
+        t0 = time.perf_counter()
+        lib = Library(build_library(specs, tmp / "lib"))
+        print(f"built {len(specs)} layers in {time.perf_counter() - t0:.1f} s; running path {lib.selected_path()}",
+              flush=True)
+
+        rows = []  # (label, binops, t_q, t_np, t_ortf, t_orti)
+        mtime = 0.2 if args.quick else 0.5
+        for k in sizes:
+            for m in (1, 16, 256):
+                xf = rng.standard_normal((m, k)).astype(np.float32)
+                wf = rng.standard_normal((k, k)).astype(np.float32)
+                xu = rng.integers(0, 2, (m, k), dtype=np.uint8)
+                sf = _ort_session(_matmul_model(m, k, k, False, rng), threads)
+                si = _ort_session(_matmul_model(m, k, k, True, rng), threads)
+                t_ortf = _median_time(lambda: sf.run(None, {"X": xf}), mtime)
+                t_orti = _median_time(lambda: si.run(None, {"X": xu}), mtime)
+                wt = np.ascontiguousarray(wf.T)
+                t_np = _median_time(lambda: xf @ wt.T, mtime)
+                for ba, bw in bit_pairs:
+                    name = f"w{bw}a{ba}_k{k}"
+                    x = rng.integers(0, 1 << ba, (m, k), dtype=np.uint8)
+                    t_q = _median_time(lambda: lib.run(name, x, check=False), mtime)
+                    rows.append((f"W{bw}A{ba} GEMM M={m} K=N={k}", m * k * k, ba * bw, t_q, t_np, t_ortf, t_orti))
+                    print(_fmt_row(rows[-1], peak_all), flush=True)
+        xf = rng.standard_normal((1, 256, 32, 32)).astype(np.float32)
+        xu = rng.integers(0, 2, (1, 256, 32, 32), dtype=np.uint8)
+        sf = _ort_session(_conv_model(256, 32, 32, 256, False, rng), threads)
+        si = _ort_session(_conv_model(256, 32, 32, 256, True, rng), threads)
+        t_ortf = _median_time(lambda: sf.run(None, {"X": xf}), mtime)
+        t_orti = _median_time(lambda: si.run(None, {"X": xu}), mtime)
+        for ba, bw in conv_specs:
+            x = rng.integers(0, 1 << ba, (1, 256, 32, 32), dtype=np.uint8)
+            t_q = _median_time(lambda: lib.run(f"conv_w{bw}a{ba}", x, check=False), mtime)
+            rows.append((f"W{bw}A{ba} conv3x3 32x32x256->256", 32 * 32 * 256 * 256 * 9, ba * bw, t_q, float("nan"),
+                         t_ortf, t_orti))
+            print(_fmt_row(rows[-1], peak_all), flush=True)
+
+    table = _table(rows, peak_all)
+    header = (f"{_cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{lib.selected_path()}`, "
+              f"int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, numpy {np.__version__}")
+    peak_lines = "\n".join(f"- {n}: {o / 1e9:.1f} G binary MAC/s on 1 core, {a / 1e9:.1f} on {c.cores} cores"
+                           for n, (o, a) in peak.items())
+    text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_kernels.py` on "
+            f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile; the best is the "
+            f"reference for '% peak'):\n{peak_lines}\n\n{table}\n")
+    print()
+    print(text)
+    if args.write:
+        _write_section(text)
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _fmt_row(r, peak_all) -> str:
+    label, macs, planes, t_q, t_np, t_ortf, t_orti = r
+    pct = 100 * macs * planes / t_q / peak_all
+    return (f"{label:34s} qcompile {t_q * 1e3:8.3f} ms ({pct:5.1f}% peak)  numpy {t_np * 1e3:8.3f}  "
+            f"ort-fp32 {t_ortf * 1e3:8.3f}  ort-int8 {t_orti * 1e3:8.3f}  x{t_ortf / t_q:5.1f} fp32 x{t_orti / t_q:5.2f} int8")
+
+
+def _table(rows, peak_all) -> str:
+    head = ("| shape | qcompile ms | % popcount peak | numpy fp32 ms | ORT fp32 ms | ORT int8 ms | "
+            "vs numpy | vs ORT fp32 | vs ORT int8 |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for label, macs, planes, t_q, t_np, t_ortf, t_orti in rows:
+        pct = 100 * macs * planes / t_q / peak_all
+        np_ms = "n/a" if np.isnan(t_np) else f"{t_np * 1e3:.3f}"
+        np_x = "n/a" if np.isnan(t_np) else f"{t_np / t_q:.1f}x"
+        lines.append(f"| {label} | {t_q * 1e3:.3f} | {pct:.0f}% | {np_ms} | {t_ortf * 1e3:.3f} | {t_orti * 1e3:.3f} | "
+                     f"{np_x} | {t_ortf / t_q:.1f}x | {t_orti / t_q:.2f}x |")
+    return "\n".join(lines)
+
+
+def _write_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
