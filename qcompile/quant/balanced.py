@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcompile.quant.core import (
+    affine_fit,
     BALANCED_METHODS,
     BALANCED_SCALES,
     QuantizedTensor,
@@ -90,7 +91,10 @@ def balanced_weights(w, bits: int, *, method: str = "exact", axis=None, scale: s
     const = constant_rows(x2, axis, name)
     n = levels(bits)
     codes = exact_bins(x2, bits) if method == "exact" else mean_bins(x2, bits)
-    s = symmetric_scale(scale, x2, 2 * codes - n, n)
+    if scale == "affine":
+        s, z = affine_fit(x2, codes, n)
+    else:
+        s, z = symmetric_scale(scale, x2, 2 * codes - n, n), np.full(x2.shape[0], n / 2)
     cq, cs = symmetric_constant(x2[:, 0], bits)
     codes = np.where(const[:, None], cq[:, None], codes)
-    return finish(codes, np.where(const, cs, s), np.full(s.shape, n / 2), bits, shape, axis, name)
+    return finish(codes, np.where(const, cs, s), np.where(const, n / 2, z), bits, shape, axis, name)

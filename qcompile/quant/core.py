@@ -26,7 +26,7 @@ SCALE_RULES = {
     "unit": "s = 1: DoReFa's own training-time grid [-1, 1]",
 }
 
-BALANCED_SCALES = ("lsq", "max")
+BALANCED_SCALES = ("lsq", "max", "affine")
 DOREFA_SCALES = tuple(SCALE_RULES)
 
 #: Ties in balanced bins: all copies of a value share the bin of their mid percentile rank
@@ -141,6 +141,30 @@ def symmetric_scale(rule: str, x2: np.ndarray, g2: np.ndarray, n: int) -> np.nda
     num = (x2 * g2).sum(axis=1)
     den = (g2 * g2).sum(axis=1)
     return np.where(num > 0, 2.0 * num / den, smax)
+
+
+def affine_fit(x2: np.ndarray, codes2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, least squares W ~ scale * (q - zero) with 2*zero an integer (the kernels need wzero2 in Z).
+
+    Why: balanced bins are equally populated around the row's *median*, so for post-training quantization the
+    grid centre belongs there, not at 0: fit the slope and offset of the uniform grid to the bin indices, round
+    the offset to a half step, refit the slope. The levels stay uniformly spaced (bit kernels apply unchanged);
+    2*zero is clamped to [-n, 3n] so the stored integers 2q - 2*zero fit in int8 up to 5 bits. A row whose
+    fit is degenerate (one code, or a non-positive slope) falls back to the symmetric lsq scale with zero n/2.
+    """
+    q = codes2.astype(np.float64)
+    qm, wm = q.mean(axis=1, keepdims=True), x2.mean(axis=1, keepdims=True)
+    var = ((q - qm) ** 2).sum(axis=1)
+    slope = ((q - qm) * (x2 - wm)).sum(axis=1) / np.where(var > 0, var, 1.0)
+    ok = (var > 0) & (slope > 0)
+    safe = np.where(ok, slope, 1.0)
+    zero2 = np.clip(np.rint(2 * (qm[:, 0] - wm[:, 0] / safe)), -n, 3 * n)
+    d = q - zero2[:, None] / 2
+    dd = (d * d).sum(axis=1)
+    scale = (d * x2).sum(axis=1) / np.where(dd > 0, dd, 1.0)
+    ok &= scale > 0
+    sym = symmetric_scale("lsq", x2, 2 * codes2 - n, n)
+    return np.where(ok, scale, sym), np.where(ok, zero2 / 2, n / 2)
 
 
 def finish(codes2, scale_rows, zero_rows, bits: int, shape, axis, name: str) -> QuantizedTensor:

@@ -46,10 +46,11 @@ def _spec(key, description, fn, twin, supported=None, **options) -> QuantizerSpe
 _SPECS = {
     s.name: s
     for s in (
+        # post-training use: the grid is fitted with an offset (scale="affine"), see core.affine_fit
         _spec("balanced", "balanced quantization, exact percentile bins (BQ Alg. 1-2)",
-              balanced_weights, "balanced_weights_t", method="exact"),
+              balanced_weights, "balanced_weights_t", method="exact", scale="affine"),
         _spec("balanced-mean", "balanced quantization, recursive mean split (cheap approximation)",
-              balanced_weights, "balanced_weights_t", method="mean"),
+              balanced_weights, "balanced_weights_t", method="mean", scale="affine"),
         _spec("dorefa", "DoReFa tanh weights (k >= 2), sign * mean|W| (k = 1)",
               dorefa_weights, "dorefa_weights_t"),
         _spec("uniform", "asymmetric min-max uniform with an integer zero point",

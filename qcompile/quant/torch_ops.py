@@ -102,7 +102,7 @@ def _scale32(s_rows: torch.Tensor, shape, axis, name: str) -> torch.Tensor:
     return s.reshape(_scale_shape(shape, axis))
 
 
-def _symmetric(w, x2, codes, s, const, bits, shape, axis, name, codes_ste=None) -> TorchQuantized:
+def _symmetric(w, x2, codes, s, const, bits, shape, axis, name, codes_ste=None, zero_rows=None) -> TorchQuantized:
     """Apply the constant-channel override, then values = scale * (q - n/2) in float32 like numpy.
 
     codes_ste, when given, carries the gradient through the codes (DoReFa); otherwise the whole
@@ -113,6 +113,8 @@ def _symmetric(w, x2, codes, s, const, bits, shape, axis, name, codes_ste=None) 
     codes = torch.where(const[:, None], cq[:, None], codes)
     scale = _scale32(torch.where(const, cs, s), shape, axis, name)
     zero = torch.full(scale.shape, n / 2, dtype=F64, device=w.device)
+    if zero_rows is not None:  # affine grid: a per-row zero point, n/2 again on constant rows
+        zero = torch.where(const, torch.full_like(zero_rows, n / 2), zero_rows).to(F64).reshape(scale.shape)
     codes = codes.reshape(shape)
     values = scale * (codes.to(F64) - zero).to(F32)
     if codes_ste is None:
@@ -168,8 +170,28 @@ def balanced_codes_t(w, bits, method="exact", axis=None, scale="lsq", *, name=""
     const = _constant_rows(x2, axis, name)
     n = core.levels(bits)
     codes = _exact_bins(x2, bits) if method == "exact" else _mean_bins(x2, bits)
+    if scale == "affine":
+        s, z = _affine_fit(x2, codes, n)
+        return _symmetric(w, x2, codes, s, const, bits, shape, axis, name, zero_rows=z)
     s = _symmetric_scale(scale, x2, 2 * codes - n, n)
     return _symmetric(w, x2, codes, s, const, bits, shape, axis, name)
+
+
+def _affine_fit(x2: torch.Tensor, codes: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of core.affine_fit (same float64 arithmetic)."""
+    q = codes.to(F64)
+    qm, wm = q.mean(dim=1, keepdim=True), x2.mean(dim=1, keepdim=True)
+    var = ((q - qm) ** 2).sum(dim=1)
+    slope = ((q - qm) * (x2 - wm)).sum(dim=1) / torch.where(var > 0, var, torch.ones_like(var))
+    ok = (var > 0) & (slope > 0)
+    safe = torch.where(ok, slope, torch.ones_like(slope))
+    zero2 = torch.clamp(torch.round(2 * (qm[:, 0] - wm[:, 0] / safe)), -n, 3 * n)
+    d = q - zero2[:, None] / 2
+    dd = (d * d).sum(dim=1)
+    scale = (d * x2).sum(dim=1) / torch.where(dd > 0, dd, torch.ones_like(dd))
+    ok &= scale > 0
+    sym = _symmetric_scale("lsq", x2, 2 * codes - n, n)
+    return torch.where(ok, scale, sym), torch.where(ok, zero2 / 2, torch.full_like(zero2, n / 2))
 
 
 def _sign_mean(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

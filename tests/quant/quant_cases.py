@@ -61,4 +61,5 @@ def combos(max_bits=4):
     return [(n, b) for n in names() for b in get(n).bits if b <= max_bits]
 
 
-SYMMETRIC = {"balanced", "balanced-mean", "dorefa", "xnor"}
+SYMMETRIC = {"dorefa", "xnor"}
+AFFINE = {"balanced", "balanced-mean"}  # registry balanced = scale="affine": half-integer zero point, uniform levels

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quant_cases import SYMMETRIC, combos, is_constant, rows, weights
+from quant_cases import AFFINE, SYMMETRIC, combos, is_constant, rows, weights
 
 from qcompile.errors import ConstantTensorError, QuantizationError
 from qcompile.quant import QuantizedTensor, get, names
@@ -26,6 +26,11 @@ def check_invariants(qt: QuantizedTensor, w: np.ndarray, name: str, bits: int, a
         assert np.all(qt.zero2 == n)
         iv = qt.int_values().astype(int)
         assert np.all(iv % 2 == 1) and np.abs(iv).max() <= n
+        np.testing.assert_array_equal(dq, qt.scale * (iv / 2).astype(np.float32))
+    elif name in AFFINE:  # value = scale*(q - zero), 2*zero an integer in [-n, 3n]: uniform levels
+        z2 = qt.zero2
+        assert np.all(qt.zero * 2 == z2) and z2.min() >= -n and z2.max() <= 3 * n
+        iv = qt.int_values().astype(int)
         np.testing.assert_array_equal(dq, qt.scale * (iv / 2).astype(np.float32))
     else:  # integer zero point in range, so 0.0 is exactly representable
         assert np.all(qt.zero == np.rint(qt.zero)) and qt.zero.min() >= 0 and qt.zero.max() <= n

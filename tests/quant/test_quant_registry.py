@@ -37,7 +37,7 @@ def test_options_distinguish_variants():
     w[0] = 1e4
     assert get("uniform-percentile").weights(w, 4, None, "").scale < get("uniform").weights(w, 4, None, "").scale / 100
     assert dict(get("uniform-percentile").options) == {"percentile": 0.1}
-    assert dict(get("balanced-mean").options) == {"method": "mean"}
+    assert dict(get("balanced-mean").options) == {"method": "mean", "scale": "affine"}
     a, b = get("balanced").weights(w, 3, None, ""), get("balanced-mean").weights(w, 3, None, "")
     assert not np.array_equal(a.codes, b.codes)
     assert get("xnor").bits == (1,) and get("balanced").bits == tuple(range(1, 9))
