@@ -146,6 +146,7 @@ def _ort_session(model, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle pool threads must not steal cores
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -191,82 +192,114 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+BIT_PAIRS = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
+CONV = (256, 32, 32, 256)  # C, H, W, N: 3x3, pad 1, batch 1
+
+
+def _gemm_cases(sizes):
+    return [(k, m) for k in sizes for m in (1, 16, 256)]
+
+
+def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
+    """Time one library family in this process only (thread pools of different libraries fight otherwise)."""
+    rng = np.random.default_rng(0)
+    threads = caps.detect().cores
+    out = {}
+    c, h, w, n = CONV
+    if kind == "qcompile":
+        specs = []
+        for ba, bw in BIT_PAIRS:
+            for k in sizes:
+                specs.append(LayerSpec(f"w{bw}a{ba}_k{k}", "gemm", ba, bw, rng.integers(0, 1 << bw, (k, k), dtype=np.uint8),
+                                       np.full(k, (1 << bw) - 1, np.int32)))
+            specs.append(LayerSpec(f"w{bw}a{ba}_conv", "conv", ba, bw, rng.integers(0, 1 << bw, (n, c, 3, 3), dtype=np.uint8),
+                                   np.full(n, (1 << bw) - 1, np.int32), in_shape=(c, h, w), pads=(1, 1, 1, 1)))
+        with tempfile.TemporaryDirectory() as tmp:
+            lib = Library(build_library(specs, tmp))
+            out["path"] = lib.selected_path()
+            out["threads"] = lib.num_threads()
+            for ba, bw in BIT_PAIRS:
+                for k, m in _gemm_cases(sizes):
+                    x = rng.integers(0, 1 << ba, (m, k), dtype=np.uint8)
+                    out[f"w{bw}a{ba}_k{k}_m{m}"] = _median_time(lambda: lib.run(f"w{bw}a{ba}_k{k}", x, check=False), mtime)
+                x = rng.integers(0, 1 << ba, (1, c, h, w), dtype=np.uint8)
+                out[f"w{bw}a{ba}_conv"] = _median_time(lambda: lib.run(f"w{bw}a{ba}_conv", x, check=False), mtime)
+    elif kind == "numpy":
+        for k, m in _gemm_cases(sizes):
+            xf = rng.standard_normal((m, k)).astype(np.float32)
+            wt = rng.standard_normal((k, k)).astype(np.float32)  # [N, K]: the logical x @ w.T
+            out[f"k{k}_m{m}"] = _median_time(lambda: xf @ wt.T, mtime)
+    else:
+        int8 = kind == "ort-int8"
+        for k, m in _gemm_cases(sizes):
+            sess = _ort_session(_matmul_model(m, k, k, int8, rng), threads)
+            x = rng.integers(0, 2, (m, k), dtype=np.uint8) if int8 else rng.standard_normal((m, k)).astype(np.float32)
+            out[f"k{k}_m{m}"] = _median_time(lambda: sess.run(None, {"X": x}), mtime)
+        sess = _ort_session(_conv_model(c, h, w, n, int8, rng), threads)
+        x = rng.integers(0, 2, (1, c, h, w), dtype=np.uint8) if int8 else rng.standard_normal((1, c, h, w)).astype(np.float32)
+        out["conv"] = _median_time(lambda: sess.run(None, {"X": x}), mtime)
+    return out
+
+
+def _run_worker(kind: str, sizes: list[int], mtime: float) -> dict:
+    import json
+
+    cmd = [sys.executable, __file__, "--worker", kind, "--sizes", ",".join(map(str, sizes)), "--mtime", str(mtime)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
+    import json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS}")
     ap.add_argument("--quick", action="store_true", help="K=N=1024 only, shorter timings")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", help=argparse.SUPPRESS)
+    ap.add_argument("--mtime", type=float, default=0.5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, [int(v) for v in args.sizes.split(",")], args.mtime)))
+        return 0
 
     c = caps.detect()
-    threads = c.cores
-    os.environ.setdefault("QCOMPILE_NUM_THREADS", str(threads))
-    rng = np.random.default_rng(0)
     sizes = [1024] if args.quick else [1024, 4096]
-    bit_pairs = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
-    specs = []
-    for ba, bw in bit_pairs:
-        for k in sizes:
-            specs.append(LayerSpec(f"w{bw}a{ba}_k{k}", "gemm", ba, bw,
-                                   rng.integers(0, 1 << bw, (k, k), dtype=np.uint8),
-                                   np.full(k, (1 << bw) - 1, np.int32)))
-    conv_specs = [(1, 1), (2, 1), (2, 2)]
-    for ba, bw in conv_specs:
-        specs.append(LayerSpec(f"conv_w{bw}a{ba}", "conv", ba, bw,
-                               rng.integers(0, 1 << bw, (256, 256, 3, 3), dtype=np.uint8),
-                               np.full(256, (1 << bw) - 1, np.int32), in_shape=(256, 32, 32), pads=(1, 1, 1, 1)))
+    mtime = 0.2 if args.quick else 0.5
+    print(f"machine: {_cpu_name()}, {c.cores} cores, kernel path {c.path}, int8 dot {c.int8_dot}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        print(f"machine: {_cpu_name()}, {c.cores} cores, kernel path {c.path}, int8 dot {c.int8_dot}", flush=True)
-        peak = measure_peak(c, tmp)
-        best_path = max(peak, key=lambda p: peak[p][1])
-        peak1, peak_all = peak[best_path]
-        for name, (one, allc) in peak.items():
-            print(f"popcount peak {name:14s}: {one / 1e9:7.1f} G binary MAC/s (1 core), {allc / 1e9:7.1f} (all cores)")
-        t0 = time.perf_counter()
-        lib = Library(build_library(specs, tmp / "lib"))
-        print(f"built {len(specs)} layers in {time.perf_counter() - t0:.1f} s; running path {lib.selected_path()}",
-              flush=True)
-
-        rows = []  # (label, binops, t_q, t_np, t_ortf, t_orti)
-        mtime = 0.2 if args.quick else 0.5
-        for k in sizes:
-            for m in (1, 16, 256):
-                xf = rng.standard_normal((m, k)).astype(np.float32)
-                wf = rng.standard_normal((k, k)).astype(np.float32)
-                xu = rng.integers(0, 2, (m, k), dtype=np.uint8)
-                sf = _ort_session(_matmul_model(m, k, k, False, rng), threads)
-                si = _ort_session(_matmul_model(m, k, k, True, rng), threads)
-                t_ortf = _median_time(lambda: sf.run(None, {"X": xf}), mtime)
-                t_orti = _median_time(lambda: si.run(None, {"X": xu}), mtime)
-                wt = np.ascontiguousarray(wf.T)
-                t_np = _median_time(lambda: xf @ wt.T, mtime)
-                for ba, bw in bit_pairs:
-                    name = f"w{bw}a{ba}_k{k}"
-                    x = rng.integers(0, 1 << ba, (m, k), dtype=np.uint8)
-                    t_q = _median_time(lambda: lib.run(name, x, check=False), mtime)
-                    rows.append((f"W{bw}A{ba} GEMM M={m} K=N={k}", m * k * k, ba * bw, t_q, t_np, t_ortf, t_orti))
-                    print(_fmt_row(rows[-1], peak_all), flush=True)
-        xf = rng.standard_normal((1, 256, 32, 32)).astype(np.float32)
-        xu = rng.integers(0, 2, (1, 256, 32, 32), dtype=np.uint8)
-        sf = _ort_session(_conv_model(256, 32, 32, 256, False, rng), threads)
-        si = _ort_session(_conv_model(256, 32, 32, 256, True, rng), threads)
-        t_ortf = _median_time(lambda: sf.run(None, {"X": xf}), mtime)
-        t_orti = _median_time(lambda: si.run(None, {"X": xu}), mtime)
-        for ba, bw in conv_specs:
-            x = rng.integers(0, 1 << ba, (1, 256, 32, 32), dtype=np.uint8)
-            t_q = _median_time(lambda: lib.run(f"conv_w{bw}a{ba}", x, check=False), mtime)
-            rows.append((f"W{bw}A{ba} conv3x3 32x32x256->256", 32 * 32 * 256 * 256 * 9, ba * bw, t_q, float("nan"),
-                         t_ortf, t_orti))
-            print(_fmt_row(rows[-1], peak_all), flush=True)
+        peak = measure_peak(c, Path(tmp))
+    best_path = max(peak, key=lambda p: peak[p][1])
+    peak_all = peak[best_path][1]
+    for name, (one, allc) in peak.items():
+        print(f"popcount peak {name:14s}: {one / 1e9:7.1f} G binary MAC/s (1 core), {allc / 1e9:7.1f} (all cores)")
+    res = {kind: _run_worker(kind, sizes, mtime) for kind in ("qcompile", "ort-fp32", "ort-int8", "numpy")}
+    q = res["qcompile"]
+    rows = []  # (label, macs, planes, t_q, t_np, t_ortf, t_orti)
+    for ba, bw in BIT_PAIRS:
+        for k, m in _gemm_cases(sizes):
+            key = f"k{k}_m{m}"
+            rows.append((f"W{bw}A{ba} GEMM M={m} K=N={k}", m * k * k, ba * bw, q[f"w{bw}a{ba}_{key}"],
+                         res["numpy"][key], res["ort-fp32"][key], res["ort-int8"][key]))
+    c_, h, w, n = CONV
+    for ba, bw in BIT_PAIRS:
+        rows.append((f"W{bw}A{ba} conv3x3 {h}x{w}x{c_}->{n}", h * w * c_ * n * 9, ba * bw, q[f"w{bw}a{ba}_conv"],
+                     float("nan"), res["ort-fp32"]["conv"], res["ort-int8"]["conv"]))
+    for r in rows:
+        print(_fmt_row(r, peak_all))
 
     table = _table(rows, peak_all)
-    header = (f"{_cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{lib.selected_path()}`, "
-              f"int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, numpy {np.__version__}")
-    peak_lines = "\n".join(f"- {n}: {o / 1e9:.1f} G binary MAC/s on 1 core, {a / 1e9:.1f} on {c.cores} cores"
-                           for n, (o, a) in peak.items())
+    header = (f"{_cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{q['path']}` with {q['threads']} "
+              f"threads, int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, "
+              f"numpy {np.__version__}; each library timed in its own process")
+    peak_lines = "\n".join(f"- {n_}: {o / 1e9:.1f} G binary MAC/s on 1 core, {a / 1e9:.1f} on {c.cores} cores"
+                           for n_, (o, a) in peak.items())
     text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_kernels.py` on "
-            f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile; the best is the "
-            f"reference for '% peak'):\n{peak_lines}\n\n{table}\n")
+            f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile; the best all-core figure "
+            f"is the reference for '% popcount peak', which counts bits_a*bits_w binary MACs per MAC):\n"
+            f"{peak_lines}\n\n{table}\n")
     print()
     print(text)
     if args.write:

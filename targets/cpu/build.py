@@ -3,9 +3,9 @@
 ``build_library(specs, out_dir) -> Path`` writes ``<name>.c`` (the layers), ``<name>_core.c`` (the kernel core),
 the weight blobs and ``<name>.json`` (the manifest) into ``out_dir`` and runs ``$CC`` (default ``cc``)::
 
-    cc -O3 -fPIC -ffp-contract=off -fopenmp -fvisibility=hidden -c <name>_core.c   (cached, see below)
-    cc -O3 -fPIC -ffp-contract=off -fopenmp -fvisibility=hidden -c <name>.c
-    cc -shared -fopenmp -o <name>.so <name>_core.o <name>.o
+    cc -O3 -fPIC -ffp-contract=off -pthread -fvisibility=hidden -c <name>_core.c   (cached, see below)
+    cc -O3 -fPIC -ffp-contract=off -pthread -fvisibility=hidden -c <name>.c
+    cc -shared -pthread -o <name>.so <name>_core.o <name>.o
 
 The core is the same for every library (it takes a few seconds to compile: all paths x modes x tile shapes), so its
 object is cached under ``$QCOMPILE_CACHE_DIR`` (default ``~/.cache/qcompile``), keyed by a hash of its source, the
@@ -33,8 +33,9 @@ from .spec import LayerSpec
 
 __all__ = ["CFLAGS", "compiler_command", "build_library", "simde_include_dir"]
 
-CFLAGS = ("-O3", "-fPIC", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-std=gnu11")
-LDFLAGS = ("-shared", "-fopenmp")
+CFLAGS = ("-O3", "-fPIC", "-ffp-contract=off", "-pthread", "-fvisibility=hidden", "-std=gnu11",
+          "-Werror=implicit-function-declaration")
+LDFLAGS = ("-shared", "-pthread")
 
 
 def compiler_command() -> list[str]:

@@ -42,7 +42,7 @@ OUT_CTYPE = {"none": "int32", "float": "float32", "threshold": "uint8"}
 # (rows, channels) of each path's main register tile; leftover rows use 1 x channels.
 TILES = {"avx512": (4, 4), "avx2": (2, 2), "generic": (4, 2)}
 # words a microkernel walks per plane: AVX-512 whole vectors of 8, AVX2 vectors of 4, generic the real words
-KWN = {"avx512": "kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
+KWN = {"avx512": "j->kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
 TGT = {"avx512": "AVX512", "avx2": "AVX2", "generic": "GENERIC"}
 
 

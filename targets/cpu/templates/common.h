@@ -6,14 +6,16 @@
  * little-endian bit order, zero tail. Three code paths (AVX-512 VPOPCNTDQ, AVX2 vpshufb nibble LUT, portable
  * __builtin_popcountll), each compiled with its own target attribute and picked at call time by
  * __builtin_cpu_supports, overridable with QCOMPILE_CPU_PATH=avx512|avx2|generic.
+ * Threads: a small pthread pool that hands out tasks by an atomic counter (qc_parallel in core.c).
  * Build with -ffp-contract=off: the float epilogue is a float32 multiply then a separate float32 add.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1  /* sched_getaffinity, CPU_COUNT */
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <stdatomic.h>
 #if defined(__x86_64__) || defined(__i386__)
 #define QC_X86 1
 #endif
@@ -114,4 +116,7 @@ QC_CORE void qc_set_bits(uint64_t* dst, int64_t off, int64_t nbits);
 QC_CORE void qc_pack_rows(int path, const uint8_t* x, int64_t rows, int64_t K, int ka, int xor_mode, int64_t kwp,
                           uint64_t* A, int32_t* rowsum, int nthreads);
 QC_CORE void qc_run_job(int path, const qc_job* j);
+/* run fn(ctx, t) for t in [0, ntasks) on up to nthreads threads (the caller included); returns when all are done */
+typedef void (*qc_task_fn)(const void* ctx, int64_t task);
+QC_CORE void qc_parallel(int nthreads, int64_t ntasks, qc_task_fn fn, const void* ctx);
 

@@ -1,4 +1,9 @@
 /* the kernel core: path dispatch, packing, and the bit GEMM of every path (microkernels + drivers follow) */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#define QC_MAX_THREADS 256
 #define QC_TGT_GENERIC
 #if defined(QC_X86)
 #include <immintrin.h>
@@ -53,12 +58,124 @@ QC_CORE int qc_select_path(void) {
 QC_CORE int qc_num_threads(void) {
     const char* env = getenv("QCOMPILE_NUM_THREADS");
     int n = env ? atoi(env) : 0;
-#ifdef _OPENMP
-    if (n <= 0) n = omp_get_num_procs();
-#else
-    n = 1;
+    if (n <= 0) {
+        cpu_set_t set;
+        n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    }
+    return n > 0 ? (n < QC_MAX_THREADS ? n : QC_MAX_THREADS) : 1;
+}
+
+/* ---- the thread pool ----
+ * Workers sleep on a condition variable between jobs. A job is (fn, ctx, ntasks); every thread, the caller
+ * included, claims task indices from one atomic counter that carries the job's generation in its top bits, and
+ * the caller waits only until every *claimed* task has finished. So a worker that the OS has not scheduled yet
+ * (a busy machine, another library's thread pool) delays nothing: it wakes, finds no task of its generation, and
+ * sleeps again. Unlike a fork-join barrier, no job waits for a thread that has not started. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int nworkers;
+    pid_t pid;                     /* the process that started the workers: a forked child starts its own */
+    _Atomic uint64_t gen;          /* job generation (written under mu) */
+    qc_task_fn fn;                 /* the current job, written under mu */
+    const void* ctx;
+    int64_t ntasks;
+    int limit;                     /* workers 0..limit-1 take part in this job */
+    _Atomic uint64_t claim;        /* (gen & QC_GEN_MASK) << 40 | next task index */
+    _Atomic int64_t done;          /* tasks finished in the current job */
+} qc_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t qc_job_mu = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time per process */
+
+#define QC_GEN_MASK 0xFFFFFFULL
+#define QC_IDX_MASK ((1ULL << 40) - 1)
+
+static inline void qc_relax(void) {
+#if defined(QC_X86)
+    __builtin_ia32_pause();
 #endif
-    return n > 0 ? n : 1;
+}
+
+static int64_t qc_claim(uint64_t tag, int64_t ntasks) {
+    uint64_t s = atomic_load_explicit(&qc_pool.claim, memory_order_acquire);
+    for (;;) {
+        if ((s >> 40) != tag || (int64_t)(s & QC_IDX_MASK) >= ntasks) return -1;
+        if (atomic_compare_exchange_weak_explicit(&qc_pool.claim, &s, s + 1, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return (int64_t)(s & QC_IDX_MASK);
+    }
+}
+
+static void qc_work(uint64_t gen, qc_task_fn fn, const void* ctx, int64_t ntasks) {
+    int64_t t;
+    while ((t = qc_claim(gen & QC_GEN_MASK, ntasks)) >= 0) {
+        fn(ctx, t);
+        atomic_fetch_add_explicit(&qc_pool.done, 1, memory_order_acq_rel);
+    }
+}
+
+static void* qc_worker(void* arg) {
+    const int idx = (int)(intptr_t)arg;
+    uint64_t seen = atomic_load(&qc_pool.gen);
+    for (;;) {
+        /* a short spin first: back-to-back layers reuse a warm worker without a futex round trip */
+        for (int spin = 0; spin < 4000 && atomic_load_explicit(&qc_pool.gen, memory_order_acquire) == seen; ++spin)
+            qc_relax();
+        pthread_mutex_lock(&qc_pool.mu);
+        while (atomic_load(&qc_pool.gen) == seen) pthread_cond_wait(&qc_pool.cv, &qc_pool.mu);
+        seen = atomic_load(&qc_pool.gen);
+        qc_task_fn fn = qc_pool.fn;
+        const void* ctx = qc_pool.ctx;
+        int64_t ntasks = qc_pool.ntasks;
+        int take_part = idx < qc_pool.limit;
+        pthread_mutex_unlock(&qc_pool.mu);
+        if (take_part) qc_work(seen, fn, ctx, ntasks);
+    }
+    return NULL;
+}
+
+static void qc_pool_ensure(int workers) {
+    if (qc_pool.pid != getpid()) {  /* first use, or a forked child: the parent's workers do not exist here */
+        pthread_mutex_init(&qc_pool.mu, NULL);
+        pthread_cond_init(&qc_pool.cv, NULL);
+        qc_pool.nworkers = 0;
+        qc_pool.pid = getpid();
+    }
+    while (qc_pool.nworkers < workers) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &attr, qc_worker, (void*)(intptr_t)qc_pool.nworkers);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;  /* fewer threads is still correct */
+        qc_pool.nworkers++;
+    }
+}
+
+QC_CORE void qc_parallel(int nthreads, int64_t ntasks, qc_task_fn fn, const void* ctx) {
+    if (nthreads <= 1 || ntasks <= 1) {
+        for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t);
+        return;
+    }
+    pthread_mutex_lock(&qc_job_mu);
+    qc_pool_ensure(nthreads - 1);
+    pthread_mutex_lock(&qc_pool.mu);
+    uint64_t gen = atomic_load(&qc_pool.gen) + 1;
+    qc_pool.fn = fn;
+    qc_pool.ctx = ctx;
+    qc_pool.ntasks = ntasks;
+    qc_pool.limit = nthreads - 1;
+    atomic_store(&qc_pool.done, 0);
+    atomic_store(&qc_pool.claim, (gen & QC_GEN_MASK) << 40);
+    atomic_store(&qc_pool.gen, gen);
+    pthread_cond_broadcast(&qc_pool.cv);
+    pthread_mutex_unlock(&qc_pool.mu);
+    qc_work(gen, fn, ctx, ntasks);
+    for (long spin = 0; atomic_load_explicit(&qc_pool.done, memory_order_acquire) < ntasks; ++spin) {
+        if (spin < 100000) qc_relax();
+        else sched_yield();  /* a claimed task's thread was preempted: let it run */
+    }
+    pthread_mutex_unlock(&qc_job_mu);
 }
 
 QC_CORE void* qc_alloc(size_t bytes) {  /* 64-byte aligned, zeroed */
@@ -200,14 +317,27 @@ QC_CORE void qc_set_bits(uint64_t* dst, int64_t off, int64_t nbits) {
     }
 }
 
-/* ---- activation rows of a BitGemm: packed in parallel ---- */
-QC_CORE void qc_pack_rows(int path, const uint8_t* x, int64_t rows, int64_t K, int ka, int xor_mode, int64_t kwp,
-                         uint64_t* A, int32_t* rowsum, int nthreads) {
-    qc_pack_fn pack = qc_packer(path);
-    int64_t stride = (int64_t)ka * kwp;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * K > 65536)
-    for (int64_t m = 0; m < rows; ++m) {
-        int64_t s = pack(x + m * K, K, ka, A + m * stride, kwp);
-        rowsum[m] = xor_mode ? (int32_t)K : (int32_t)s;
+/* ---- activation rows of a BitGemm: packed in parallel, 32 rows per task ---- */
+typedef struct {
+    qc_pack_fn pack;
+    const uint8_t* x;
+    int64_t rows, K, kwp, stride;
+    int ka, xor_mode;
+    uint64_t* A;
+    int32_t* rowsum;
+} qc_pack_ctx;
+
+static void qc_pack_task(const void* vctx, int64_t t) {
+    const qc_pack_ctx* c = (const qc_pack_ctx*)vctx;
+    int64_t m1 = (t + 1) * 32 < c->rows ? (t + 1) * 32 : c->rows;
+    for (int64_t m = t * 32; m < m1; ++m) {
+        int64_t s = c->pack(c->x + m * c->K, c->K, c->ka, c->A + m * c->stride, c->kwp);
+        c->rowsum[m] = c->xor_mode ? (int32_t)c->K : (int32_t)s;
     }
+}
+
+QC_CORE void qc_pack_rows(int path, const uint8_t* x, int64_t rows, int64_t K, int ka, int xor_mode, int64_t kwp,
+                          uint64_t* A, int32_t* rowsum, int nthreads) {
+    qc_pack_ctx c = {qc_packer(path), x, rows, K, kwp, (int64_t)ka * kwp, ka, xor_mode, A, rowsum};
+    qc_parallel(rows * K > 65536 ? nthreads : 1, (rows + 31) / 32, qc_pack_task, &c);
 }
