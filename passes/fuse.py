@@ -117,12 +117,17 @@ class FuseBitKernels:
 
     name = "fuse"
 
+    def __init__(self, layers: set[str] | None = None):
+        self.layers = layers  # None: every quantized layer; otherwise only these (the planner's bitserial picks)
+
     def __call__(self, model: ir.Model, ctx) -> bool:
         graph = model.graph
-        notes = ctx.__dict__.setdefault("fuse_notes", {})
+        notes = ctx.fuse_notes
         fused = 0
         # last layer first: fusing layer i rewires the codes that layer i+1 reads, so i+1 must already be matched
         for name, layer in reversed(list(ctx.layers.items())):
+            if self.layers is not None and name not in self.layers:
+                continue
             core = next((n for n in graph if n.name == f"{name}_int"), None)
             if core is None:
                 notes[name] = "quantized layer not found in the graph"

@@ -65,8 +65,10 @@ class CompileResult:
 
 
 def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: Any = None,
-            target: str | None = None, verify: bool = False, dump_dir: str | Path | None = None,
-            progress: Callable[[str], None] | None = None, **overrides) -> CompileResult:
+            target: str | None = None, autotune: bool = False, kernel: str | None = None,
+            plan_batch: int = 64, verify: bool = False,
+            dump_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
+            **overrides) -> CompileResult:
     """Quantize an ONNX model (path) to a fake-quant ONNX model.
 
     config: a preset (w1a1, w1a2, w2a2, w4a4), a .toml file, or a Config; keyword overrides such as
@@ -89,7 +91,7 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
 
         if progress:
             progress(f"lower to {target}")
-        result.lowered = artifact.lower(result, target)
+        result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
         result.report["plan"] = result.lowered.manifest["plan"]
     return result
 

@@ -89,18 +89,37 @@ class Lowered:
                 shutil.copy2(item, target)
 
 
-def lower(result, target_name: str) -> Lowered:
-    """Fuse, generate and build kernels, partition the rest, and describe it all in a manifest."""
-    caps = get_target(target_name)
+def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
+          kernel: str | None = None) -> Lowered:
+    """Plan each layer's kernel, fuse/lower, generate and build kernels, partition the rest, write a manifest."""
+    from qcompile import planner
+    from qcompile.passes.int8 import LowerToInt8
+    from qcompile.runtime.kernels import Library
     from qcompile.targets.cpu.build import build_library
 
-    fused_ir = ir.from_proto(result.model)
-    FuseBitKernels()(fused_ir, result.ctx)
-    fused = ir.to_proto(fused_ir)
-    specs = layer_specs(fused, result.model)
+    caps = get_target(target_name)
     work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
     (work / "kernels").mkdir()
     (work / "partitions").mkdir()
+
+    candidates = ir.from_proto(result.model)            # every quantized layer as a bit kernel: the candidates
+    FuseBitKernels()(candidates, result.ctx)
+    all_specs = layer_specs(ir.to_proto(candidates), result.model)
+    measured = None
+    if autotune and all_specs:
+        probe = build_library(all_specs, work / "autotune")
+        measured = planner.measure(all_specs, Library(probe), batch)
+        shutil.rmtree(work / "autotune")
+    if kernel is not None and kernel not in planner.KERNELS:
+        raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
+    choices = planner.choose(all_specs, caps, batch, measured, force=kernel)
+    result.ctx.fuse_notes = {}
+
+    fused_ir = ir.from_proto(result.model)
+    FuseBitKernels({n for n, c in choices.items() if c.kernel == "bitserial"})(fused_ir, result.ctx)
+    LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
+    fused = ir.to_proto(fused_ir)
+    specs = layer_specs(fused, result.model)
     library = build_library(specs, work / "kernels") if specs else None
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
@@ -127,17 +146,24 @@ def lower(result, target_name: str) -> Lowered:
                  "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                            for d in v.type.tensor_type.shape.dim]} for v in values]
 
+    kernel_names = {"bitserial": f"bitserial-{caps.path}", "int8": "onnxruntime-int8",
+                    "float": "onnxruntime-fp32 (fake-quant)"}
     plan = []
     for name, p in result.ctx.plan.items():
-        note = getattr(result.ctx, "fuse_notes", {}).get(name)
-        plan.append({"node": name, "op": p.op,
-                     "kernel": ("bitserial-" + caps.path) if note and note.startswith("fused") else "onnxruntime-fp32",
-                     "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float", "why": note or p.reason})
+        choice = choices.get(name)
+        entry = {"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
+                 "kernel": kernel_names[choice.kernel] if choice else "onnxruntime-fp32",
+                 "why": (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason}
+        if choice:
+            entry["estimate_ms"] = {k: round(v, 4) for k, v in choice.estimate_ms.items()}
+            entry["measured_ms"] = {k: round(v, 4) for k, v in choice.measured_ms.items()}
+        plan.append(entry)
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
         "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
         "config": result.config.to_dict(),
-        "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps)},
+        "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps),
+                   "plan_batch": batch, "autotuned": bool(measured)},
         "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
         "plan": plan, "schedule": schedule,
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},

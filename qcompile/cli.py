@@ -52,17 +52,26 @@ def _overrides(quantizer, keep_float, force, per_tensor) -> dict:
 @quant_options
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz with array x).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (atomic write).")
+@click.option("--target", type=click.Choice(["cpu", "cpu:avx2", "cpu:generic"]),
+              help="Also build a deployable artifact for this target (bitwise kernels).")
+@click.option("--autotune", is_flag=True, help="Time each layer's kernel candidates and keep the fastest.")
+@click.option("--kernel", type=click.Choice(["bitserial", "int8", "float"]),
+              help="Use this kernel for every quantized layer instead of the planner's choice.")
+@click.option("--plan-batch", default=64, show_default=True, help="Batch size the planner optimizes for.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verify", is_flag=True, help="Check the model after every pass (debug).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after every pass here.")
-def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, out, as_json, verify, dump_dir):
-    """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png."""
+def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, out, target, autotune, kernel,
+                plan_batch, as_json, verify, dump_dir):
+    """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png; with --target, also a
+    deployable artifact (manifest.json, kernels/, partitions/) that `qcompile run` and the runtime load."""
     from qcompile import api, report
 
     try:
         with _progress() as prog:
             task = prog.add_task("compiling", total=None)
             result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir,
+                                 target=target, autotune=autotune, kernel=kernel, plan_batch=plan_batch,
                                  progress=lambda name: prog.update(task, description=name),
                                  **_overrides(quantizer, keep_float, force, per_tensor))
             prog.update(task, description="writing")
@@ -73,7 +82,11 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, 
         click.echo(json.dumps(result.report, indent=2))
     else:
         report.print_report(result.report)
-        click.echo(f"wrote {Path(out) / 'model.onnx'} and the report")
+        if result.manifest is not None:
+            report.print_plan(result.manifest["plan"])
+            click.echo(f"wrote artifact {out} (run it: qcompile run {out} --input x.npy)")
+        else:
+            click.echo(f"wrote {Path(out) / 'model.onnx'} and the report")
 
 
 @main.command()
@@ -121,6 +134,66 @@ def eval_cmd(float_model, quant_model, data, as_json):
     else:
         click.echo(f"n={res['n']}  float top-1 {res['float_top1']:.2%}  quantized top-1 {res['quant_top1']:.2%}  "
                    f"agreement {res['agreement']:.2%}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE.npy",
+              help="Input array (.npy); NAME= is needed only for models with several inputs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the outputs here (.npz).")
+@click.option("--json", "as_json", is_flag=True)
+def run(artifact, inputs, output, as_json):
+    """Run a compiled ARTIFACT on inputs from .npy files."""
+    import numpy as np
+
+    from qcompile.runtime import InferenceSession
+
+    try:
+        sess = InferenceSession(artifact)
+        names = [i.name for i in sess.get_inputs()]
+        feeds = {}
+        for item in inputs:
+            name, _, path = item.rpartition("=")
+            name = name or (names[0] if len(names) == 1 else "")
+            if not name:
+                raise QcompileError(f"--input {item}: this model has inputs {names}; write NAME=FILE.npy")
+            try:
+                feeds[name] = np.load(path)
+            except (OSError, ValueError) as exc:
+                raise QcompileError(f"{path}: cannot read the .npy file ({exc})") from None
+        outs = sess.run(None, feeds)
+    except QcompileError as exc:
+        _fail(exc)
+    out_names = [o.name for o in sess.get_outputs()]
+    if output:
+        np.savez(output, **dict(zip(out_names, outs)))
+    if as_json:
+        click.echo(json.dumps({n: o.tolist() for n, o in zip(out_names, outs)}))
+        return
+    for n, o in zip(out_names, outs):
+        summary = f"argmax {o.argmax(axis=-1).tolist()}" if o.ndim == 2 and o.shape[0] <= 16 else ""
+        click.echo(f"{n}: {o.dtype} {list(o.shape)} {summary}")
+    if output:
+        click.echo(f"saved {output}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--batch", default=64, show_default=True, help="Batch size of the timed inputs.")
+@click.option("--runs", default=30, show_default=True, help="Timed runs per engine.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, batch, runs, as_json):
+    """Latency p50/p90 and throughput of ARTIFACT against its source model on onnxruntime fp32 and int8."""
+    from qcompile import benchmark
+
+    try:
+        rows = benchmark.bench_artifact(artifact, batch=batch, runs=runs)
+    except QcompileError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        benchmark.print_table(rows, f"{Path(artifact).name}, batch {batch}")
 
 
 @main.command()

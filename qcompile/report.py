@@ -137,3 +137,17 @@ def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def print_plan(plan: list[dict], console=None) -> None:
+    """The kernel each layer got on the target, and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="kernel plan")
+    for col in ("node", "op", "bits", "kernel", "why"):
+        table.add_column(col)
+    for p in plan:
+        table.add_row(p["node"], p["op"], p["bits"], p["kernel"], p["why"])
+    console.print(table)

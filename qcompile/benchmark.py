@@ -1,0 +1,88 @@
+"""`qcompile bench`: the artifact against its float model on onnxruntime fp32 and onnxruntime int8, one run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import ArtifactError
+from qcompile.evaluate import session
+
+
+def _time(fn, runs: int, warmup: int = 3) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return np.array(times) * 1e3
+
+
+def int8_model(float_model: Path, input_name: str, shape, out_dir: Path, seed: int = 0) -> Path:
+    """onnxruntime's own static int8 quantization (QDQ, per-channel weights) of the float model.
+
+    Calibrated on random inputs in [0, 1): this model is only timed, never used for accuracy."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(seed)
+            self.batches = iter([{input_name: rng.random(shape, dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = out_dir / "int8.onnx"
+    quantize_static(str(float_model), str(out), Reader(), per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30) -> list[dict]:
+    from qcompile.runtime import InferenceSession
+
+    artifact = Path(artifact)
+    sess = InferenceSession(artifact)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ArtifactError(f"{artifact}: bench supports one input, the model has {len(inputs)}")
+    arg = inputs[0]
+    shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape[1:]]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    float_path = artifact / "float.onnx"
+    engines = {"qcompile (artifact)": lambda: sess.run(None, {arg.name: x})}
+    fp32 = session(float_path)
+    engines["onnxruntime fp32"] = lambda: fp32.run(None, {arg.name: x})
+    with tempfile.TemporaryDirectory() as tmp:
+        i8 = session(int8_model(float_path, arg.name, shape, Path(tmp)))
+    engines["onnxruntime int8 (quantize_static)"] = lambda: i8.run(None, {arg.name: x})
+    fq = session(artifact / "fakequant.onnx")
+    engines["onnxruntime fake-quant"] = lambda: fq.run(None, {arg.name: x})
+    rows = []
+    for name, fn in engines.items():
+        t = _time(fn, runs)
+        rows.append({"engine": name, "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
+                     "images_per_s": batch / float(np.percentile(t, 50)) * 1e3})
+    base = {r["engine"]: r["p50_ms"] for r in rows}
+    for r in rows:
+        r["speedup_vs_fp32"] = base["onnxruntime fp32"] / r["p50_ms"]
+        r["speedup_vs_int8"] = base["onnxruntime int8 (quantize_static)"] / r["p50_ms"]
+    return rows
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("engine", "p50 ms", "p90 ms", "images/s", "vs fp32", "vs int8"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for r in rows:
+        table.add_row(r["engine"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['images_per_s']:.0f}",
+                      f"{r['speedup_vs_fp32']:.2f}x", f"{r['speedup_vs_int8']:.2f}x")
+    Console().print(table)

@@ -1,0 +1,124 @@
+"""Hardware-aware kernel choice per quantized layer: bit-serial popcount, onnxruntime int8, or float.
+
+A cost model turns each layer's work (M x N x K multiply-adds, bit planes) and the target's capabilities into
+estimated milliseconds; with autotune, each candidate is timed on this machine and the fastest is kept. Every
+choice carries its reason, and a low-bit layer is never put on a kernel the estimate (or the clock) says is slower
+than float without the report saying so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KERNELS = ("bitserial", "int8", "float")
+
+# Sustained throughput per core per cycle, by what the CPU has (the design numbers; bench/ measures the real ones):
+# popcount bits (AVX-512 VPOPCNTDQ ~512, AVX2 nibble-LUT ~128, scalar popcnt 64), fp32 FMA MACs, int8 MACs.
+POPCOUNT_BITS_PER_CYCLE = {"avx512": 512, "avx2": 128, "generic": 64}
+FLOAT_MACS_PER_CYCLE = {"avx512": 32, "avx2": 16, "generic": 4}
+INT8_MACS_PER_CYCLE = {"amx": 1024, "vnni": 128, None: 32}  # VNNI vpdpbusd; AVX2 vpmaddubsw
+EFFICIENCY = {"bitserial": 0.5, "int8": 0.4, "float": 0.6}
+CALL_OVERHEAD_MS = {"bitserial": 0.01, "int8": 0.03, "float": 0.03}
+
+
+@dataclass
+class KernelChoice:
+    node: str
+    kernel: str
+    estimate_ms: dict[str, float]
+    measured_ms: dict[str, float] = field(default_factory=dict)
+    why: str = ""
+
+
+def layer_macs(spec, batch: int) -> tuple[int, int, int]:
+    """(M, N, K) of the layer as a GEMM: rows are output pixels (conv) or samples (gemm)."""
+    ho, wo = spec.out_hw
+    return batch * ho * wo, spec.N, spec.K
+
+
+def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
+    m, n, k = layer_macs(spec, batch)
+    hz = caps.ghz * 1e9 * caps.cores
+    path = caps.path
+    bit_ops = m * n * k * spec.bits_a * spec.bits_w          # one AND+popcount bit per plane pair
+    est = {
+        "bitserial": bit_ops / (POPCOUNT_BITS_PER_CYCLE[path] * hz * EFFICIENCY["bitserial"]),
+        "int8": m * n * k / (INT8_MACS_PER_CYCLE.get(caps.int8_dot, 32) * hz * EFFICIENCY["int8"]),
+        "float": m * n * k / (FLOAT_MACS_PER_CYCLE[path] * hz * EFFICIENCY["float"]),
+    }
+    return {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
+
+
+def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None = None,
+           force: str | None = None) -> dict[str, KernelChoice]:
+    """Per layer, the fastest kernel by measurement (autotune) or estimate; `force` overrides the choice for
+    every layer (the report still shows what the model predicted)."""
+    choices = {}
+    for spec in specs:
+        est = estimate_ms(spec, caps, batch)
+        meas = (measured or {}).get(spec.name, {})
+        basis = meas or est
+        kernel = force or min(basis, key=basis.get)
+        how = "measured" if meas else "estimated"
+        others = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
+        why = f"{how} at batch {batch}: {others}"
+        if force:
+            why = f"forced by --kernel {force}; " + why
+        elif kernel != "bitserial":
+            why = f"bit-serial W{spec.bits_w}A{spec.bits_a} would be slower here; " + why
+        choices[spec.name] = KernelChoice(spec.name, kernel, est, meas, why)
+    return choices
+
+
+# ------------------------------------------------------------------------------------------------ autotune
+def _best_ms(fn, reps: int = 5) -> float:
+    fn()
+    best = np.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
+    """Time each layer on its three candidates at `batch`: the built bit kernel, and one-node onnxruntime models
+    (ConvInteger/MatMulInteger + Cast, and a float Conv/Gemm) on inputs of the same shape."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    out = {}
+    for spec in specs:
+        x = rng.integers(0, 2 ** spec.bits_a, (batch, *spec.in_shape), dtype=np.uint8)
+        times = {"bitserial": _best_ms(lambda: library.run(spec.name, x, batch, check=False))}
+        w_int = (2 * spec.w.astype(np.int16) - spec.wzero2.reshape((-1,) + (1,) * (spec.w.ndim - 1))).astype(np.int8)
+        if spec.op == "conv":
+            attrs = dict(strides=list(spec.strides), pads=list(spec.pads), dilations=list(spec.dilations),
+                         group=spec.group)
+            nodes_i8 = [helper.make_node("ConvInteger", ["x", "w"], ["acc"], **attrs),
+                        helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+            nodes_f = [helper.make_node("Conv", ["xf", "wf"], ["y"], **attrs)]
+            w_i8, w_f = w_int, w_int.astype(np.float32)
+        else:
+            nodes_i8 = [helper.make_node("MatMulInteger", ["x", "w"], ["acc"]),
+                        helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+            nodes_f = [helper.make_node("MatMul", ["xf", "wf"], ["y"])]
+            w_i8, w_f = np.ascontiguousarray(w_int.T), np.ascontiguousarray(w_int.T.astype(np.float32))
+        for kind, nodes, xin, w, wname in (("int8", nodes_i8, x, w_i8, "w"),
+                                           ("float", nodes_f, x.astype(np.float32), w_f, "wf")):
+            xname = "x" if kind == "int8" else "xf"
+            elem = TensorProto.UINT8 if kind == "int8" else TensorProto.FLOAT
+            g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(xname, elem, list(xin.shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w, wname)])
+            model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            times[kind] = _best_ms(lambda s=sess, n=xname, v=xin: s.run(None, {n: v}))
+        out[spec.name] = times
+    return out

@@ -1,0 +1,114 @@
+"""Compiled artifacts equal the fake-quant model in onnxruntime, and bad artifacts/inputs are refused."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from graphs import tiny_inputs
+from qcompile import api
+from qcompile.errors import ArtifactError, RuntimeInputError
+from qcompile.evaluate import predict
+from qcompile.runtime import InferenceSession
+
+
+def _artifact(path, tmp_path, config, **kw):
+    result = api.compile(path, config=config, calib=tiny_inputs(64, 3), target="cpu", **kw)
+    out = tmp_path / f"art-{config}-{kw.get('kernel')}"
+    result.save(out)
+    return result, out
+
+
+@pytest.mark.parametrize("config", ["w1a1", "w1a2", "w2a2", "w4a4"])
+@pytest.mark.parametrize("kernel", ["bitserial", "int8", "float"])
+def test_artifact_equals_fakequant_exactly(tiny_model_path, tmp_path, config, kernel):
+    result, out = _artifact(tiny_model_path, tmp_path, config, kernel=kernel)
+    kernels = {p["node"]: p["kernel"] for p in result.manifest["plan"] if p["bits"] != "float"}
+    assert kernels and all(k.startswith({"bitserial": "bitserial", "int8": "onnxruntime-int8",
+                                         "float": "onnxruntime-fp32"}[kernel]) for k in kernels.values())
+    sess = InferenceSession(out)
+    for batch in (1, 5):
+        x = tiny_inputs(batch, seed=batch)
+        np.testing.assert_array_equal(sess.run(None, {"input": x})[0], predict(result.model, x))
+
+
+@pytest.mark.parametrize("path", ["avx2", "generic"])
+def test_each_cpu_path_end_to_end(tiny_model_path, tmp_path, monkeypatch, path):
+    result, out = _artifact(tiny_model_path, tmp_path, "w2a2", kernel="bitserial")
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", path)
+    sess = InferenceSession(out)
+    lib = next(iter(sess._libraries.values()))
+    if not lib.path_available(path):
+        pytest.skip(f"{path} not available on this CPU")
+    assert lib.selected_path() == path
+    x = tiny_inputs(3)
+    np.testing.assert_array_equal(sess.run(None, {"input": x})[0], predict(result.model, x))
+
+
+def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
+    result, out = _artifact(tiny_model_path, tmp_path, "w1a2", kernel="bitserial")
+    m = result.manifest
+    assert m["schema"] == "qcompile.artifact" and m["schema_version"] == 1
+    assert len(m["source"]["sha256"]) == 64 and m["target"]["name"] == "cpu"
+    assert m["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["N", 1, 12, 12]}]
+    assert any(f.endswith(".so") for f in m["files"]) and "graph.onnx" in m["files"]
+    kinds = [s["kind"] for s in m["schedule"]]
+    assert kinds.count("kernel") == 3 and "onnxruntime" in kinds
+    for name in ("manifest.json", "graph.onnx", "fakequant.onnx", "report.json", "report.md", "weights.png"):
+        assert (out / name).is_file()
+
+
+def test_tampered_kernel_is_refused_before_loading(tiny_model_path, tmp_path):
+    _, out = _artifact(tiny_model_path, tmp_path, "w1a2", kernel="bitserial")
+    so = next((out / "kernels").glob("*.so"))
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"\.so: sha256 differs from the manifest"):
+        InferenceSession(out)
+
+
+def test_missing_file_and_not_an_artifact(tiny_model_path, tmp_path):
+    _, out = _artifact(tiny_model_path, tmp_path, "w2a2", kernel="bitserial")
+    (out / "graph.onnx").unlink()
+    with pytest.raises(ArtifactError, match="graph.onnx: listed in the manifest but missing"):
+        InferenceSession(out)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        InferenceSession(tmp_path)
+
+
+def test_wrong_feeds_name_the_input(tiny_model_path, tmp_path):
+    _, out = _artifact(tiny_model_path, tmp_path, "w2a2", kernel="bitserial")
+    sess = InferenceSession(out)
+    x = tiny_inputs(2)
+    with pytest.raises(RuntimeInputError, match="unknown input 'image'; this model's inputs are \\['input'\\]"):
+        sess.run(None, {"image": x})
+    with pytest.raises(RuntimeInputError, match="input 'input': shape \\[2, 1, 10, 12\\], expected"):
+        sess.run(None, {"input": x[:, :, :10]})
+    with pytest.raises(RuntimeInputError, match="input 'input': dtype float64, expected float32"):
+        sess.run(None, {"input": x.astype(np.float64)})
+    with pytest.raises(RuntimeInputError, match="missing input 'input'"):
+        sess.run(None, {})
+    assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].type == "tensor(float)"
+
+
+def test_runtime_imports_without_compiler_packages(tiny_model_path, tmp_path):
+    """The deployed runtime must work with only numpy + onnxruntime: block onnx, onnx_ir, torch, click, rich."""
+    _, out = _artifact(tiny_model_path, tmp_path, "w1a2", kernel="bitserial")
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('onnx', 'onnx_ir', 'onnxscript', 'torch', 'click', 'rich', 'matplotlib'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from qcompile.runtime import InferenceSession
+s = InferenceSession({str(out)!r})
+print(s.run(None, {{'input': np.zeros((2, 1, 12, 12), np.float32)}})[0].shape)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr
+    assert "(2, 10)" in res.stdout
