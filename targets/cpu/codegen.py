@@ -105,7 +105,7 @@ def _path_code() -> str:
         tmpl, chunk = _template(f"mk_{path}.c"), []
         for m, mode in enumerate(MODES):
             big, one = f"mk_{path}_{mr}x{nr}_{mode[3:]}", f"mk_{path}_1x{nr}_{mode[3:]}"
-            for name, rows in ((big, mr), (one, 1)):
+            for name, rows in dict(((big, mr), (one, 1))).items():  # one instance when the tile has 1 row
                 chunk.append(tmpl.substitute(NAME=name, MR=rows, NR=nr, MODE=mode, TGT=TGT[path]))
             chunk.append(mk_driver.substitute(PATH=path, MODE=mode[3:], TGT=TGT[path], MR=mr, NR=nr,
                                               KWN=KWN[path], MK_BIG=big, MK_ONE=one))
