@@ -54,6 +54,9 @@ LAYER_COLUMNS = [("node", "node"), ("op", "op"), ("bits", None), ("quantizer", "
                  ("act clip", "act_clip"), ("bytes fp32", "bytes_float"), ("bytes packed", "bytes_packed")]
 
 
+TERMINAL_HIDDEN = ("op", "act clip", "scale")  # in report.md and --json; the terminal table stays readable
+
+
 def _cells(row: dict) -> list[str]:
     out = []
     for title, key in LAYER_COLUMNS:
@@ -93,10 +96,14 @@ def print_report(report: dict, console=None) -> None:
     console = console or Console()
     table = Table(title=f"qcompile: {Path(report['source']).name}  "
                         f"(W{report['config']['bits_w']}A{report['config']['bits_a']}, {report['config']['quantizer']})")
-    for title, _ in LAYER_COLUMNS:
-        table.add_column(title, justify="left" if title in ("node", "op", "quantizer") else "right")
+    shown = [i for i, (title, _) in enumerate(LAYER_COLUMNS) if title not in TERMINAL_HIDDEN]
+    for i in shown:
+        title = LAYER_COLUMNS[i][0]
+        table.add_column(title, justify="left" if title in ("node", "op", "quantizer") else "right",
+                         no_wrap=title == "node", min_width=8 if title == "node" else None)
     for row in report["layers"]:
-        table.add_row(*_cells(row))
+        cells = _cells(row)
+        table.add_row(*[cells[i] for i in shown])
     console.print(table)
     for r in report["kept_float_weighted"]:
         console.print(f"  float: {r['node']} ({r['op']}): {r['why']}")

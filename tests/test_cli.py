@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from graphs import tiny_cnn, tiny_inputs
+from qcompile.cli import main
+
+
+@pytest.fixture
+def files(tmp_path, tiny_model_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=tiny_inputs(32, 3))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=tiny_inputs(40, 4), y=np.arange(40) % 10)
+    return tiny_model_path, calib, data
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_compile_inspect_eval(tmp_path, files):
+    model, calib, data = files
+    out = tmp_path / "out"
+    res = run("compile", model, "--config", "w2a2", "--quantizer", "uniform", "--calib", calib, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "model.onnx").is_file() and (out / "report.md").is_file()
+    assert "conv2" in res.output
+    res = run("inspect", model, "--json")
+    rows = json.loads(res.output)
+    assert {r["node"] for r in rows} >= {"conv1", "conv2", "fc2"}
+    res = run("eval", out / "float.onnx", out / "model.onnx", "--data", data, "--json")
+    acc = json.loads(res.output)
+    assert acc["n"] == 40 and 0 <= acc["agreement"] <= 1
+
+
+def test_compile_target_run_bench(tmp_path, files):
+    model, calib, _ = files
+    art = tmp_path / "art"
+    assert run("compile", model, "--config", "w1a2", "--calib", calib, "--target", "cpu", "-o", art).exit_code == 0
+    x = tmp_path / "x.npy"
+    np.save(x, tiny_inputs(3))
+    res = run("run", art, "--input", x, "-o", tmp_path / "y.npz")
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "y.npz")["logits"].shape == (3, 10)
+    res = run("bench", art, "--batch", "4", "--runs", "3", "--json")
+    engines = {r["engine"] for r in json.loads(res.output[res.output.index("["):])}
+    assert {"qcompile (artifact)", "onnxruntime fp32", "onnxruntime int8 (quantize_static)"} <= engines
+
+
+def test_corrupt_model_exits_1_with_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(onnx.ModelProto().SerializeToString()[:0] + b"\x08\x07garbage")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compile", str(bad), "-o", str(out)])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.onnx" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_bad_calibration_writes_nothing(tmp_path, files):
+    model, _, _ = files
+    calib = tmp_path / "wrong.npz"
+    np.savez(calib, x=np.zeros((4, 3, 12, 12), np.float32))
+    res = CliRunner().invoke(main, ["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "has shape [4, 3, 12, 12]" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_may_not_swallow_the_input(tmp_path, files):
+    model, calib, _ = files
+    before = model.read_bytes()
+    res = CliRunner().invoke(main, ["compile", str(model), "--calib", str(calib), "-o", str(model.parent)])
+    assert res.exit_code == 1 and "would overwrite the input" in res.output
+    assert model.read_bytes() == before
+
+
+def test_recompile_replaces_output_atomically(tmp_path, files):
+    model, calib, _ = files
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert run("compile", model, "--calib", calib, "-o", out).exit_code == 0
+    assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
+
+
+def test_help_everywhere():
+    for cmd in ([], ["compile"], ["inspect"], ["eval"], ["run"], ["bench"], ["demo"]):
+        assert run(*cmd, "--help").exit_code == 0
+
+
+def test_unknown_op_stays_float_and_is_reported(tmp_path):
+    """An op qcompile cannot quantize never fails the compile."""
+    model = tiny_cnn()
+    for node in model.graph.node:
+        if node.name == "relu3":
+            node.op_type = "Softplus"
+    path = tmp_path / "soft.onnx"
+    onnx.save(model, path)
+    res = run("inspect", path, "--json")
+    rows = {r["node"]: r for r in json.loads(res.output)}
+    assert rows["relu3"]["status"] == "float" and rows["relu3"]["why"]
+    res = run("compile", path, "-o", tmp_path / "o")
+    assert res.exit_code == 0
