@@ -101,6 +101,20 @@ class Library:
         return int(self._threads())
 
     # ---- running ----
+    @staticmethod
+    def _coerce(info: LayerInfo, x, batch) -> tuple[np.ndarray, int]:
+        x = np.asarray(x)
+        if batch is None:
+            batch = x.shape[0] if x.ndim == len(info.in_shape) + 1 else 1
+        expect = (int(batch), *info.in_shape)
+        if x.size != int(np.prod(expect)) or (x.ndim == len(expect) and x.shape != expect):
+            raise RuntimeInputError(f"layer {info.name!r}: input shape {x.shape}, expected {expect}")
+        if x.dtype != np.uint8:
+            if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
+                raise RuntimeInputError(f"layer {info.name!r}: input must be uint8 codes, got {x.dtype}")
+            x = x.astype(np.uint8)
+        return np.ascontiguousarray(x).reshape(expect), int(batch)
+
     def run(self, layer: str, x: np.ndarray, batch: int | None = None, *, check: bool = True,
             out: np.ndarray | None = None) -> np.ndarray:
         """Run ``layer`` on activation codes ``x`` (uint8; [batch, K] or NCHW [batch, C, H, W]).
@@ -108,28 +122,22 @@ class Library:
         Returns int32 acc, float32 or uint8 codes by the layer's epilogue, shaped [batch, *out_shape].
         ``check`` verifies every code is below 2^bits_a (the kernels would silently drop higher bits).
         """
-        if layer not in self.layers:
+        info = self.layers.get(layer)
+        if info is None:
             raise RuntimeInputError(f"no layer {layer!r} in {self.path.name}; it has {', '.join(self.layers)}")
-        info = self.layers[layer]
-        x = np.asarray(x)
-        if batch is None:
-            batch = x.shape[0] if x.ndim == len(info.in_shape) + 1 else 1
-        expect = (int(batch), *info.in_shape)
-        if x.size != int(np.prod(expect)) or (x.ndim == len(expect) and x.shape != expect):
-            raise RuntimeInputError(f"layer {layer!r}: input shape {x.shape}, expected {expect}")
-        if x.dtype != np.uint8:
-            if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
-                raise RuntimeInputError(f"layer {layer!r}: input must be uint8 codes, got {x.dtype}")
-            x = x.astype(np.uint8)
-        x = np.ascontiguousarray(x)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
+                and x.ndim == len(info.in_shape) + 1 and x.shape[1:] == info.in_shape
+                and (batch is None or batch == x.shape[0])):
+            x, batch = self._coerce(info, x, batch)  # the slow path: reshape, cast, complain
+        batch = x.shape[0] if batch is None else int(batch)
         if check and x.size and int(x.max()) >= 1 << info.bits_a:
             raise RuntimeInputError(f"layer {layer!r}: input codes exceed {info.bits_a} bits (max {int(x.max())})")
-        shape = (int(batch), *info.out_shape)
+        shape = (batch, *info.out_shape)
         if out is None:
             out = np.empty(shape, dtype=info.out_dtype)
         elif out.shape != shape or out.dtype != info.out_dtype or not out.flags.c_contiguous:
             raise RuntimeInputError(f"layer {layer!r}: out must be C-contiguous {info.out_dtype} {shape}")
-        rc = self._calls[layer](x.ctypes.data, out.ctypes.data, int(batch))
+        rc = self._calls[layer](x.ctypes.data, out.ctypes.data, batch)
         if rc == -1:
             raise KernelPathError(
                 f"QCOMPILE_CPU_PATH={os.environ.get('QCOMPILE_CPU_PATH')!r} is not available on this CPU "
