@@ -107,7 +107,18 @@ def _core_object(argv: list[str], flags: list[str], source: str, out: Path, name
         os.close(fd)
         shutil.copyfile(obj, tmp)
         os.replace(tmp, cached)  # atomic: concurrent builds never see half a file
+        _prune(cache, keep=8)
     return obj
+
+
+def _prune(cache: Path, keep: int) -> None:
+    """Keep the ``keep`` most recently built core objects (other qcompile versions, compilers, flags)."""
+    try:
+        objs = sorted(cache.glob("core-*.o"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in objs[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def build_library(
