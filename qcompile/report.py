@@ -127,7 +127,8 @@ def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
     for row, q in zip(axes, chosen):
         w = q.float_weight.ravel()
         row[0].hist(w, bins=120, color="0.6")
-        row[0].set_title(f"{q.node}: weights (W{q.bits_w})", fontsize=9)
+        row[0].set_title(f"{q.node}: weight histogram; lines = channel 0's levels "
+                         "(blue uniform, orange balanced)", fontsize=9)
         width = 0.38
         levels = np.arange(2 ** q.bits_w)
         for i, name in enumerate(("uniform", "balanced")):
