@@ -288,8 +288,10 @@ def main(argv=None) -> int:
                     prev[key] = min(prev[key], v)
         print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})", flush=True)
     load_after = os.getloadavg()
-    best_path = max(peak, key=lambda p: peak[p][1])
-    peak_all = peak[best_path][1]
+    # the reference: the best path's all-core figure, or cores x its 1-core figure when other load on the machine
+    # depressed the all-core measurement (the larger, i.e. stricter, of the two)
+    best_path = max(peak, key=lambda p: max(peak[p][1], peak[p][0] * c.cores))
+    peak_all = max(peak[best_path][1], peak[best_path][0] * c.cores)
     for name, (one, allc) in peak.items():
         print(f"popcount peak {name:14s}: {one / 1e9:7.1f} G binary MAC/s (1 core), {allc / 1e9:7.1f} (all cores)")
     q = res["qcompile"]
@@ -307,6 +309,7 @@ def main(argv=None) -> int:
         print(_fmt_row(r, peak_all))
 
     table = _table(rows, peak_all)
+    goals = _goals(rows, peak_all, sizes)
     header = (f"{_cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{q['path']}` with {q['threads']} "
               f"threads, int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, "
               f"numpy {np.__version__}; each library timed in its own process, best of {args.rounds} rounds; "
@@ -314,9 +317,10 @@ def main(argv=None) -> int:
     peak_lines = "\n".join(f"- {n_}: {o / 1e9:.1f} G binary MAC/s on 1 core, {a / 1e9:.1f} on {c.cores} cores"
                            for n_, (o, a) in peak.items())
     text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_kernels.py` on "
-            f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile; the best all-core figure "
-            f"is the reference for '% popcount peak', which counts bits_a*bits_w binary MACs per MAC):\n"
-            f"{peak_lines}\n\n{table}\n")
+            f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile). The reference for "
+            f"'% popcount peak' is the best path's all-core figure or cores x its 1-core figure, whichever is larger "
+            f"({peak_all / 1e9:.0f} G binary MAC/s here); a kernel layer does bits_a*bits_w binary MACs per MAC:\n"
+            f"{peak_lines}\n\n{table}\n\n{goals}\n\n{_caveats(c)}\n")
     print()
     print(text)
     if args.write:
@@ -349,6 +353,39 @@ def _table(rows, peak_all) -> str:
         lines.append(f"| {label} | {t_q * 1e3:.3f} | {pct:.0f}% | {np_ms} | {t_ortf * 1e3:.3f} | {t_orti * 1e3:.3f} | "
                      f"{np_x} | {t_ortf / t_q:.1f}x | {t_orti / t_q:.2f}x |")
     return "\n".join(lines)
+
+
+def _goals(rows, peak_all: float, sizes) -> str:
+    """The targets set for this kernel family, checked against this run."""
+    by = {r[0]: r for r in rows}
+    lines = ["Goals (W1A1 GEMM):"]
+    for k in sizes:
+        _, macs, planes, t_q, _, t_ortf, t_orti = by[f"W1A1 GEMM M=256 K=N={k}"]
+        rate = macs * planes / t_q
+        checks = [
+            (f"M=256 K=N={k}: >= 70% of popcount peak", rate / peak_all >= 0.7,
+             f"{100 * rate / peak_all:.0f}%, {rate / 1e9:.0f} of {peak_all / 1e9:.0f} G binary MAC/s"),
+            (f"M=256 K=N={k}: >= 10x onnxruntime fp32", t_ortf / t_q >= 10, f"{t_ortf / t_q:.1f}x"),
+            (f"M=256 K=N={k}: >= 1.0x onnxruntime int8", t_orti / t_q >= 1.0, f"{t_orti / t_q:.2f}x"),
+        ]
+        _, _, _, t_q1, _, _, t_orti1 = by[f"W1A1 GEMM M=1 K=N={k}"]
+        checks.append((f"M=1 K=N={k}: >= 4x onnxruntime int8", t_orti1 / t_q1 >= 4, f"{t_orti1 / t_q1:.2f}x"))
+        lines += [f"- {name}: **{'met' if ok else 'NOT met'}** ({got})" for name, ok, got in checks]
+    return "\n".join(lines)
+
+
+def _caveats(c: caps.CpuCaps) -> str:
+    notes = []
+    if not c.avx512_vpopcntdq:
+        notes.append("This CPU has no AVX-512 VPOPCNTDQ: the `avx512` kernel path did not run here (its logic is "
+                     "tested bit-exact through SIMDe emulation; its speed is unmeasured).")
+    if c.int8_dot is None:
+        notes.append("No VNNI/AMX either, so onnxruntime's int8 GEMM runs on AVX2 (vpmaddubsw) and is a weak baseline "
+                     "here; on an AMX machine the int8 goals are much harder.")
+    notes.append("The goals were set for a 2-core AVX-512 + AMX machine. This machine is shared with other jobs: the "
+                 "load average is recorded above, every entry is the best of its rounds, and runs still vary by up to "
+                 "about 2x (baselines included).")
+    return "Notes:\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def _write_section(text: str) -> None:
