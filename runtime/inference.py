@@ -62,6 +62,8 @@ class InferenceSession:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = intra_op_num_threads
+        # idle onnxruntime workers must not spin: they would take the cores the bit kernels run on next
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._libraries: dict = {}
         self._steps = []
         for step in self.manifest["schedule"]:

@@ -3,8 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    # dataset-fashion-mnist: the data-loader tests; libsimde-dev: the AVX-512 kernel path is checked bit-exact
+    # through SIMDe's portable emulation on CPUs without AVX-512
+    missing=""
+    for pkg in dataset-fashion-mnist libsimde-dev; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+    done
+    if [ -n "$missing" ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi
 fi
 bash scripts/setup.sh
