@@ -37,11 +37,11 @@ def run(out: str | Path = "demo-out", preset: str = "w2a2", quantizers=("balance
             rows.append({"quantizer": q, **acc, "compression": result.report["totals"]["compression"],
                          "compile_s": seconds})
     table = Table(title=f"bundled Fashion-MNIST CNN, {preset}, {len(y)} test images")
-    for col in ("quantizer", "float top-1", "quantized top-1", "drop", "agreement", "weights smaller", "compile"):
+    for col in ("quantizer", "float top-1", "quantized top-1", "change", "agreement", "weights smaller", "compile"):
         table.add_column(col, justify="left" if col == "quantizer" else "right")
     for r in rows:
         table.add_row(r["quantizer"], f"{r['float_top1']:.1%}", f"{r['quant_top1']:.1%}",
-                      f"{(r['float_top1'] - r['quant_top1']) * 100:+.1f} pt", f"{r['agreement']:.1%}",
+                      f"{(r['quant_top1'] - r['float_top1']) * 100:+.1f} pt", f"{r['agreement']:.1%}",
                       f"{r['compression']}x", f"{r['compile_s']:.1f} s")
     console.print(table)
     console.print(f"models, reports and weight plots in {Path(out).resolve()}/<quantizer>/")
