@@ -106,3 +106,14 @@ def test_unknown_op_stays_float_and_is_reported(tmp_path):
     assert rows["relu3"]["status"] == "float" and rows["relu3"]["why"]
     res = run("compile", path, "-o", tmp_path / "o")
     assert res.exit_code == 0
+
+
+def test_missing_c_compiler_is_one_clear_line(tmp_path, files, monkeypatch):
+    model, calib, _ = files
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "cache"))  # no cached kernel core to fall back on
+    res = CliRunner().invoke(main, ["compile", str(model), "--calib", str(calib), "--target", "cpu",
+                                    "-o", str(tmp_path / "art")])
+    assert res.exit_code == 1
+    assert "C compiler" in res.output and "not found" in res.output and "install" in res.output
+    assert not (tmp_path / "art").exists()
