@@ -117,11 +117,13 @@ def inspect(model, preset, quantizer, keep_float, force, per_tensor, as_json):
 
 @main.command("eval")
 @click.argument("float_model", type=click.Path(dir_okay=False))
-@click.argument("quant_model", type=click.Path(dir_okay=False))
+@click.argument("quant_model", type=click.Path())
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help=".npz with x and y.")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(float_model, quant_model, data, as_json):
-    """Top-1 accuracy of FLOAT_MODEL and QUANT_MODEL on DATA, and how often they agree."""
+    """Top-1 accuracy of FLOAT_MODEL and QUANT_MODEL on DATA, and how often they agree.
+
+    QUANT_MODEL is a fake-quant .onnx or a compiled artifact folder (then the deployed kernels are evaluated)."""
     from qcompile import evaluate
 
     try:

@@ -39,7 +39,12 @@ def session(model: str | Path | onnx.ModelProto) -> ort.InferenceSession:
 
 
 def predict(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    sess = session(model)
+    """Outputs of an ONNX model (path or proto) in onnxruntime, or of a compiled artifact folder."""
+    if isinstance(model, (str, Path)) and Path(model).is_dir():
+        from qcompile.runtime import InferenceSession
+        sess = InferenceSession(model)
+    else:
+        sess = session(model)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)

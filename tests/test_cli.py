@@ -46,6 +46,10 @@ def test_compile_target_run_bench(tmp_path, files):
     res = run("run", art, "--input", x, "-o", tmp_path / "y.npz")
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "y.npz")["logits"].shape == (3, 10)
+    res = run("eval", art / "float.onnx", art, "--data", files[2], "--json")
+    deployed = json.loads(res.output)
+    res = run("eval", art / "float.onnx", art / "model.onnx", "--data", files[2], "--json")
+    assert json.loads(res.output) == deployed  # the deployed kernels score exactly what the fake-quant model does
     res = run("bench", art, "--batch", "4", "--runs", "3", "--json")
     engines = {r["engine"] for r in json.loads(res.output[res.output.index("["):])}
     assert {"qcompile (artifact)", "onnxruntime fp32", "onnxruntime int8 (quantize_static)"} <= engines
