@@ -29,6 +29,7 @@ __all__ = [
     "epilogue_float",
     "epilogue_threshold",
     "conv_output_shape",
+    "max_pool_codes",
 ]
 
 
@@ -214,3 +215,28 @@ def epilogue_threshold(acc: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     for j in range(t.shape[1]):
         count += a >= t[:, j].reshape(shape)
     return count.astype(np.uint8)
+
+
+def max_pool_codes(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int] | None = None,
+    dilations: Sequence[int] = (1, 1),
+) -> np.ndarray:
+    """MaxPoolCodes: ONNX MaxPool (2-D, no padding, floor mode) on uint8 codes NCHW [B, C, H, W] -> uint8.
+
+    Max-pooling commutes with a monotone quantizer, so pooling the codes equals quantizing the pooled floats.
+    """
+    p = np.asarray(x)
+    if p.dtype != np.uint8 or p.ndim != 4:
+        raise ValueError(f"max_pool_codes: x must be uint8 NCHW, got {p.dtype} {p.shape}")
+    kh, kw = (int(k) for k in kernel)
+    sh, sw = (int(s) for s in (strides if strides is not None else (1, 1)))
+    dh, dw = (int(d) for d in dilations)
+    ho, wo = conv_output_shape(p.shape[2:], (kh, kw), (sh, sw), (0, 0, 0, 0), (dh, dw))
+    out = np.zeros(p.shape[:2] + (ho, wo), dtype=np.uint8)
+    for ky in range(kh):
+        for kx in range(kw):
+            y0, x0 = ky * dh, kx * dw
+            out = np.maximum(out, p[:, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw])
+    return out

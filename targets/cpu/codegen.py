@@ -43,6 +43,8 @@ OUT_CTYPE = {"none": "int32", "float": "float32", "threshold": "uint8"}
 TILES = {"avx512": (4, 4), "avx2": (2, 2), "generic": (4, 2)}
 # words a microkernel walks per plane: AVX-512 whole vectors of 8, AVX2 vectors of 4, generic the real words
 KWN = {"avx512": "j->kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
+# (output pixels, channels) of the direct conv's register tile
+DIRECT_TILE = (4, 2)
 TGT = {"avx512": "AVX512", "avx2": "AVX2", "generic": "GENERIC"}
 
 
@@ -72,9 +74,36 @@ def pack_layer_weights(spec: LayerSpec) -> np.ndarray:
     return packing.kernel_weight_layout(planes, 8)
 
 
+def direct_conv(spec: LayerSpec) -> bool:
+    """Whether a BitConv also gets the direct kernel over packed pixels (generic and AVX2 paths; templates/
+    layer_dconv.c): one group and no horizontal dilation, so a kernel row's taps are adjacent pixels."""
+    return spec.op == "conv" and spec.group == 1 and spec.dilations[1] == 1
+
+
+def _direct_geometry(spec: LayerSpec) -> dict[str, int]:
+    c, h, w = spec.in_shape
+    cp = packing.round_up(c, 32)
+    return dict(CP=cp, CU=cp // 32, HP=h + spec.pads[0] + spec.pads[2], WP=w + spec.pads[1] + spec.pads[3],
+                RW=packing.n_words(spec.kernel[1] * cp), DPL=2 if _mode(spec) == "QC_XORM" else spec.bits_a)
+
+
+def pack_direct_weights(spec: LayerSpec) -> np.ndarray:
+    """Weights of the direct conv: [N, KH, bits_w, RW] uint64; kernel row ky of plane j is one bit segment with
+    channel c of tap kx at bit kx*CP + c (CP = C rounded up to 32), zero elsewhere."""
+    n, c, kh, kw = spec.w.shape
+    cp = packing.round_up(c, 32)
+    planes = []
+    for j in range(spec.bits_w):
+        bits = np.zeros((n, kh, kw, cp), np.uint8)
+        bits[..., :c] = ((spec.w >> j) & 1).transpose(0, 2, 3, 1)
+        planes.append(packing.pack_bits(bits.reshape(n, kh, kw * cp)))
+    return np.ascontiguousarray(np.stack(planes, axis=2))
+
+
 def _blob(spec: LayerSpec) -> tuple[bytes, dict[str, int]]:
     parts = {
         "W": pack_layer_weights(spec).astype("<u8").tobytes(),
+        "WD": pack_direct_weights(spec).astype("<u8").tobytes() if direct_conv(spec) else b"",
         "WZ2": spec.wzero2.astype("<i4").tobytes(),
         "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
@@ -129,8 +158,26 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         return _template("layer_gemm.c").substitute(common, K=spec.K)
     c, h, w = spec.in_shape
     ho, wo = spec.out_hw
+    if spec.op == "maxpool":
+        return _template("layer_maxpool.c").substitute(
+            LAYER=spec.name, CNAME=cname, C=c, H=h, W=w, HO=ho, WO=wo, KH=spec.kernel[0], KW=spec.kernel[1],
+            SH=spec.strides[0], SW=spec.strides[1], DH=spec.dilations[0], DW=spec.dilations[1],
+            PPT=max(1, 16384 // (h * w)))
+    direct_code = direct_call = ""
+    if direct_conv(spec):
+        store = {
+            "none": "yo[r] = a;",
+            "float": "float f = (float)a; f = f * mult[n]; f = f + bias[n]; yo[r] = f;",
+            "threshold": "const int32_t* tq = thr + n * L; int q8 = 0; for (int q = 0; q < L; ++q) q8 += a >= tq[q]; "
+                         "yo[r] = (uint8_t)q8;",
+        }[spec.epilogue]
+        mr, nr = DIRECT_TILE
+        direct_code = _template("layer_dconv.c").substitute(
+            common, **_direct_geometry(spec), C=c, H=h, W=w, DMR=mr, DNR=nr, STORE=store,
+            OUT_CTYPE_C={"none": "int32_t", "float": "float", "threshold": "uint8_t"}[spec.epilogue])
+        direct_call = f"    if (path != QC_PATH_AVX512) return {cname}_direct(x, y, batch, path);\n"
     return _template("layer_conv.c").substitute(
-        common, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
+        common, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
         KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
         PT=spec.pads[0], PL=spec.pads[1], PB=spec.pads[2], PR=spec.pads[3],
         DH=spec.dilations[0], DW=spec.dilations[1], HO=ho, WO=wo,
@@ -155,9 +202,11 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> Generat
     parts = [common]
     blobs, layers = {}, {}
     for i, spec in enumerate(specs):
-        blob, offsets = _blob(spec)
         blob_name = f"{c_name(i, spec.name)}.bin"
-        blobs[blob_name] = blob
+        offsets = {}
+        if spec.op != "maxpool":  # a max-pool has no constants
+            blob, offsets = _blob(spec)
+            blobs[blob_name] = blob
         parts.append(_layer_source(i, spec, blob_name, offsets))
         layers[spec.name] = {
             "symbol": f"qc_layer_{c_name(i, spec.name)}", "op": spec.op, "bits_a": spec.bits_a,
@@ -165,7 +214,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> Generat
             "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
             "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
         }
-        if spec.op == "conv":
+        if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),
                                      dilations=list(spec.dilations), group=spec.group)
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512, "layers": layers}

@@ -19,7 +19,7 @@ from qcompile.reference import conv_output_shape
 
 __all__ = ["LayerSpec", "EPILOGUES", "OPS"]
 
-OPS = ("gemm", "conv")
+OPS = ("gemm", "conv", "maxpool")
 EPILOGUES = ("none", "float", "threshold")
 _OUT_DTYPE = {"none": np.int32, "float": np.float32, "threshold": np.uint8}
 
@@ -37,6 +37,8 @@ class LayerSpec:
 
     gemm: ``w`` codes [N, K], input x [batch, K]. conv: ``w`` codes [N, C/group, kh, kw], ``in_shape`` = (C, H, W),
     input x NCHW [batch, C, H, W]. ``wzero2`` int32 [N]: the weight value is ``2*q - wzero2[n]``.
+    maxpool (MaxPoolCodes, docs/ops.md): uint8 codes NCHW -> uint8 codes, 2-D max over the window of ``w``'s shape
+    [C, 1, kh, kw] (only the shape is read; :meth:`maxpool` builds it), no pads, ``bits_a`` = the codes' bits.
     epilogue "none" -> int32 acc; "float" -> float32 ``acc*mult[n] + bias[n]``; "threshold" -> uint8 code
     ``#{j: acc >= thresholds[n, j]}``. ``xor_mode``: 1-bit activations and weights both read as ±1
     (acc = K - 2*popcount(a XOR w); padded conv taps contribute 0).
@@ -88,6 +90,15 @@ class LayerSpec:
                 raise ValueError(f"layer {self.name!r}: in_shape {self.in_shape} vs weights {self.w.shape}")
             if self.group != 1 or any(self.pads) or self.strides != (1, 1) or self.dilations != (1, 1):
                 raise ValueError(f"layer {self.name!r}: gemm takes no conv geometry")
+        elif self.op == "maxpool":
+            self.in_shape = _tuple(self.in_shape, 3, "in_shape (C, H, W)")
+            if self.w.ndim != 4 or self.w.shape[:2] != (self.in_shape[0], 1) or min(self.w.shape[2:]) < 1:
+                raise ValueError(f"layer {self.name!r}: maxpool window must be [C, 1, kh, kw], got {self.w.shape}")
+            if any(self.pads) or self.group != 1 or min(self.strides) < 1 or min(self.dilations) < 1:
+                raise ValueError(f"layer {self.name!r}: maxpool takes strides/dilations >= 1, no pads, group 1")
+            if self.epilogue != "none" or self.xor_mode:
+                raise ValueError(f"layer {self.name!r}: maxpool has no epilogue")
+            conv_output_shape(self.in_shape[1:], self.kernel, self.strides, self.pads, self.dilations)
         else:
             if self.w.ndim != 4:
                 raise ValueError(f"layer {self.name!r}: conv weights must be [N, C/group, kh, kw], got {self.w.shape}")
@@ -129,12 +140,12 @@ class LayerSpec:
         return int(self.w.shape[0])
 
     @property
-    def kernel(self) -> tuple[int, int]:
+    def kernel(self) -> tuple[int, int]:  # conv/maxpool window
         return (1, 1) if self.op == "gemm" else (int(self.w.shape[2]), int(self.w.shape[3]))
 
     @property
     def K(self) -> int:
-        """Length of the reduction: K for gemm, kh*kw*C/group for conv."""
+        """Length of the reduction: K for gemm, kh*kw*C/group for conv (kh*kw for maxpool)."""
         if self.op == "gemm":
             return int(self.w.shape[1])
         return int(self.w.shape[1] * self.w.shape[2] * self.w.shape[3])
@@ -147,16 +158,26 @@ class LayerSpec:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        """Per-sample output shape: (N,) for gemm, (N, Ho, Wo) for conv."""
+        """Per-sample output shape: (N,) for gemm, (N, Ho, Wo) for conv and maxpool (N = C)."""
         return (self.N,) if self.op == "gemm" else (self.N, *self.out_hw)
 
     @property
     def out_dtype(self) -> np.dtype:
-        return np.dtype(_OUT_DTYPE[self.epilogue])
+        return np.dtype(np.uint8) if self.op == "maxpool" else np.dtype(_OUT_DTYPE[self.epilogue])
 
     @property
     def L(self) -> int:
         return 0 if self.thresholds is None or self.epilogue != "threshold" else int(self.thresholds.shape[1])
+
+    @classmethod
+    def maxpool(cls, name: str, in_shape: Sequence[int], kernel: Sequence[int], strides: Sequence[int] = (1, 1),
+                dilations: Sequence[int] = (1, 1), bits: int = 8) -> LayerSpec:
+        """A MaxPoolCodes layer: uint8 codes [batch, C, H, W] -> [batch, C, Ho, Wo]."""
+        c = int(in_shape[0])
+        kh, kw = (int(k) for k in kernel)
+        return cls(name=name, op="maxpool", bits_a=bits, bits_w=1, w=np.zeros((c, 1, kh, kw), np.uint8),
+                   wzero2=np.zeros(c, np.int32), in_shape=tuple(in_shape), strides=tuple(strides),
+                   dilations=tuple(dilations))
 
     def replace(self, **changes) -> LayerSpec:
         return dataclasses.replace(self, **changes)

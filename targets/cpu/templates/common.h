@@ -111,6 +111,8 @@ QC_CORE int qc_select_path(void);
 QC_CORE int qc_num_threads(void);
 QC_CORE void* qc_alloc(size_t bytes);
 QC_CORE qc_pack_fn qc_packer(int path);
+/* codes[0..n) (n a multiple of 32) -> planes of 32-bit units: dst[i*plane_stride + u]; returns the codes' sum */
+QC_CORE int64_t qc_pack_u32(int path, const uint8_t* src, int64_t n, int bits, uint32_t* dst, int64_t plane_stride);
 QC_CORE void qc_or_bits(uint64_t* dst, int64_t off, const uint64_t* src, int64_t nbits);
 QC_CORE void qc_set_bits(uint64_t* dst, int64_t off, int64_t nbits);
 QC_CORE void qc_pack_rows(int path, const uint8_t* x, int64_t rows, int64_t K, int ka, int xor_mode, int64_t kwp,

@@ -291,6 +291,43 @@ QC_CORE qc_pack_fn qc_packer(int path) {
     return qc_pack_generic;
 }
 
+/* 32 codes at a time -> one 32-bit unit per plane (the direct conv's packed pixels) */
+static int64_t qc_pack_u32_generic(const uint8_t* src, int64_t n, int bits, uint32_t* dst, int64_t plane_stride) {
+    int64_t sum = 0;
+    for (int64_t u = 0; u < n / 32; ++u) {
+        uint64_t v[4];
+        memcpy(v, src + 32 * u, 32);
+        for (int t = 0; t < 32; ++t) sum += src[32 * u + t];
+        for (int i = 0; i < bits; ++i)
+            dst[i * plane_stride + u] = (uint32_t)(qc_gather8(v[0], i) | qc_gather8(v[1], i) << 8 |
+                                                   qc_gather8(v[2], i) << 16 | qc_gather8(v[3], i) << 24);
+    }
+    return sum;
+}
+
+#if defined(QC_HAVE_SIMD)
+QC_TGT_AVX2 static int64_t qc_pack_u32_avx2(const uint8_t* src, int64_t n, int bits, uint32_t* dst,
+                                             int64_t plane_stride) {
+    __m256i s = _mm256_setzero_si256();
+    for (int64_t u = 0; u < n / 32; ++u) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(src + 32 * u));
+        s = _mm256_add_epi64(s, _mm256_sad_epu8(v, _mm256_setzero_si256()));
+        for (int i = 0; i < bits; ++i)
+            dst[i * plane_stride + u] = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(v, _mm_cvtsi32_si128(7 - i)));
+    }
+    return _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+           _mm256_extract_epi64(s, 3);
+}
+#endif
+
+QC_CORE int64_t qc_pack_u32(int path, const uint8_t* src, int64_t n, int bits, uint32_t* dst, int64_t plane_stride) {
+#if defined(QC_HAVE_SIMD)
+    if (path == QC_PATH_AVX2) return qc_pack_u32_avx2(src, n, bits, dst, plane_stride);
+#endif
+    (void)path;
+    return qc_pack_u32_generic(src, n, bits, dst, plane_stride);
+}
+
 /* OR `nbits` bits of src (zero beyond nbits) into dst starting at bit `off`. */
 QC_CORE void qc_or_bits(uint64_t* dst, int64_t off, const uint64_t* src, int64_t nbits) {
     int64_t nw = (nbits + 63) / 64, w = off >> 6;

@@ -75,7 +75,7 @@ static void ${CNAME}_col_task(const void* vctx, int64_t t) {
     }
 }
 
-QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, G = ${CNAME}_G, NG = ${CNAME}_NG,
            KA = ${CNAME}_KA, KB = ${CNAME}_KB, KWP = ${CNAME}_KWP, CGW = ${CNAME}_CGW, APL = ${CNAME}_APL,
            L = ${CNAME}_L, MODE = ${CNAME}_MODE };
@@ -85,7 +85,7 @@ QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
     if (batch == 0) return QC_OK;
     const int path = qc_select_path();
     if (path < 0) return QC_ERR_PATH;
-    const int nt = qc_num_threads();
+${DIRECT_CALL}    const int nt = qc_num_threads();
     const int64_t pix_words = HW * G * KA * CGW, col_words = P * APL * KWP;
     int64_t chunk = ((int64_t)48 << 20) / ((pix_words + col_words) * 8 + (HW * G + P) * 4);
     if (chunk < 1) chunk = 1;

@@ -77,6 +77,15 @@ def _specs() -> list[LayerSpec]:
         ("conv_xor_pad", (20, 5, 6), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (1, 1), "none", True),
         ("conv_xor_valid", (66, 5, 4), 3, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (1, 1), "none", True),
         ("conv_xor_grouped_pad", (6, 4, 5), 4, (3, 3), (2, 1), (1, 1, 0, 1), (1, 1), 2, (1, 1), "none", True),
+        # the direct conv over packed pixels (group 1, no horizontal dilation): channel padding to 32, segment
+        # tails, odd H/W, strides, asymmetric pads, vertical dilation, N and Wo not multiples of the tile
+        ("dconv_c32_w1a2_thr", (32, 13, 15), 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (2, 1), "threshold", False),
+        ("dconv_c33_dh2", (33, 9, 11), 9, (3, 3), (1, 1), (2, 1, 2, 1), (2, 1), 1, (2, 1), "threshold", False),
+        ("dconv_c128_s2", (128, 7, 9), 5, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, (2, 2), "float", False),
+        ("dconv_1x5_c96", (96, 3, 11), 4, (1, 5), (1, 3), (0, 2, 0, 2), (1, 1), 1, (3, 2), "none", False),
+        ("dconv_xor_c64_s2", (64, 7, 6), 3, (3, 3), (2, 1), (0, 1, 1, 2), (1, 1), 1, (1, 1), "none", True),
+        ("dconv_xor_c40", (40, 5, 5), 6, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (1, 1), "float", True),
+        ("dconv_c1_5x5", (1, 6, 5), 3, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, (4, 4), "threshold", False),
     ]
     for name, chw, n, kernel, strides, pads, dil, group, (ba, bw), epi, xor in convs:
         w = rng.integers(0, 1 << bw, size=(n, chw[0] // group, *kernel), dtype=np.uint8)
@@ -85,6 +94,14 @@ def _specs() -> list[LayerSpec]:
         specs.append(LayerSpec(name, "conv", ba, bw, w, z2, in_shape=chw, strides=strides, pads=pads,
                                dilations=dil, group=group, epilogue=epi, xor_mode=xor,
                                **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
+    pools = [  # name, (C, H, W), kernel, strides, dilations, bits
+        ("pool_2x2_s2", (16, 28, 28), (2, 2), (2, 2), (1, 1), 2),
+        ("pool_2x2_s2_odd", (5, 7, 9), (2, 2), (2, 2), (1, 1), 8),
+        ("pool_3x2_s12_dil21", (3, 8, 7), (3, 2), (1, 2), (2, 1), 4),
+        ("pool_1x1", (2, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ]
+    for name, chw, kernel, strides, dil, bits in pools:
+        specs.append(LayerSpec.maxpool(name, chw, kernel, strides, dil, bits=bits))
     return specs
 
 
@@ -93,6 +110,8 @@ BY_NAME = {s.name: s for s in SPECS}
 
 
 def expected(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
+    if spec.op == "maxpool":
+        return ref.max_pool_codes(x, spec.kernel, spec.strides, spec.dilations)
     geo = dict(strides=spec.strides, pads=spec.pads, dilations=spec.dilations, group=spec.group)
     if spec.op == "gemm":
         acc = ref.bit_gemm_xor(x, spec.w) if spec.xor_mode else ref.bit_gemm(x, spec.w, spec.wzero2)
