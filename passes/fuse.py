@@ -162,10 +162,18 @@ class FuseBitKernels:
                 node.outputs[0].dtype = ir.DataType.UINT8
                 graph.insert_before(core, node)
                 # the MaxPool/Flatten/Reshape chain now runs on codes: re-create it after the fused node
-                last = node.outputs[0]
-                for pool in pools:
-                    new_pool = ir.node(pool.op_type, [last, *pool.inputs[1:]],
-                                       attributes=dict(pool.attributes.items()), name=f"{pool.name}_codes")
+                last, kernel_chain = node.outputs[0], True
+                for k, pool in enumerate(pools):
+                    # a 2-D MaxPool straight after the kernel (or another such pool) becomes a MaxPoolCodes kernel
+                    # step (docs/ops.md); the rest is re-created as the standard op on codes
+                    kernel_chain = kernel_chain and _codes_pool_attributes(pool) is not None
+                    if kernel_chain:
+                        new_pool = ir.node("MaxPoolCodes", [last], attributes=_codes_pool_attributes(pool),
+                                           domain=DOMAIN, name=f"{pool.name or f'{name}_pool{k}'}_codes")
+                        new_pool.outputs[0].dtype = ir.DataType.UINT8
+                    else:
+                        new_pool = ir.node(pool.op_type, [last, *pool.inputs[1:]],
+                                           attributes=dict(pool.attributes.items()), name=f"{pool.name}_codes")
                     graph.insert_before(core, new_pool)
                     last = new_pool.outputs[0]
                 redirect_uses(ql.outputs[0], last)
@@ -207,6 +215,17 @@ class FuseBitKernels:
                 "group": ir.AttrInt64("group", a.get_int("group", 1)),
             })
         return attrs
+
+
+def _codes_pool_attributes(pool: ir.Node) -> dict | None:
+    """MaxPoolCodes attributes for a pad-free, floor-mode 2-D MaxPool (None for anything else)."""
+    a = pool.attributes
+    kernel = a.get_ints("kernel_shape", [])
+    if pool.op_type != "MaxPool" or len(kernel) != 2 or a.get_int("ceil_mode", 0) or len(pool.outputs) > 1:
+        return None
+    return {"kernel_shape": ir.AttrInt64s("kernel_shape", list(kernel)),
+            "strides": ir.AttrInt64s("strides", list(a.get_ints("strides", [1, 1]))),
+            "dilations": ir.AttrInt64s("dilations", list(a.get_ints("dilations", [1, 1])))}
 
 
 def layer_acc_bound(layer) -> int:

@@ -55,9 +55,16 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
               for vi in onnx.shape_inference.infer_shapes(fakequant).graph.value_info}
     core_input = {n.name[:-len("_int")]: n.input[0] for n in fakequant.graph.node if n.name.endswith("_int")}
     inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
-    specs = []
+    specs, produced = [], {}  # output value -> (spec that writes it, bits of its codes)
     for node in fused.graph.node:
         if node.domain != DOMAIN:
+            continue
+        if node.op_type == "MaxPoolCodes":  # reads the codes of the kernel step before it
+            src, bits = produced[node.input[0]]
+            specs.append(LayerSpec.maxpool(node.name, src.out_shape, _attr(node, "kernel_shape"),
+                                           _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
+                                           bits=bits))
+            produced[node.output[0]] = (specs[-1], bits)
             continue
         arrays = [inits.get(name) if name else None for name in list(node.input) + [""] * (6 - len(node.input))]
         _, w, wzero2, mult, bias, thr = arrays[:6]
@@ -66,6 +73,7 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
         in_shape = shapes[core_input[node.name]][1:]
         specs.append(LayerSpec.from_node(node.name, node.op_type, attrs, w, wzero2, in_shape=in_shape,
                                          mult=mult, bias=bias, thresholds=thr))
+        produced[node.output[0]] = (specs[-1], int(attrs.get("bits_out") or 8))
     return specs
 
 
@@ -108,11 +116,11 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
     measured = None
     if autotune and all_specs:
         probe = build_library(all_specs, work / "autotune")
-        measured = planner.measure(all_specs, Library(probe), batch)
+        measured = planner.measure([s for s in all_specs if s.op != "maxpool"], Library(probe), batch)
         shutil.rmtree(work / "autotune")
     if kernel is not None and kernel not in planner.KERNELS:
         raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
-    choices = planner.choose(all_specs, caps, batch, measured, force=kernel)
+    choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel)
     result.ctx.fuse_notes = {}
 
     fused_ir = ir.from_proto(result.model)
@@ -127,7 +135,8 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
     types = {i.name: i.type for i in fused.graph.input}
     for spec in specs:
         out_name = next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
-        elem = {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
+        elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
+            {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
         types[out_name] = _tensor_type(elem, spec.out_shape)
     schedule = []
     for index, step in enumerate(partition(fused, types)):

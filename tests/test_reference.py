@@ -199,3 +199,36 @@ def test_pack_nhwc_and_kernel_layout():
     np.testing.assert_array_equal(packing.unpack_planes(p, 70)[0, 1, 2, 0], x[0, :, 1, 2])
     lay = packing.kernel_weight_layout(packing.pack_gemm_weights(_codes(rng, (3, 100), 2), 2))
     assert lay.shape == (3, 2, 8) and not lay[:, :, 2:].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(2, 11), st.integers(2, 11), st.integers(1, 3),
+       st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2**31 - 1))
+def test_max_pool_codes_matches_a_naive_loop(b, c, h, w, kh, kw, sh, sw, dh, dw, seed):
+    if (kh - 1) * dh + 1 > h or (kw - 1) * dw + 1 > w:
+        return
+    x = _codes(np.random.default_rng(seed), (b, c, h, w), 8)
+    y = reference.max_pool_codes(x, (kh, kw), (sh, sw), (dh, dw))
+    ho, wo = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1  # floor mode, no pads
+    assert y.dtype == np.uint8 and y.shape == (b, c, ho, wo)
+    for oy in range(ho):
+        for ox in range(wo):
+            win = x[:, :, oy * sh : oy * sh + (kh - 1) * dh + 1 : dh, ox * sw : ox * sw + (kw - 1) * dw + 1 : dw]
+            np.testing.assert_array_equal(y[:, :, oy, ox], win.max(axis=(2, 3)))
+
+
+def test_max_pool_codes_commutes_with_the_quantizer():
+    """Pooling codes == quantizing the pooled floats (why the fuse pass may move MaxPool after the epilogue)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 9, 7)).astype(np.float32) * 2
+    quant = lambda v: np.clip(np.rint(np.clip(v, 0, 1.5) / np.float32(0.5)), 0, 3).astype(np.uint8)  # noqa: E731
+    pooled = np.maximum.reduce([x[:, :, dy : dy + 8 : 2, dx : dx + 6 : 2] for dy in (0, 1) for dx in (0, 1)])
+    np.testing.assert_array_equal(reference.max_pool_codes(quant(x), (2, 2), (2, 2)), quant(pooled))
+
+
+def test_max_pool_codes_rejects_non_codes():
+    with pytest.raises(ValueError, match="uint8 NCHW"):
+        reference.max_pool_codes(np.zeros((1, 2, 4, 4), np.float32), (2, 2))
+    with pytest.raises(ValueError, match="empty"):
+        reference.max_pool_codes(np.zeros((1, 2, 3, 3), np.uint8), (4, 4))

@@ -55,7 +55,9 @@ def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
     assert m["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["N", 1, 12, 12]}]
     assert any(f.endswith(".so") for f in m["files"]) and "graph.onnx" in m["files"]
     kinds = [s["kind"] for s in m["schedule"]]
-    assert kinds.count("kernel") == 3 and "onnxruntime" in kinds
+    kernels = [s["layer"] for s in m["schedule"] if s["kind"] == "kernel"]
+    # three fused layers and the MaxPool after conv2, which runs on codes as a MaxPoolCodes kernel step
+    assert len(kernels) == 4 and "pool2_codes" in kernels and "onnxruntime" in kinds
     for name in ("manifest.json", "graph.onnx", "fakequant.onnx", "report.json", "report.md", "weights.png"):
         assert (out / name).is_file()
 

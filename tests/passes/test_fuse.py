@@ -36,9 +36,15 @@ def test_fuse_builds_bit_nodes_and_is_idempotent(tiny_model_path):
     result = api.compile(tiny_model_path, config="w2a2", calib=tiny_inputs(32, 3))
     model = ir.from_proto(result.model)
     assert FuseBitKernels()(model, result.ctx)
-    bit = [n for n in model.graph if n.domain == DOMAIN]
-    assert sorted(n.op_type for n in bit) == ["BitConv", "BitConv", "BitGemm"]
+    nodes = [n for n in model.graph if n.domain == DOMAIN]
+    assert sorted(n.op_type for n in nodes) == ["BitConv", "BitConv", "BitGemm", "MaxPoolCodes"]
+    bit = [n for n in nodes if n.op_type != "MaxPoolCodes"]
     epilogues = {n.name: n.attributes.get_string("epilogue") for n in bit}
+    # conv2's MaxPool now runs on its codes as an ai.qcompile kernel step
+    pool = next(n for n in nodes if n.op_type == "MaxPoolCodes")
+    assert pool.name == "pool2_codes" and pool.inputs[0].producer().name == "conv2"
+    assert list(pool.attributes.get_ints("kernel_shape")) == [2, 2] and list(pool.attributes.get_ints("strides")) == [2, 2]
+    assert "MaxPool" not in [n.op_type for n in model.graph]
     assert epilogues == {"conv2": "threshold", "conv3": "threshold", "fc1": "float"}
     ops = [n.op_type for n in model.graph]
     assert "QuantizeLinear" in ops  # the first quantized layer's input still comes from float conv1

@@ -315,3 +315,19 @@ def test_caps_parse_and_variants():
     assert zen.path == "avx2" and zen.int8_dot is None
     with pytest.raises(ValueError, match="cpu:avx2"):
         caps.detect("gpu")
+
+
+def test_maxpool_spec_and_manifest(native_lib):
+    m = native_lib.manifest["layers"]["pool_2x2_s2"]
+    assert m["op"] == "maxpool" and m["out_dtype"] == "uint8" and m["out_shape"] == [16, 14, 14]
+    assert m["kernel"] == [2, 2] and m["strides"] == [2, 2]
+    with pytest.raises(ValueError, match="no pads"):
+        LayerSpec("p", "maxpool", 2, 1, np.zeros((3, 1, 2, 2), np.uint8), np.zeros(3, np.int32), in_shape=(3, 4, 4),
+                  pads=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="window"):
+        LayerSpec("p", "maxpool", 2, 1, np.zeros((4, 1, 2, 2), np.uint8), np.zeros(4, np.int32), in_shape=(3, 4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        LayerSpec.maxpool("p", (3, 2, 2), (3, 3))
+    x = make_input(BY_NAME["pool_2x2_s2"], 1, 3)  # batch 1, 2-bit codes
+    with pytest.raises(RuntimeInputError, match="exceed 2 bits"):
+        native_lib.run("pool_2x2_s2", x | 4)
