@@ -174,6 +174,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         mr, nr = DIRECT_TILE
         direct_code = _template("layer_dconv.c").substitute(
             common, **_direct_geometry(spec), C=c, H=h, W=w, DMR=mr, DNR=nr, STORE=store,
+            THR_SIMD=int(spec.epilogue == "threshold"),
             OUT_CTYPE_C={"none": "int32_t", "float": "float", "threshold": "uint8_t"}[spec.epilogue])
         direct_call = f"    if (path != QC_PATH_AVX512) return {cname}_direct(x, y, batch, path);\n"
     return _template("layer_conv.c").substitute(

@@ -84,8 +84,33 @@ QC_INLINE void ${CNAME}_mk(const uint32_t* a, const uint64_t* w, const int mr, c
         }
 }
 
+#if defined(QC_X86)
+#include <immintrin.h>
+/* threshold epilogue of a full 4-pixel tile, the 4 pixels in the lanes of one SSE vector (AVX2 path):
+ * code = #{j : acc >= T[n, j]} = L + sum_j (T[n, j] > acc ? -1 : 0), 32-bit wrap-around like the scalar int32 cast */
+__attribute__((target("avx2,popcnt"))) static inline void ${CNAME}_thr4(const uint64_t acc[4][${DNR}], int nc,
+                                                                      const int32_t rowsum[4], int64_t n0,
+                                                                      uint8_t* yo, int64_t P, const int32_t* wz2,
+                                                                      const int32_t* thr) {
+    enum { L = ${CNAME}_L, MODE = ${CNAME}_MODE };
+    const __m128i rs = _mm_loadu_si128((const __m128i*)rowsum);
+    for (int c = 0; c < nc; ++c) {
+        const int64_t n = n0 + c;
+        const __m128i s = _mm_setr_epi32((int)acc[0][c], (int)acc[1][c], (int)acc[2][c], (int)acc[3][c]);
+        const __m128i a = MODE == QC_AND ? _mm_sub_epi32(_mm_add_epi32(s, s), _mm_mullo_epi32(rs, _mm_set1_epi32(wz2[n])))
+                                         : _mm_sub_epi32(rs, _mm_add_epi32(s, s));
+        const int32_t* tq = thr + n * L;
+        __m128i q = _mm_set1_epi32(L);
+        for (int j = 0; j < L; ++j) q = _mm_add_epi32(q, _mm_cmpgt_epi32(_mm_set1_epi32(tq[j]), a));
+        q = _mm_packus_epi16(_mm_packus_epi32(q, q), q);
+        const int32_t out = _mm_cvtsi128_si32(q);
+        memcpy(yo + n * P, &out, 4);
+    }
+}
+#endif
+
 /* stage 2: output row (image b, oy) of every channel */
-QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t) {
+QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t, const int use_simd) {
     enum { C = ${CNAME}_C, N = ${CNAME}_N, KB = ${CNAME}_KB, CU = ${CNAME}_CU, HP = ${CNAME}_HP,
            WP = ${CNAME}_WP, RW = ${CNAME}_RW, DPL = ${CNAME}_DPL, KH = ${CNAME}_KH, KW = ${CNAME}_KW,
            SH = ${CNAME}_SH, SW = ${CNAME}_SW, DH = ${CNAME}_DH, HO = ${CNAME}_HO, WO = ${CNAME}_WO, L = ${CNAME}_L,
@@ -128,6 +153,12 @@ QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t) {
                     ${CNAME}_mk(a + r * SW * CU, w + c * (int64_t)KH * KB * RW, 1, 1, tail, one);
                     acc[r][c] = one[0][0];
                 }
+#if defined(QC_X86)
+            if (${THR_SIMD} && use_simd && MR == 4 && mr == MR) {
+                ${CNAME}_thr4((const uint64_t (*)[${DNR}])acc, nc, rowsum, n0, (uint8_t*)yb + ox0, P, wz2, thr);
+                continue;
+            }
+#endif
             for (int c = 0; c < nc; ++c) {
                 const int64_t n = n0 + c;
                 ${OUT_CTYPE_C}* yo = yb + n * P + ox0;
@@ -142,10 +173,10 @@ QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t) {
     }
 }
 
-static void ${CNAME}_drow_generic(const void* vctx, int64_t t) { ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t); }
+static void ${CNAME}_drow_generic(const void* vctx, int64_t t) { ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t, 0); }
 #if defined(QC_X86)
-__attribute__((target("popcnt"))) static void ${CNAME}_drow_popcnt(const void* vctx, int64_t t) {
-    ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t);
+__attribute__((target("avx2,popcnt"))) static void ${CNAME}_drow_popcnt(const void* vctx, int64_t t) {
+    ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t, 1);
 }
 #endif
 

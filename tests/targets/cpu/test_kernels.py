@@ -86,6 +86,9 @@ def _specs() -> list[LayerSpec]:
         ("dconv_xor_c64_s2", (64, 7, 6), 3, (3, 3), (2, 1), (0, 1, 1, 2), (1, 1), 1, (1, 1), "none", True),
         ("dconv_xor_c40", (40, 5, 5), 6, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (1, 1), "float", True),
         ("dconv_c1_5x5", (1, 6, 5), 3, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, (4, 4), "threshold", False),
+        ("dconv_xor_pad_thr", (64, 6, 9), 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (1, 1), "threshold", True),
+        ("dconv_c64_w2a2_thr_asym", (64, 5, 8), 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (2, 2), "threshold",
+         False),
     ]
     for name, chw, n, kernel, strides, pads, dil, group, (ba, bw), epi, xor in convs:
         w = rng.integers(0, 1 << bw, size=(n, chw[0] // group, *kernel), dtype=np.uint8)
