@@ -179,7 +179,7 @@ def test_float_epilogue_has_no_fma(layers, c_lib):
             _check(spec, layer, c_lib, (1, 5))
 
 
-@pytest.mark.parametrize("name", ["gemm_a2w2_k1000", "conv_grouped", "conv_xor_pad", "gemm_a1w1_k65"])
+@pytest.mark.parametrize("name", ["gemm_a2w2_k1000", "conv_grouped"])  # + the float specs above
 def test_other_popcount_style_bit_exact(name, c_lib):
     """The style auto does not pick here (vector on AMD Zen, scalar elsewhere) is exact too."""
     spec = next(s for s in GEMMS + CONV_SPECS if s.name.startswith(name))
@@ -199,7 +199,7 @@ def test_kernels_are_shared_between_specs_of_one_shape(layers):
     assert len(tvm_gen._KERNELS) == before
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), batch=st.sampled_from([1, 2, 5, 9]), asym=st.booleans())
 def test_random_weights_and_inputs(layers, seed, batch, asym):
     """Fresh weights / wzero2 / thresholds / inputs through already compiled kernels (no TVM compile here)."""
