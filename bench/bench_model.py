@@ -86,6 +86,27 @@ def time_artifact(art: Path, int8_path: Path, rounds: int = 5) -> dict[int, dict
     return out
 
 
+def step_times(art: Path, batch: int = 64, rounds: int = 5) -> list[tuple[str, float]]:
+    """Best time of each schedule step (kernel layers, onnxruntime partitions) of one artifact at ``batch``."""
+    from qcompile.runtime import InferenceSession
+
+    sess = InferenceSession(art)
+    x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        values = {sess.get_inputs()[0].name: x}
+        for kind, engine, step in sess._steps:
+            t = time.perf_counter()
+            if kind == "ort":
+                values.update(zip(step["outputs"], engine.run(step["outputs"], {k: values[k] for k in step["inputs"]})))
+            else:
+                v = values[step["inputs"][0]]
+                values[step["outputs"][0]] = engine.run(step["layer"], v, v.shape[0], check=False)
+            label = step["layer"] if kind == "kernel" else f"onnxruntime {step['model']}"
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - t) * 1e3)
+    return list(best.items())
+
+
 def plan_summary(art: Path) -> str:
     import json
 
@@ -119,7 +140,7 @@ def run(rounds: int) -> str:
         tmp = Path(tmpdir)
         ct = compile_times(tmp)
         int8 = {}
-        rows = []
+        rows, steps = [], []
         load_before = _load()
         for model, config, kernel in CASES:
             art = tmp / f"{model}-{config}-{kernel or 'planner'}"
@@ -129,6 +150,8 @@ def run(rounds: int) -> str:
                 d.mkdir()
                 int8[model] = int8_model(art / "float.onnx", "input", (64, 1, 28, 28), d)
             t = time_artifact(art, int8[model], rounds)
+            if (model, config, kernel) == ("cnn", "w1a2", "bitserial"):
+                steps = step_times(art)
             for batch in BATCHES:
                 r = t[batch]
                 rows.append((model, config, kernel or f"planner ({plan_summary(art)})", batch, r))
@@ -154,6 +177,9 @@ def run(rounds: int) -> str:
         ratio = goal["ort fp32"] / goal["qcompile"]
         lines.append(f"Goal: CNN w1a2 bitserial at batch 64 >= 5x onnxruntime fp32: {ratio:.2f}x "
                      f"({'met' if ratio >= 5 else 'not met'}).")
+    if steps:
+        lines.append("CNN w1a2 bitserial at batch 64, per schedule step (best of 5, ms): " +
+                     ", ".join(f"`{k}` {v:.2f}" for k, v in steps) + ".")
     lines.append(f"Compile time of the bundled CNN (w1a2, bitserial, compile + save): {ct['cold']:.1f} s with a cold "
                  f"kernel-core cache, {ct['warm']:.1f} s warm (goal < 10 s).")
     lines.append("")

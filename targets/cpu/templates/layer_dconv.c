@@ -15,11 +15,12 @@ typedef struct {
     int32_t* psum;         /* [b][HP][WP] code sums (0 on the border) */
     uint8_t* y;            /* this chunk's first output image */
     int path;
+    int64_t pix_rows, out_rows;  /* rows per task of stage 1 / stage 2 (whole images when the batch allows) */
     _Atomic int err;
 } ${CNAME}_dctx;
 
-/* stage 1, one task per (image, input row): NCHW codes -> packed pixels of the padded image */
-static void ${CNAME}_dpix_task(const void* vctx, int64_t t) {
+/* stage 1, input row t = (image, row): NCHW codes -> packed pixels of the padded image */
+static void ${CNAME}_dpix_row(const void* vctx, int64_t t) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, KA = ${CNAME}_KA, CP = ${CNAME}_CP, CU = ${CNAME}_CU,
            HP = ${CNAME}_HP, WP = ${CNAME}_WP, DPL = ${CNAME}_DPL, PT = ${CNAME}_PT, PL = ${CNAME}_PL,
            MODE = ${CNAME}_MODE };
@@ -173,12 +174,35 @@ QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t, const int use_s
     }
 }
 
-static void ${CNAME}_drow_generic(const void* vctx, int64_t t) { ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t, 0); }
+/* A task is a block of rows of one image. Blocks are whole images whenever the batch gives every thread several:
+ * threads writing neighbouring output rows of one image share cache lines in every channel plane (a 28-byte row
+ * of a 28x28 map), and that false sharing made two threads slower than one. */
+static void ${CNAME}_dpix_task(const void* vctx, int64_t t) {
+    const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
+    const int64_t nblk = (${CNAME}_H + cx->pix_rows - 1) / cx->pix_rows, b = t / nblk, r0 = (t - b * nblk) * cx->pix_rows;
+    for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_dpix_row(vctx, b * ${CNAME}_H + r);
+}
+
+static void ${CNAME}_drow_generic(const void* vctx, int64_t t) {
+    const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
+    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
+    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 0);
+}
 #if defined(QC_X86)
 __attribute__((target("avx2,popcnt"))) static void ${CNAME}_drow_popcnt(const void* vctx, int64_t t) {
-    ${CNAME}_drow((const ${CNAME}_dctx*)vctx, t, 1);
+    const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
+    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
+    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 1);
 }
 #endif
+
+/* rows per task: all `rows` of an image when the batch alone gives each thread 4 tasks, else fewer */
+static int64_t ${CNAME}_rows_per_task(int64_t rows, int64_t batch, int nt) {
+    const int64_t want = 4 * (int64_t)nt;
+    if (batch >= want) return rows;
+    const int64_t split = (want + batch - 1) / batch;
+    return rows / split > 0 ? (rows + split - 1) / split : 1;
+}
 
 static int ${CNAME}_direct(const uint8_t* x, void* y, int64_t batch, int path) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, CU = ${CNAME}_CU, HP = ${CNAME}_HP,
@@ -205,9 +229,12 @@ static int ${CNAME}_direct(const uint8_t* x, void* y, int64_t batch, int path) {
         const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;
         cx.x = x + b0 * C * HW;
         cx.y = (uint8_t*)y + b0 * (int64_t)N * P * (int64_t)sizeof(${OUT_CTYPE_C});
-        qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * H, ${CNAME}_dpix_task, &cx);
+        cx.pix_rows = ${CNAME}_rows_per_task(H, bc, nt);
+        cx.out_rows = ${CNAME}_rows_per_task(${CNAME}_HO, bc, nt);
+        qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_dpix_task, &cx);
         if (cx.err) break;
-        qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ${CNAME}_HO, row_fn, &cx);
+        qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((${CNAME}_HO + cx.out_rows - 1) / cx.out_rows),
+                    row_fn, &cx);
     }
     free(cx.pix); free(cx.psum);
     return cx.err;

@@ -334,3 +334,16 @@ def test_maxpool_spec_and_manifest(native_lib):
     x = make_input(BY_NAME["pool_2x2_s2"], 1, 3)  # batch 1, 2-bit codes
     with pytest.raises(RuntimeInputError, match="exceed 2 bits"):
         native_lib.run("pool_2x2_s2", x | 4)
+
+
+@pytest.mark.parametrize("name", ["dconv_c32_w1a2_thr", "dconv_xor_c64_s2", "conv3x3_pad_c64"])
+def test_direct_conv_threads_and_row_blocks_agree(native_lib, monkeypatch, name):
+    """Tasks are whole images once the batch gives every thread 4 of them, else blocks of rows: every split
+    (threads x batch) gives the reference's output."""
+    spec = BY_NAME[name]
+    for batch in (1, 5, 17):
+        x = make_input(spec, batch, 100 + batch)
+        want = expected(spec, x)
+        for threads in ("1", "2", "3"):
+            monkeypatch.setenv("QCOMPILE_NUM_THREADS", threads)
+            np.testing.assert_array_equal(native_lib.run(spec.name, x), want, err_msg=f"{threads} threads, {batch}")
