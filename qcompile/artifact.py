@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +100,31 @@ class Lowered:
 
 def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
           kernel: str | None = None) -> Lowered:
-    """Plan each layer's kernel, fuse/lower, generate and build kernels, partition the rest, write a manifest."""
+    """Plan each layer's kernel, fuse/lower, generate and build kernels, partition the rest, write a manifest.
+
+    Everything is built in a temporary folder, removed on failure and when the Lowered object goes away."""
+    from qcompile import planner
+
+    caps = get_target(target_name)
+    if kernel is not None and kernel not in planner.KERNELS:
+        raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
+    work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
+    try:
+        manifest = _build(result, target_name, caps, work, autotune=autotune, batch=batch, kernel=kernel)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    lowered = Lowered(work, manifest)
+    weakref.finalize(lowered, shutil.rmtree, work, True)
+    return lowered
+
+
+def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch: int, kernel: str | None) -> dict:
     from qcompile import planner
     from qcompile.passes.int8 import LowerToInt8
     from qcompile.runtime.kernels import Library
     from qcompile.targets.cpu.build import build_library
 
-    caps = get_target(target_name)
-    work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
     (work / "kernels").mkdir()
     (work / "partitions").mkdir()
 
@@ -118,8 +136,6 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
         probe = build_library(all_specs, work / "autotune")
         measured = planner.measure([s for s in all_specs if s.op != "maxpool"], Library(probe), batch)
         shutil.rmtree(work / "autotune")
-    if kernel is not None and kernel not in planner.KERNELS:
-        raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
     choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel)
     result.ctx.fuse_notes = {}
 
@@ -177,7 +193,7 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
         "plan": plan, "schedule": schedule,
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
-    return Lowered(work, manifest)
+    return manifest
 
 
 def _dtype_name(elem: int) -> str:
