@@ -199,7 +199,8 @@ CONV = (256, 32, 32, 256)  # C, H, W, N: 3x3, pad 1, batch 1
 
 
 def _gemm_cases(sizes):
-    return [(k, m) for k in sizes for m in (1, 16, 256)]
+    # plus the bundled MLP's hidden-layer shape: short K, where per-tile overheads show
+    return [(k, m) for k in sizes for m in (1, 16, 256)] + [(256, 64)]
 
 
 def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
@@ -211,7 +212,7 @@ def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
     if kind == "qcompile":
         specs = []
         for ba, bw in BIT_PAIRS:
-            for k in sizes:
+            for k in sorted({k for k, _ in _gemm_cases(sizes)}):
                 specs.append(LayerSpec(f"w{bw}a{ba}_k{k}", "gemm", ba, bw, rng.integers(0, 1 << bw, (k, k), dtype=np.uint8),
                                        np.full(k, (1 << bw) - 1, np.int32)))
             specs.append(LayerSpec(f"w{bw}a{ba}_conv", "conv", ba, bw, rng.integers(0, 1 << bw, (n, c, 3, 3), dtype=np.uint8),

@@ -98,6 +98,11 @@ QC_INLINE void qc_store(const qc_job* j, int64_t m, int64_t n, int64_t rbase, in
     }
 }
 
+/* the outputs (row m, channels n..n+nc) of one register-tile row; s[c] is channel n+c's popcount sum */
+QC_INLINE void qc_store_row(const qc_job* j, int64_t m, int64_t n, int nc, int64_t rbase, const int64_t* s) {
+    for (int c = 0; c < nc; ++c) qc_store(j, m, n + c, rbase, s[c]);
+}
+
 /* bit t of the result = bit `bit` of byte t of v (a 0x01-per-byte gather by one multiply, no carries) */
 QC_INLINE uint64_t qc_gather8(uint64_t v, int bit) {
     return (((v >> bit) & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;

@@ -24,9 +24,20 @@ QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
     int64_t chunk = ((int64_t)32 << 20) / (j.a_stride * 8 + 4);
     if (chunk < 1) chunk = 1;
     if (chunk > batch) chunk = batch;
-    uint64_t* A = (uint64_t*)qc_alloc((size_t)(chunk * j.a_stride) * 8);  /* zeroed: padding words stay 0 */
-    int32_t* rowsum = (int32_t*)qc_alloc((size_t)chunk * 4);
-    if (!A || !rowsum) { free(A); free(rowsum); return QC_ERR_NOMEM; }
+    /* a small batch packs on the stack: no allocation per call (a visible share of a one-row call) */
+    uint64_t a_small[1024] __attribute__((aligned(64)));
+    int32_t rs_small[64];
+    const int small = chunk <= 64 && chunk * j.a_stride <= 1024;
+    uint64_t* A;
+    int32_t* rowsum;
+    if (small) {
+        A = a_small; rowsum = rs_small;
+        memset(A, 0, (size_t)(chunk * j.a_stride) * 8);  /* padding words stay 0 */
+    } else {
+        A = (uint64_t*)qc_alloc((size_t)(chunk * j.a_stride) * 8);  /* zeroed: padding words stay 0 */
+        rowsum = (int32_t*)qc_alloc((size_t)chunk * 4);
+        if (!A || !rowsum) { free(A); free(rowsum); return QC_ERR_NOMEM; }
+    }
     j.A = A; j.rowsum = rowsum;
     for (int64_t r0 = 0; r0 < batch; r0 += chunk) {
         const int64_t rows = batch - r0 < chunk ? batch - r0 : chunk;
@@ -34,7 +45,7 @@ QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
         j.M = rows; j.row0 = r0;
         qc_run_job(path, &j);
     }
-    free(A); free(rowsum);
+    if (!small) { free(A); free(rowsum); }
     return QC_OK;
 }
 

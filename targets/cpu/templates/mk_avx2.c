@@ -56,13 +56,24 @@ QC_TGT_AVX2 static inline void ${NAME}(const uint64_t* const a[${MR}], const uin
             }
         }
     }
+    /* horizontal sums, four channels per vector: (a0 a1 a2 a3) -> one ymm of their four lane totals */
 #pragma GCC unroll 16
-    for (int r = 0; r < ${MR}; ++r)
+    for (int r = 0; r < ${MR}; ++r) {
 #pragma GCC unroll 16
-        for (int c = 0; c < ${NR}; ++c) {
+        for (int c = 0; c + 4 <= ${NR}; c += 4) {
+            const __m256i t01 = _mm256_add_epi64(_mm256_unpacklo_epi64(acc[r][c], acc[r][c + 1]),
+                                                 _mm256_unpackhi_epi64(acc[r][c], acc[r][c + 1]));
+            const __m256i t23 = _mm256_add_epi64(_mm256_unpacklo_epi64(acc[r][c + 2], acc[r][c + 3]),
+                                                 _mm256_unpackhi_epi64(acc[r][c + 2], acc[r][c + 3]));
+            _mm256_storeu_si256((__m256i*)&out[r][c], _mm256_add_epi64(_mm256_permute2x128_si256(t01, t23, 0x20),
+                                                                       _mm256_permute2x128_si256(t01, t23, 0x31)));
+        }
+#pragma GCC unroll 16
+        for (int c = ${NR} / 4 * 4; c < ${NR}; ++c) {
             int64_t l[4];
             _mm256_storeu_si256((__m256i*)l, acc[r][c]);
             out[r][c] = l[0] + l[1] + l[2] + l[3];
         }
+    }
 }
 

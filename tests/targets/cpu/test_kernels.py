@@ -27,6 +27,7 @@ from qcompile.targets.cpu.build import simde_include_dir
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU target builds ELF libraries")
 
 GEMM_KS = [1, 63, 64, 65, 1000, 4096]
+SHORT_KS = [255, 256, 257]
 BITS = [(1, 1), (2, 1), (2, 2), (4, 4), (4, 1), (1, 2), (3, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2, W4A4, W1A4...
 
 
@@ -105,6 +106,23 @@ def _specs() -> list[LayerSpec]:
     ]
     for name, chw, kernel, strides, dil, bits in pools:
         specs.append(LayerSpec.maxpool(name, chw, kernel, strides, dil, bits=bits))
+    # short K around the AVX2 vector (4 words) and chunk edges, N a multiple of the 4-channel vector store and
+    # not, every epilogue (its own rng: the specs above keep their data)
+    rng = np.random.default_rng(255)
+    for i, k in enumerate(SHORT_KS):
+        for j, (ba, bw) in enumerate([(1, 1), (2, 1), (2, 2), (4, 4)]):
+            n = [8, 12, 36, 5][(i + j) % 4]
+            epi = epis[(i + j) % 3]
+            w = rng.integers(0, 1 << bw, size=(n, k), dtype=np.uint8)
+            bound = k * ((1 << ba) - 1) * (1 << bw)
+            specs.append(LayerSpec(f"gemm_a{ba}w{bw}_k{k}_n{n}_{epi}", "gemm", ba, bw, w,
+                                   _wzero2(rng, n, bw, asym=(i + j) % 2 == 1), epilogue=epi,
+                                   **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
+    for k, epi in [(256, "threshold"), (257, "float")]:
+        n = 12
+        specs.append(LayerSpec(f"gemm_xor_k{k}_{epi}", "gemm", 1, 1, rng.integers(0, 2, (n, k), dtype=np.uint8),
+                               np.ones(n, np.int32), xor_mode=True, epilogue=epi,
+                               **_epilogue(rng, n, epi, -k // 2, k // 2)))
     return specs
 
 
@@ -168,6 +186,16 @@ def test_layer_bit_exact(path_lib, name):
         want = expected(spec, x)
         assert y.dtype == want.dtype and y.shape == want.shape
         np.testing.assert_array_equal(y, want, err_msg=f"{name} path={path} batch={batch}")
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS if s.op == "gemm" and s.K <= 1000])
+def test_gemm_rows_1_to_17_bit_exact(path_lib, name):
+    """Every row count around the register tiles (full tiles, leftover rows, the small-batch stack buffer)."""
+    path, lib = path_lib
+    spec = BY_NAME[name]
+    for batch in range(1, 18):
+        x = make_input(spec, batch, seed=batch * 131 + len(name))
+        np.testing.assert_array_equal(lib.run(name, x), expected(spec, x), err_msg=f"{name} path={path} M={batch}")
 
 
 @settings(max_examples=25, deadline=None)
