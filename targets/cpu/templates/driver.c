@@ -47,8 +47,9 @@ static void qc_gemm_${PATH}_${MODE}(const qc_job* j) {
     const int64_t n_mb = (j->M + cx.mb - 1) / cx.mb;
     cx.nb = qc_cols_per_block(j, n_mb, ${NR});
     cx.n_nb = (j->N + cx.nb - 1) / cx.nb;
-    /* words ANDed+counted; below ~2^17 (~0.1 ms on one core) waking threads costs more than it saves */
+    /* words ANDed+counted; below ~2^13 (~10 us on one core; measured: at 2^14-2^17 two
+     * warm pool threads already beat one, e.g. W1A1 M=1 K=N=1024 18 -> 12 us) waking threads costs more than it saves */
     const int64_t work = j->M * j->N * cx.kwn * (j->ka * j->kb);
-    qc_parallel(work > (1 << 17) ? j->nthreads : 1, n_mb * cx.n_nb, qc_gemm_${PATH}_${MODE}_task, &cx);
+    qc_parallel(work > (1 << 13) ? j->nthreads : 1, n_mb * cx.n_nb, qc_gemm_${PATH}_${MODE}_task, &cx);
 }
 
