@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
-from pathlib import Path
+
+from _common import write_section
 
 from qcompile import api, datasets, evaluate
 
@@ -53,12 +53,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = Path(__file__).parent / "RESULTS.md") -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    heading = text.splitlines()[0]
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 if __name__ == "__main__":
@@ -68,4 +62,4 @@ if __name__ == "__main__":
     table = markdown(measure())
     print(table)
     if args.write:
-        write_section(table)
+        write_section(table.splitlines()[0], table)

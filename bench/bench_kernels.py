@@ -21,7 +21,6 @@ import ctypes
 import datetime
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import RESULTS, cpu_name, write_section  # noqa: E402  (bench/ is sys.path[0])
 
 from qcompile.runtime.kernels import Library
 from qcompile.targets.cpu import LayerSpec, build_library, caps
 from qcompile.targets.cpu.build import compiler_command
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## CPU bit kernels"
 
 PEAK_C = r"""
@@ -184,14 +183,6 @@ def _conv_model(c: int, h: int, w_: int, n: int, int8: bool, rng):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 BIT_PAIRS = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
@@ -272,7 +263,7 @@ def main(argv=None) -> int:
     c = caps.detect()
     sizes = [1024] if args.quick else [1024, 4096]
     mtime = 0.2 if args.quick else 0.5
-    print(f"machine: {_cpu_name()}, {c.cores} cores, kernel path {c.path}, int8 dot {c.int8_dot}", flush=True)
+    print(f"machine: {cpu_name()}, {c.cores} cores, kernel path {c.path}, int8 dot {c.int8_dot}", flush=True)
     load_before = os.getloadavg()
     peak: dict[str, tuple[float, float]] = {}
     res: dict[str, dict] = {}
@@ -311,7 +302,7 @@ def main(argv=None) -> int:
 
     table = _table(rows, peak_all)
     goals = _goals(rows, peak_all, sizes)
-    header = (f"{_cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{q['path']}` with {q['threads']} "
+    header = (f"{cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{q['path']}` with {q['threads']} "
               f"threads, int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, "
               f"numpy {np.__version__}; each library timed in its own process, best of {args.rounds} rounds; "
               f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
@@ -325,7 +316,7 @@ def main(argv=None) -> int:
     print()
     print(text)
     if args.write:
-        _write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
     return 0
 
@@ -389,11 +380,6 @@ def _caveats(c: caps.CpuCaps) -> str:
     return "Notes:\n" + "\n".join(f"- {n}" for n in notes)
 
 
-def _write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
 
 
 if __name__ == "__main__":

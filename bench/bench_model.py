@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import RESULTS, cpu_name, load_average, write_section  # noqa: E402  (bench/ is sys.path[0])
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Bundled models end to end"
 CASES = [("cnn", "w1a2", "bitserial"), ("cnn", "w1a2", None), ("cnn", "w2a2", "bitserial"), ("cnn", "w2a2", None),
          ("mlp", "w1a2", "bitserial"), ("mlp", "w1a2", None)]
@@ -115,21 +114,8 @@ def plan_summary(art: Path) -> str:
     return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "-"
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 def run(rounds: int) -> str:
@@ -141,7 +127,7 @@ def run(rounds: int) -> str:
         ct = compile_times(tmp)
         int8 = {}
         rows, steps = [], []
-        load_before = _load()
+        load_before = load_average()
         for model, config, kernel in CASES:
             art = tmp / f"{model}-{config}-{kernel or 'planner'}"
             _compile(model, config, kernel, art)
@@ -157,10 +143,10 @@ def run(rounds: int) -> str:
                 rows.append((model, config, kernel or f"planner ({plan_summary(art)})", batch, r))
                 print(f"{model} {config} {kernel or 'planner'} b{batch}: " +
                       ", ".join(f"{k} {v:.2f} ms" for k, v in r.items()), file=sys.stderr)
-        load_after = _load()
+        load_after = load_average()
     lines.append(SECTION)
     lines.append("")
-    lines.append(f"`python bench/bench_model.py --write` on {_cpu()}, {os.cpu_count()} cores (load average "
+    lines.append(f"`python bench/bench_model.py --write` on {cpu_name()}, {os.cpu_count()} cores (load average "
                  f"{load_before} before, {load_after} after). Times in ms, best of {rounds} interleaved rounds; "
                  "ratios are onnxruntime's time over qcompile's (higher = qcompile faster).")
     lines.append("")
@@ -186,12 +172,6 @@ def run(rounds: int) -> str:
     return "\n".join(lines)
 
 
-def _write_section(text: str) -> None:
-    """Replace only this script's section of RESULTS.md (the other sections belong to other scripts)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.write_text(new)
 
 
 def main(argv=None) -> int:
@@ -202,7 +182,7 @@ def main(argv=None) -> int:
     text = run(args.rounds)
     print(text)
     if args.write:
-        _write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
     return 0
 

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -31,23 +30,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import RESULTS, cpu_name, write_section  # noqa: E402  (bench/ is sys.path[0])
 from qcompile.runtime.kernels import Library
 from qcompile.targets.cpu import LayerSpec, build_library, tvm_gen
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## TVM generator vs C generator"
 BIT_PAIRS = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
 MS = (1, 16, 256)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _git_rev() -> str:
@@ -134,7 +125,7 @@ def main(argv=None) -> int:
         import tvm
 
         threads = os.environ.get("TVM_NUM_THREADS", "?")
-        print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; C path {lib.selected_path()} with "
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores; C path {lib.selected_path()} with "
               f"{lib.num_threads()} threads; TVM {tvm.__version__} mcpu={target['mcpu']}, {style} popcount, "
               f"{threads} threads; "
               f"build: C {c_build:.1f} s, TVM {tvm_build:.1f} s ({2 * len(layers)} kernels)", flush=True)
@@ -175,7 +166,7 @@ def main(argv=None) -> int:
     table = _table(rows)
     text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_tvm.py` (repo at "
             f"{_git_rev()}) on "
-            f"{_cpu_name()} ({_simd()}), {os.cpu_count()} cores ({platform.machine()}); C library path "
+            f"{cpu_name()} ({_simd()}), {os.cpu_count()} cores ({platform.machine()}); C library path "
             f"`{lib.selected_path()}` with {lib.num_threads()} threads; TVM {tvm.__version__} (LLVM, "
             f"mcpu={target['mcpu']}, `{style}` popcount kernels) with {threads} threads; numpy {np.__version__}. "
             f"All timed end to end (uint8 codes in, int32 out) in one process, interleaved, best of {rounds} rounds "
@@ -188,7 +179,7 @@ def main(argv=None) -> int:
     print()
     print(text)
     if args.write:
-        _write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
     return 0
 
@@ -211,11 +202,6 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def _write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
 
 
 if __name__ == "__main__":
