@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnxscript.optimizer
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
+
+from qcompile.passes.graph_utils import remove_dead
 
 fold_bn_rules = RewriteRuleSet([
     fuse_batchnorm_into_conv_rule,   # Conv(x, W, b) -> BN  ==  Conv(x, W*g/s, (b-mean)*g/s + beta)
@@ -74,9 +75,7 @@ class RemoveDeadCode:
 
     def __call__(self, model: ir.Model, ctx) -> bool:
         before = (model.graph.num_nodes(), len(model.graph.initializers))
-        RemoveUnusedNodesPass()(model)
-        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-            del model.graph.initializers[name]
+        remove_dead(model)
         return (model.graph.num_nodes(), len(model.graph.initializers)) != before
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses
+from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses, remove_dead
 
 DOMAIN = "ai.qcompile"
 
@@ -192,10 +192,7 @@ class FuseBitKernels:
                 notes[name] = f"fused: {node.op_type} W{layer.bits_w}A{layer.bits_a}, float epilogue"
             fused += 1
         if fused:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-            RemoveUnusedNodesPass()(model)
-            for value in [v for v in graph.initializers.values() if not v.uses()]:
-                del graph.initializers[value.name]
+            remove_dead(model)
             if all(imp != DOMAIN for imp in graph.opset_imports):
                 graph.opset_imports[DOMAIN] = 1
                 model.opset_imports[DOMAIN] = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
@@ -44,3 +45,11 @@ def redirect_uses(old: ir.Value, new: ir.Value) -> None:
 
 def node_label(node: ir.Node) -> str:
     return node.name or f"{node.op_type}@{id(node):x}"
+
+
+def remove_dead(model: ir.Model) -> None:
+    """Drop nodes whose outputs nothing reads, then initializers nothing reads (graph outputs are kept)."""
+    RemoveUnusedNodesPass()(model)
+    graph = model.graph
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        del graph.initializers[name]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.graph_utils import add_const, const_array, redirect_uses
+from qcompile.passes.graph_utils import add_const, const_array, redirect_uses, remove_dead
 
 
 class LowerToInt8:
@@ -43,8 +43,5 @@ class LowerToInt8:
             done += 1
             ctx.fuse_notes[name] = (
                 f"int8: {op.op_type} on codes (onnxruntime), exact integer accumulator")
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
-        RemoveUnusedNodesPass()(model)
-        for value in [v for v in graph.initializers.values() if not v.uses()]:
-            del graph.initializers[value.name]
+        remove_dead(model)
         return done > 0

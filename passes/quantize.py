@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import ConstantTensorError, QuantizationError
-from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses
+from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses, remove_dead
 from qcompile.quant import registry
 from qcompile.quant.core import QuantizedTensor
 
@@ -159,8 +159,7 @@ class QuantizeLayers:
             ctx.layers[name] = QuantizedLayer(name, node.op_type, plan.bits_w, plan.bits_a, plan.quantizer, qw,
                                               w_nk, float(clip), mult, bias, clip_source)
             modified = True
-        for value in [v for n, v in graph.initializers.items() if not v.uses()]:
-            del graph.initializers[value.name]
+        remove_dead(model)
         return modified
 
     @staticmethod
