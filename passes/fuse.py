@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses, remove_dead
+from qcompile.passes.quantize import core_name
 
 DOMAIN = "ai.qcompile"
 
@@ -128,7 +129,7 @@ class FuseBitKernels:
         for name, layer in reversed(list(ctx.layers.items())):
             if self.layers is not None and name not in self.layers:
                 continue
-            core = next((n for n in graph if n.name == f"{name}_int"), None)
+            core = next((n for n in graph if n.name == core_name(name)), None)
             if core is None:
                 notes[name] = "quantized layer not found in the graph"
                 continue

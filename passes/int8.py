@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.graph_utils import add_const, const_array, redirect_uses, remove_dead
+from qcompile.passes.quantize import core_name
 
 
 class LowerToInt8:
@@ -21,7 +22,7 @@ class LowerToInt8:
         graph = model.graph
         done = 0
         for name in self.layers:
-            core = next((n for n in graph if n.name == f"{name}_int"), None)
+            core = next((n for n in graph if n.name == core_name(name)), None)
             if core is None:
                 continue
             codes_dq, w_dq = core.inputs[0].producer(), core.inputs[1].producer()

@@ -70,6 +70,12 @@ class QuantizedLayer:
         return -(-self.float_weight.size * self.bits_w // 8) + 4 * n + 4 * self.bias.size  # codes + mult + bias
 
 
+def core_name(layer: str) -> str:
+    """Name of the integer Conv/Gemm/MatMul node that quantize writes for `layer`; fuse and int8 lowering find it by
+    this name."""
+    return f"{layer}_int"
+
+
 def weight_bias_correction(w: np.ndarray, wq: np.ndarray, x_mean: np.ndarray) -> np.ndarray:
     """E[W x] - E[Wq x] per output channel, from the calibration mean of each input channel.
 
@@ -147,7 +153,7 @@ class QuantizeLayers:
             one = add_const(graph, f"{name}_one", np.float32(1.0))
             w_dq = ir.node("DequantizeLinear", [w_int, one], name=f"{name}_wdq")
             attrs = {k: v for k, v in node.attributes.items()}
-            core = ir.node(node.op_type, [x_q, w_dq.outputs[0]], attributes=attrs, name=f"{name}_int")
+            core = ir.node(node.op_type, [x_q, w_dq.outputs[0]], attributes=attrs, name=core_name(name))
             shape = (1, n_out, 1, 1) if node.op_type == "Conv" else (n_out,)
             mul = ir.node("Mul", [core.outputs[0], add_const(graph, f"{name}_mult", mult.reshape(shape))],
                           name=f"{name}_scale")

@@ -28,6 +28,7 @@ from qcompile.errors import ConfigError
 from qcompile.fileio import sha256_file
 from qcompile.partition import partition
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+from qcompile.passes.quantize import core_name
 
 SCHEMA = "qcompile.artifact"
 SCHEMA_VERSION = 1
@@ -54,7 +55,7 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
 
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in onnx.shape_inference.infer_shapes(fakequant).graph.value_info}
-    core_input = {n.name[:-len("_int")]: n.input[0] for n in fakequant.graph.node if n.name.endswith("_int")}
+    core_input = {n.name: n.input[0] for n in fakequant.graph.node if n.input}
     inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
     specs, produced = [], {}  # output value -> (spec that writes it, bits of its codes)
     for node in fused.graph.node:
@@ -71,7 +72,7 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
         _, w, wzero2, mult, bias, thr = arrays[:6]
         attrs = {a.name: _attr(node, a.name) for a in node.attribute}
         attrs["epilogue"] = attrs["epilogue"].decode() if isinstance(attrs["epilogue"], bytes) else attrs["epilogue"]
-        in_shape = shapes[core_input[node.name]][1:]
+        in_shape = shapes[core_input[core_name(node.name)]][1:]
         specs.append(LayerSpec.from_node(node.name, node.op_type, attrs, w, wzero2, in_shape=in_shape,
                                          mult=mult, bias=bias, thresholds=thr))
         produced[node.output[0]] = (specs[-1], int(attrs.get("bits_out") or 8))

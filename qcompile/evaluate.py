@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import CalibrationError, ModelLoadError
+from qcompile.passes.calibrate import session_options
 
 
 def load_labelled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -27,8 +28,7 @@ def load_labelled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def session(model: str | Path | onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so = session_options()
     try:
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])

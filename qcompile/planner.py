@@ -90,9 +90,10 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from qcompile.passes.calibrate import session_options
+
     rng = np.random.default_rng(0)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so = session_options()
     out = {}
     for spec in specs:
         x = rng.integers(0, 2 ** spec.bits_a, (batch, *spec.in_shape), dtype=np.uint8)
