@@ -28,12 +28,17 @@ PATH_NAMES = ("generic", "avx2", "avx512")
 _ERRORS = {-1: "path", -2: "out of memory", -3: "bad argument"}
 
 
+_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
+
+
 def _address(a: np.ndarray) -> int:
     """The data pointer of a C-contiguous array. ``a.ctypes.data`` builds a ctypes helper object (several us, a
     noticeable share of a small layer's call); a writable array's buffer gives the address directly."""
-    if a.flags.writeable and a.size:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
-    return a.ctypes.data
+    try:
+        return _addressof(_from_buffer(a))
+    except (TypeError, ValueError):  # read-only or empty
+        return a.ctypes.data
 
 
 class KernelPathError(QcompileError):
@@ -74,6 +79,7 @@ class Library:
         self.manifest = json.loads(raw.decode())
         self.layers: dict[str, LayerInfo] = {}
         self._calls = {}
+        self._fast = {}
         for name, m in self.manifest["layers"].items():
             info = LayerInfo(name=name, symbol=m["symbol"], op=m["op"], in_shape=tuple(m["in_shape"]),
                              out_shape=tuple(m["out_shape"]), out_dtype=np.dtype(m["out_dtype"]),
@@ -84,6 +90,8 @@ class Library:
                 raise ArtifactError(f"{self.path}: layer {name!r} has no function {info.symbol}") from e
             self.layers[name] = info
             self._calls[name] = fn
+            # what run()'s fast path needs, in one lookup: (info, fn, input ndim, per-sample input/output shape)
+            self._fast[name] = (info, fn, len(info.in_shape) + 1, info.in_shape, info.out_shape, info.out_dtype)
         self._selected = self._fn("qc_selected_path", ctypes.c_int, [])
         self._available = self._fn("qc_path_available", ctypes.c_int, [ctypes.c_int])
         self._threads = self._fn("qc_threads", ctypes.c_int, [])
@@ -130,22 +138,22 @@ class Library:
         Returns int32 acc, float32 or uint8 codes by the layer's epilogue, shaped [batch, *out_shape].
         ``check`` verifies every code is below 2^bits_a (the kernels would silently drop higher bits).
         """
-        info = self.layers.get(layer)
-        if info is None:
+        fast = self._fast.get(layer)
+        if fast is None:
             raise RuntimeInputError(f"no layer {layer!r} in {self.path.name}; it has {', '.join(self.layers)}")
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
-                and x.ndim == len(info.in_shape) + 1 and x.shape[1:] == info.in_shape
-                and (batch is None or batch == x.shape[0])):
+        info, fn, ndim, in_shape, out_shape, out_dtype = fast
+        # the fast path (a few us matter for a one-row call): uint8, C-contiguous, [batch, *in_shape]
+        if not (type(x) is np.ndarray and x.dtype == np.uint8 and x.ndim == ndim and x.shape[1:] == in_shape
+                and x.flags.c_contiguous and (batch is None or batch == x.shape[0])):
             x, batch = self._coerce(info, x, batch)  # the slow path: reshape, cast, complain
-        batch = x.shape[0] if batch is None else int(batch)
+        batch = x.shape[0]
         if check and x.size and int(x.max()) >= 1 << info.bits_a:
             raise RuntimeInputError(f"layer {layer!r}: input codes exceed {info.bits_a} bits (max {int(x.max())})")
-        shape = (batch, *info.out_shape)
         if out is None:
-            out = np.empty(shape, dtype=info.out_dtype)
-        elif out.shape != shape or out.dtype != info.out_dtype or not out.flags.c_contiguous:
-            raise RuntimeInputError(f"layer {layer!r}: out must be C-contiguous {info.out_dtype} {shape}")
-        rc = self._calls[layer](_address(x), _address(out), batch)
+            out = np.empty((batch, *out_shape), dtype=out_dtype)
+        elif out.shape != (batch, *out_shape) or out.dtype != out_dtype or not out.flags.c_contiguous:
+            raise RuntimeInputError(f"layer {layer!r}: out must be C-contiguous {out_dtype} {(batch, *out_shape)}")
+        rc = fn(_address(x), _address(out), batch)
         if rc == -1:
             raise KernelPathError(
                 f"QCOMPILE_CPU_PATH={os.environ.get('QCOMPILE_CPU_PATH')!r} is not available on this CPU "

@@ -47,6 +47,9 @@ STORE_ROW = {"avx512": "qc_store_row", "avx2": "qc_store_row_avx2", "generic": "
 KWN = {"avx512": "j->kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
 # (output pixels, channels) of the direct conv's register tile
 DIRECT_TILE = (4, 2)
+# (rows, channels) of the per-layer BitGemm kernel's register tile (layer_dgemm.c): 2x4 keeps the eight counters,
+# the two base pointers and the loop index in x86-64's general registers (2x4 measured best of 2x3..4x4)
+GEMM_TILE = (2, 4)
 TGT = {"avx512": "AVX512", "avx2": "AVX2", "generic": "GENERIC"}
 
 
@@ -156,8 +159,11 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
                   MODE=_mode(spec), EPI=EPI_C[spec.epilogue], OUT_CTYPE=OUT_CTYPE[spec.epilogue],
                   L=max(spec.L, 1), N=spec.N, KWORDS=packing.n_words(spec.K),
                   **{f"OFF_{k}": v for k, v in offsets.items()})
+    out_c = {"none": "int32_t", "float": "float", "threshold": "uint8_t"}[spec.epilogue]
     if spec.op == "gemm":
-        return _template("layer_gemm.c").substitute(common, K=spec.K)
+        gmr, gnr = GEMM_TILE
+        direct = _template("layer_dgemm.c").substitute(common, GMR=gmr, GNR=gnr, OUT_CTYPE_C=out_c)
+        return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c)
     c, h, w = spec.in_shape
     ho, wo = spec.out_hw
     if spec.op == "maxpool":
@@ -177,7 +183,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         direct_code = _template("layer_dconv.c").substitute(
             common, **_direct_geometry(spec), C=c, H=h, W=w, DMR=mr, DNR=nr, STORE=store,
             THR_SIMD=int(spec.epilogue == "threshold"),
-            OUT_CTYPE_C={"none": "int32_t", "float": "float", "threshold": "uint8_t"}[spec.epilogue])
+            OUT_CTYPE_C=out_c)
         direct_call = f"    if (path != QC_PATH_AVX512) return {cname}_direct(x, y, batch, path);\n"
     return _template("layer_conv.c").substitute(
         common, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,

@@ -3,8 +3,9 @@
  * Bit-plane GEMM/conv kernels for the ai.qcompile BitGemm/BitConv ops (docs/ops.md).
  *   acc[m][n] = 2 * sum_{i<ka, j<kb} 2^(i+j) popcount(A_i[m] AND W_j[n]) - wzero2[n] * rowsum[m]
  * A_i[m] is bit plane i of activation row m, W_j[n] bit plane j of weight row n, 64 elements per uint64 word,
- * little-endian bit order, zero tail. Three code paths (AVX-512 VPOPCNTDQ, AVX2 vpshufb nibble LUT, portable
- * __builtin_popcountll), each compiled with its own target attribute and picked at call time by
+ * little-endian bit order, zero tail. Three code paths (AVX-512 VPOPCNTDQ; AVX2 = hardware POPCNT in the per-layer
+ * BitGemm/direct-conv kernels and a vpshufb nibble LUT in the core; portable __builtin_popcountll), each compiled
+ * with its own target attribute and picked at call time by
  * __builtin_cpu_supports, overridable with QCOMPILE_CPU_PATH=avx512|avx2|generic.
  * Threads: a small pthread pool that hands out tasks by an atomic counter (qc_parallel in core.c).
  * Build with -ffp-contract=off: the float epilogue is a float32 multiply then a separate float32 add.

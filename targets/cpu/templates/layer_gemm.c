@@ -3,7 +3,7 @@
 __asm__(".section .rodata\n.balign 64\nqc_blob_${CNAME}:\n.incbin \"${BLOB}\"\n.previous\n");
 extern const uint8_t qc_blob_${CNAME}[] __attribute__((visibility("hidden")));
 
-QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
     enum { K = ${K}, N = ${N}, KA = ${KA}, KB = ${KB}, KWP = ${KWP}, L = ${L} };
     if (!x || !y || batch < 0) return QC_ERR_ARG;
     if (batch == 0) return QC_OK;
@@ -42,6 +42,11 @@ QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
     for (int64_t r0 = 0; r0 < batch; r0 += chunk) {
         const int64_t rows = batch - r0 < chunk ? batch - r0 : chunk;
         qc_pack_rows(path, x + r0 * K, rows, K, KA, ${MODE} != QC_AND, KWP, A, rowsum, j.nthreads);
+        if (path != QC_PATH_AVX512) {  /* this layer's own kernel (layer_dgemm.c) */
+            ${CNAME}_gemm_direct(A, rowsum, rows, (uint8_t*)y + r0 * N * (int64_t)sizeof(${OUT_CTYPE_C}), path,
+                                 j.nthreads);
+            continue;
+        }
         j.M = rows; j.row0 = r0;
         qc_run_job(path, &j);
     }

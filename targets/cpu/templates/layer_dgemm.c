@@ -1,0 +1,132 @@
+/* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (generic and AVX2
+ *      paths; the AVX-512 path runs the core's vector kernels). Scalar popcount (hardware POPCNT on the AVX2 path)
+ *      over ${KWORDS} word(s) per plane; register tile ${GMR} rows x ${GNR} channels, each row and each weight one
+ *      constant stride from a single base pointer, so the tile's counters stay in registers. Why not the core's
+ *      AVX2 nibble-table kernel: on a CPU that runs POPCNT on every integer ALU (AMD Zen) scalar popcount is
+ *      faster, and with K known the per-tile overhead (plane loops, strides, epilogue dispatch) compiles away,
+ *      which is what short K (1024 bits = 16 words) needs (bench/RESULTS.md). ---- */
+enum { ${CNAME}_GKA = ${KA}, ${CNAME}_GKB = ${KB}, ${CNAME}_GKWP = ${KWP}, ${CNAME}_GKW = ${KWORDS},
+       ${CNAME}_GN = ${N}, ${CNAME}_GL = ${L}, ${CNAME}_GMODE = ${MODE}, ${CNAME}_GEPI = ${EPI} };
+
+typedef struct {
+    const uint64_t* A;       /* packed activation rows [M][KA][KWP] */
+    const int32_t* rowsum;   /* [M] */
+    ${OUT_CTYPE_C}* y;       /* [M][N] */
+    int64_t M, mb, nb, n_nb; /* rows, rows per block, channels per block, channel blocks */
+} ${CNAME}_gctx;
+
+/* mr rows x nr channels (constants after inlining) of popcount sums, plane pairs weighted 2^(i+j) */
+QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, const int nr,
+                            uint64_t acc[${GMR}][${GNR}]) {
+    enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, KW = ${CNAME}_GKW, MODE = ${CNAME}_GMODE,
+           AS = KA * KWP, WS = KB * KWP, APL_ = MODE == QC_AND ? KA : 1, BPL = MODE == QC_AND ? KB : 1 };
+    for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c) acc[r][c] = 0;
+#pragma GCC unroll 1
+    for (int i = 0; i < APL_; ++i)
+#pragma GCC unroll 1
+        for (int j = 0; j < BPL; ++j) {
+            uint64_t cnt[${GMR}][${GNR}];
+            for (int r = 0; r < mr; ++r)
+                for (int c = 0; c < nr; ++c) cnt[r][c] = 0;
+            const uint64_t* ap = a + i * KWP;
+            const uint64_t* wp = w + j * KWP;
+#pragma GCC unroll 4
+            for (int k = 0; k < KW; ++k)
+                for (int r = 0; r < mr; ++r) {
+                    const uint64_t av = ap[r * AS + k];
+                    for (int c = 0; c < nr; ++c)
+                        cnt[r][c] += (uint64_t)__builtin_popcountll(MODE == QC_AND ? av & wp[c * WS + k]
+                                                                                   : av ^ wp[c * WS + k]);
+                }
+            for (int r = 0; r < mr; ++r)
+                for (int c = 0; c < nr; ++c) acc[r][c] += cnt[r][c] << (i + j);
+        }
+}
+
+/* one block: rows [bm*mb, +mb) x channels [bn*nb, +nb); the block's activation rows stay in L1 while the
+ * channel tiles pass over them */
+QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t) {
+    enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, N = ${CNAME}_GN, L = ${CNAME}_GL,
+           MODE = ${CNAME}_GMODE, EPI = ${CNAME}_GEPI, MR = ${GMR}, NR = ${GNR} };
+    const ${CNAME}_gctx* cx = (const ${CNAME}_gctx*)vctx;
+    const uint64_t* W = (const uint64_t*)(qc_blob_${CNAME} + ${OFF_W});
+    const int32_t* wz2 = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2});
+    const float* mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
+    const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
+    const int32_t* thr = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THR});
+    const int64_t bm = t / cx->n_nb, bn = t - bm * cx->n_nb;
+    const int64_t m_lo = bm * cx->mb, m_hi = m_lo + cx->mb < cx->M ? m_lo + cx->mb : cx->M;
+    const int64_t n_lo = bn * cx->nb, n_hi = n_lo + cx->nb < N ? n_lo + cx->nb : N;
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += NR) {
+        const int nc = n_hi - n0 < NR ? (int)(n_hi - n0) : NR;
+        const uint64_t* w = W + n0 * (int64_t)KB * KWP;
+        for (int64_t m0 = m_lo; m0 < m_hi; m0 += MR) {
+            const int mr = m_hi - m0 < MR ? (int)(m_hi - m0) : MR;
+            const uint64_t* a = cx->A + m0 * (int64_t)KA * KWP;
+            uint64_t acc[MR][NR];
+            if (mr == MR && nc == NR) ${CNAME}_gmk(a, w, MR, NR, acc);
+            else if (nc == NR) for (int r = 0; r < mr; ++r) ${CNAME}_gmk(a + r * KA * KWP, w, 1, NR, (uint64_t (*)[NR])acc[r]);
+            else for (int r = 0; r < mr; ++r)
+                for (int c = 0; c < nc; ++c) {
+                    uint64_t one[MR][NR];
+                    ${CNAME}_gmk(a + r * KA * KWP, w + c * KB * KWP, 1, 1, one);
+                    acc[r][c] = one[0][0];
+                }
+            for (int r = 0; r < mr; ++r) {
+                const int64_t m = m0 + r;
+                const int32_t rs = cx->rowsum[m];
+                ${OUT_CTYPE_C}* yo = cx->y + m * N;
+                for (int c = 0; c < nc; ++c) {
+                    const int64_t n = n0 + c, s = (int64_t)acc[r][c];
+                    /* int64 then truncated to int32, exactly as qc_store and the reference */
+                    const int32_t v = (int32_t)(MODE == QC_AND ? 2 * s - (int64_t)wz2[n] * rs : (int64_t)rs - 2 * s);
+                    if (EPI == QC_EPI_NONE) {
+                        yo[n] = (${OUT_CTYPE_C})v;
+                    } else if (EPI == QC_EPI_FLOAT) {
+                        float f = (float)v;
+                        f = f * mult[n];  /* float32 multiply, then a separate add: no FMA (-ffp-contract=off) */
+                        f = f + bias[n];
+                        yo[n] = (${OUT_CTYPE_C})f;
+                    } else {
+                        int q8 = 0;
+                        for (int q = 0; q < L; ++q) q8 += v >= thr[n * L + q];
+                        yo[n] = (${OUT_CTYPE_C})q8;
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void ${CNAME}_gtask_generic(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t); }
+#if defined(QC_X86)
+__attribute__((target("popcnt"))) static void ${CNAME}_gtask_popcnt(const void* vctx, int64_t t) {
+    ${CNAME}_gtask(vctx, t);
+}
+#endif
+
+/* packed rows [M] -> y [M][N] on up to nt threads */
+static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64_t M, void* y, int path, int nt) {
+    enum { AS = ${CNAME}_GKA * ${CNAME}_GKWP, N = ${CNAME}_GN, MR = ${GMR}, NR = ${GNR} };
+    ${CNAME}_gctx cx = {A, rowsum, (${OUT_CTYPE_C}*)y, M, 0, 0, 0};
+    /* a block's packed rows fill at most ~24 KiB of L1 */
+    int64_t mb = 24576 / (AS * 8);
+    mb = mb < MR ? MR : mb > 256 ? 256 : mb;
+    mb = (mb + MR - 1) / MR * MR;
+    const int64_t n_mb = (M + mb - 1) / mb;
+    /* enough blocks for every thread (x4 for balance), at most 64 channels each, a multiple of NR */
+    const int64_t want = 4 * (int64_t)nt, split = (want + n_mb - 1) / n_mb;
+    int64_t nb = split > 1 ? (N + split - 1) / split : 64;
+    nb = nb > 64 ? 64 : nb < NR ? NR : nb;
+    nb = (nb + NR - 1) / NR * NR;
+    cx.mb = mb; cx.nb = nb; cx.n_nb = (N + nb - 1) / nb;
+    qc_task_fn fn = ${CNAME}_gtask_generic;
+#if defined(QC_X86)
+    if (path != QC_PATH_GENERIC) fn = ${CNAME}_gtask_popcnt;
+#endif
+    /* below ~2^13 words of work (~10 us on one core) waking threads costs more than it saves */
+    const int64_t work = M * N * ${CNAME}_GKW * (${CNAME}_GMODE == QC_AND ? ${CNAME}_GKA * ${CNAME}_GKB : 1);
+    qc_parallel(work > (1 << 13) ? nt : 1, n_mb * cx.n_nb, fn, &cx);
+}
+
