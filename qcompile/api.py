@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,7 @@ class CompileResult:
     ctx: CompileContext
     report: dict = field(default_factory=dict)
     lowered: Any = None                   # qcompile.artifact.Lowered when a target was given
+    _weights_png: Any = field(default=None, repr=False)  # a Future of weights.png drawn while the kernels build
 
     @property
     def manifest(self) -> dict | None:
@@ -60,8 +63,26 @@ class CompileResult:
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
             (tmp / "report.md").write_text(report_mod.to_markdown(self.report))
             if plots and self.ctx.layers:
-                report_mod.plot_weights(self.ctx.layers, tmp / "weights.png")
+                png = self._weights_png.result() if self._weights_png is not None else None
+                if png is not None:
+                    (tmp / "weights.png").write_bytes(png)
+                else:
+                    report_mod.plot_weights(self.ctx.layers, tmp / "weights.png")
         return Path(out_dir)
+
+
+def _background(fn, *args) -> Future:
+    """fn(*args) on a daemon thread; the Future holds its result, or None if it failed (the caller redoes it)."""
+    fut: Future = Future()
+
+    def work():
+        try:
+            fut.set_result(fn(*args))
+        except Exception:  # noqa: BLE001 - a figure must never fail a compile; save() draws it again and reports
+            fut.set_result(None)
+
+    threading.Thread(target=work, name="qcompile-plot", daemon=True).start()
+    return fut
 
 
 def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: Any = None,
@@ -80,6 +101,10 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
     proto = load_model(model)
     irm = ir.from_proto(proto)
     check_weights_finite(irm)
+    if target is not None and target.split(":")[0] == "cpu":
+        from qcompile.targets.cpu.build import prebuild_core
+
+        prebuild_core()  # the kernel core does not depend on the model: its C build overlaps the passes below
     ctx = CompileContext(config=cfg, source=str(model), calib=as_reader(calib), target=target, progress=progress)
     run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
     ctx.float_model = ir.to_proto(irm)
@@ -91,6 +116,8 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
 
         if progress:
             progress(f"lower to {target}")
+        if ctx.layers and not autotune:  # draw the figure while the C compiler runs (not while timing kernels)
+            result._weights_png = _background(report_mod.weights_png, ctx.layers)
         result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
         result.report["plan"] = result.lowered.manifest["plan"]
     return result

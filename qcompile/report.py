@@ -114,19 +114,22 @@ def print_report(report: dict, console=None) -> None:
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
 
-def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
-    """Per layer: the weight histogram with each quantizer's bin edges, and level occupancy, uniform vs balanced."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def weights_png(layers: dict, max_layers: int = 4) -> bytes:
+    """Per layer: the weight histogram with each quantizer's bin edges, and level occupancy, uniform vs balanced.
+    Uses matplotlib's Figure without pyplot (no global state), so it may run on a background thread."""
+    import io
+
+    from matplotlib.figure import Figure
 
     from qcompile.quant import registry
 
     chosen = list(layers.values())[:max_layers]
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 3.2 * len(chosen)), squeeze=False)
+    fig = Figure(figsize=(11, 3.2 * max(len(chosen), 1)))
+    axes = fig.subplots(max(len(chosen), 1), 2, squeeze=False)
     for row, q in zip(axes, chosen):
         w = q.float_weight.ravel()
-        row[0].hist(w, bins=120, color="0.6")
+        counts, edges = np.histogram(w, bins=120)
+        row[0].stairs(counts, edges, fill=True, color="0.6")  # one artist, not 120 bars: the plot's cost is artists
         row[0].set_title(f"{q.node}: weight histogram; lines = channel 0's levels "
                          "(blue uniform, orange balanced)", fontsize=9)
         width = 0.38
@@ -140,10 +143,18 @@ def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
         row[1].axhline(1 / 2 ** q.bits_w, color="k", lw=0.8, ls="--", label="equal share")
         row[1].set_xticks(levels)
         row[1].set_title("fraction of weights per level (uniform vs balanced)", fontsize=9)
-        row[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        row[1].legend(fontsize=8, loc="upper right")  # loc="best" searches for a free spot: slow
+    # fixed margins: tight_layout re-measures every label several times (seconds for a 4-layer figure)
+    fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.35 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(),
+                        hspace=0.45, wspace=0.18)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
+    """weights_png() written to ``path``."""
+    Path(path).write_bytes(weights_png(layers, max_layers))
     return Path(path)
 
 

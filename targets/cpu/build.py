@@ -22,16 +22,18 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
 from qcompile.errors import ToolchainError
 
-from .codegen import generate
+from .codegen import core_source, generate
 from .spec import LayerSpec
 
-__all__ = ["CFLAGS", "compiler_command", "build_library", "simde_include_dir"]
+__all__ = ["CFLAGS", "compiler_command", "build_library", "prebuild_core", "simde_include_dir"]
 
 CFLAGS = ("-O3", "-fPIC", "-ffp-contract=off", "-pthread", "-fvisibility=hidden", "-std=gnu11",
           "-Werror=implicit-function-declaration")
@@ -92,14 +94,37 @@ def _compiler_id(argv: list[str]) -> str:
         return ""
 
 
-def _core_object(argv: list[str], flags: list[str], source: str, out: Path, name: str, timeout: float) -> Path:
-    """The compiled kernel core: from the cache when an identical build exists, else compiled (and cached)."""
-    key = hashlib.sha256("\0".join([source, *argv, *flags, _compiler_id(argv)]).encode()).hexdigest()[:24]
+# core builds running now (cache key -> Future of the cached object), so a build that starts while prebuild_core()
+# is compiling the same core waits for it instead of compiling it a second time
+_inflight: dict[str, Future] = {}
+_inflight_lock = threading.Lock()
+
+
+def _core_key(argv: list[str], flags: list[str], source: str) -> str:
+    return hashlib.sha256("\0".join([source, *argv, *flags, _compiler_id(argv)]).encode()).hexdigest()[:24]
+
+
+def _core_object(argv: list[str], flags: list[str], source: str, out: Path, name: str, timeout: float,
+                 wait_inflight: bool = True) -> Path:
+    """The compiled kernel core: from the cache when an identical build exists (or is being built by
+    prebuild_core), else compiled here (and cached)."""
+    key = _core_key(argv, flags, source)
     cache = _cache_dir()
     cached = cache / f"core-{key}.o" if cache else None
     if cached is not None and cached.is_file():
         return cached
+    with _inflight_lock:
+        pending = _inflight.get(key) if wait_inflight else None
+    if pending is not None:
+        try:
+            obj = pending.result()
+            if obj.is_file():
+                return obj
+        except ToolchainError:
+            pass  # compile it here: the error then belongs to this build
     c_file = out / f"{name}_core.c"
+    if not c_file.is_file():
+        c_file.write_text(source)
     obj = out / f"{name}_core.o"
     _run([*argv, *flags, "-c", "-o", obj.name, c_file.name], out, timeout, str(c_file))
     if cached is not None:
@@ -108,7 +133,47 @@ def _core_object(argv: list[str], flags: list[str], source: str, out: Path, name
         shutil.copyfile(obj, tmp)
         os.replace(tmp, cached)  # atomic: concurrent builds never see half a file
         _prune(cache, keep=8)
+        return cached
     return obj
+
+
+def prebuild_core(*, timeout: float = 600.0) -> Future | None:
+    """Start compiling the kernel core into the cache on a background thread, if it is not cached yet.
+
+    The core does not depend on the model, so the compiler starts it before the quantization passes run and the
+    ~6 s C build overlaps them. Returns the Future of the cached object, or None when there is nothing to do (no
+    cache folder, no compiler: build_library reports that) or it is cached already."""
+    cache = _cache_dir()
+    try:
+        argv = compiler_command()
+    except ToolchainError:
+        return None
+    if cache is None:
+        return None
+    flags, source = list(CFLAGS), core_source()
+    key = _core_key(argv, flags, source)
+    if (cache / f"core-{key}.o").is_file():
+        return None
+    with _inflight_lock:
+        if key in _inflight:
+            return _inflight[key]
+        fut: Future = Future()
+        _inflight[key] = fut
+
+    def work() -> None:
+        # the scratch folder lives in the cache, so a process that exits mid-build leaves it where _prune finds it
+        tmp = Path(tempfile.mkdtemp(prefix="prebuild-", dir=cache))
+        try:
+            fut.set_result(_core_object(argv, flags, source, tmp, "prebuild", timeout, wait_inflight=False))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the Future
+            fut.set_exception(exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with _inflight_lock:
+                _inflight.pop(key, None)
+
+    threading.Thread(target=work, name="qcompile-core-build", daemon=True).start()
+    return fut
 
 
 def _prune(cache: Path, keep: int) -> None:
@@ -117,6 +182,9 @@ def _prune(cache: Path, keep: int) -> None:
         objs = sorted(cache.glob("core-*.o"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in objs[keep:]:
             old.unlink(missing_ok=True)
+        for stale in cache.glob("prebuild-*"):  # left by a process that exited during prebuild_core
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
     except OSError:
         pass
 

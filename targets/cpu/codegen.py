@@ -31,7 +31,7 @@ from qcompile import __version__, packing
 
 from .spec import LayerSpec
 
-__all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "generate", "c_name", "pack_layer_weights"]
+__all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights"]
 
 ABI_VERSION = 1
 PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
@@ -184,7 +184,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             common, **_direct_geometry(spec), C=c, H=h, W=w, DMR=mr, DNR=nr, STORE=store,
             THR_SIMD=int(spec.epilogue == "threshold"),
             OUT_CTYPE_C=out_c)
-        direct_call = f"    if (path != QC_PATH_AVX512) return {cname}_direct(x, y, batch, path);\n"
+        direct_call = f"    if (QC_PER_LAYER(path)) return {cname}_direct(x, y, batch, path);\n"
     return _template("layer_conv.c").substitute(
         common, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
         KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
@@ -197,6 +197,12 @@ def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def core_source(*, emulate_avx512: bool = False) -> str:
+    """The kernel core's C: the same for every library of this qcompile version (and emulation mode)."""
+    core = _template("common.h").substitute(VERSION=__version__) + _template("core.c").template + _path_code()
+    return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
+
+
 def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> GeneratedLibrary:
     """The C source, blobs and manifest of one library holding ``specs``."""
     if not specs:
@@ -207,7 +213,6 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> Generat
             raise ValueError(f"generate: duplicate layer name {s.name!r}")
         seen.add(s.name)
     common = _template("common.h").substitute(VERSION=__version__)
-    core = common + _template("core.c").template + _path_code()
     parts = [common]
     blobs, layers = {}, {}
     for i, spec in enumerate(specs):
@@ -229,7 +234,5 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> Generat
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512, "layers": layers}
     parts.append(_template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),
                                                   ABI=ABI_VERSION))
-    source = "".join(parts)
-    if emulate_avx512:
-        core = "#define QC_EMULATE_AVX512 1\n" + core
-    return GeneratedLibrary(core_source=core, source=source, blobs=blobs, manifest=manifest)
+    return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), source="".join(parts),
+                            blobs=blobs, manifest=manifest)

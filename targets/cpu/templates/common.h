@@ -34,6 +34,13 @@
 #define QC_PATH_GENERIC 0
 #define QC_PATH_AVX2 1
 #define QC_PATH_AVX512 2
+/* the path that runs the per-layer kernels (layer_dgemm.c, layer_dconv.c; the others run the core's): on x86 the
+ * AVX2 path, with hardware POPCNT; elsewhere the portable path. One variant per layer keeps the C build short. */
+#if defined(QC_X86)
+#define QC_PER_LAYER(path) ((path) == QC_PATH_AVX2)
+#else
+#define QC_PER_LAYER(path) ((path) == QC_PATH_GENERIC)
+#endif
 
 #define QC_CORE_ABI 1
 

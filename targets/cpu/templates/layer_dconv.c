@@ -1,11 +1,11 @@
-/* ---- layer ${LAYER} (${CNAME}): direct BitConv over packed pixels (generic and AVX2 paths; the AVX-512 path
- *      keeps the im2col above). No im2col: every input pixel's channels are packed once into 32-bit units of bits
+/* ---- layer ${LAYER} (${CNAME}): direct BitConv over packed pixels (QC_PER_LAYER: the AVX2 path on x86, the
+ *      portable path elsewhere; the other paths keep the im2col above). No im2col: every input pixel's channels are packed once into 32-bit units of bits
  *      (channels padded to CP = ${CP}), laid out [image][plane][Hp][Wp][CU] with a zero border of the pads, so the
  *      KW taps of one kernel row are ${RW} consecutive (unaligned) 64-bit words: "segment" (ky, plane) of output
  *      pixel (oy, ox) starts at pixel (oy*SH + ky*DH, ox*SW). Weights: [N][KH][KB][RW] words, bit kx*CP + c of a
  *      segment = channel c of tap (ky, kx); the tail past KW*CP bits (and the padded channels) is zero, and the
  *      XOR modes mask it. Register tile: ${DMR} output pixels (consecutive ox) x ${DNR} channels, scalar popcount
- *      (hardware POPCNT on the AVX2 path). One task per (image, output row). ---- */
+ *      (hardware POPCNT on x86). One task per (image, output row). ---- */
 enum { ${CNAME}_CP = ${CP}, ${CNAME}_CU = ${CU}, ${CNAME}_HP = ${HP}, ${CNAME}_WP = ${WP}, ${CNAME}_RW = ${RW},
        ${CNAME}_DPL = ${DPL} };
 
@@ -183,12 +183,13 @@ static void ${CNAME}_dpix_task(const void* vctx, int64_t t) {
     for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_dpix_row(vctx, b * ${CNAME}_H + r);
 }
 
+#if !defined(QC_X86)
 static void ${CNAME}_drow_generic(const void* vctx, int64_t t) {
     const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
     const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
     for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 0);
 }
-#if defined(QC_X86)
+#else
 __attribute__((target("avx2,popcnt"))) static void ${CNAME}_drow_popcnt(const void* vctx, int64_t t) {
     const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
     const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
@@ -221,9 +222,10 @@ static int ${CNAME}_direct(const uint8_t* x, void* y, int64_t batch, int path) {
     cx.pix = (uint32_t*)qc_alloc((size_t)(chunk * img_words) * 4 + 64);
     cx.psum = (int32_t*)qc_alloc((size_t)(chunk * HP * WP) * 4);
     if (!cx.pix || !cx.psum) { free(cx.pix); free(cx.psum); return QC_ERR_NOMEM; }
-    qc_task_fn row_fn = ${CNAME}_drow_generic;
 #if defined(QC_X86)
-    if (path != QC_PATH_GENERIC) row_fn = ${CNAME}_drow_popcnt;
+    const qc_task_fn row_fn = ${CNAME}_drow_popcnt;  /* only the AVX2 path comes here (QC_PER_LAYER) */
+#else
+    const qc_task_fn row_fn = ${CNAME}_drow_generic;
 #endif
     for (int64_t b0 = 0; b0 < batch && !cx.err; b0 += chunk) {
         const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;

@@ -1,6 +1,6 @@
-/* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (generic and AVX2
- *      paths; the AVX-512 path runs the core's vector kernels). Scalar popcount (hardware POPCNT on the AVX2 path)
- *      over ${KWORDS} word(s) per plane; register tile ${GMR} rows x ${GNR} channels, each row and each weight one
+/* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (QC_PER_LAYER:
+ *      the AVX2 path on x86, the portable path elsewhere; the other paths run the core's kernels). Scalar popcount
+ *      (hardware POPCNT on x86) over ${KWORDS} word(s) per plane; register tile ${GMR} rows x ${GNR} channels, each row and each weight one
  *      constant stride from a single base pointer, so the tile's counters stay in registers. Why not the core's
  *      AVX2 nibble-table kernel: on a CPU that runs POPCNT on every integer ALU (AMD Zen) scalar popcount is
  *      faster, and with K known the per-tile overhead (plane loops, strides, epilogue dispatch) compiles away,
@@ -99,11 +99,12 @@ QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t) {
     }
 }
 
-static void ${CNAME}_gtask_generic(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t); }
 #if defined(QC_X86)
 __attribute__((target("popcnt"))) static void ${CNAME}_gtask_popcnt(const void* vctx, int64_t t) {
     ${CNAME}_gtask(vctx, t);
 }
+#else
+static void ${CNAME}_gtask_generic(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t); }
 #endif
 
 /* packed rows [M] -> y [M][N] on up to nt threads */
@@ -121,10 +122,12 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
     nb = nb > 64 ? 64 : nb < NR ? NR : nb;
     nb = (nb + NR - 1) / NR * NR;
     cx.mb = mb; cx.nb = nb; cx.n_nb = (N + nb - 1) / nb;
-    qc_task_fn fn = ${CNAME}_gtask_generic;
 #if defined(QC_X86)
-    if (path != QC_PATH_GENERIC) fn = ${CNAME}_gtask_popcnt;
+    const qc_task_fn fn = ${CNAME}_gtask_popcnt;  /* only the AVX2 path comes here (QC_PER_LAYER) */
+#else
+    const qc_task_fn fn = ${CNAME}_gtask_generic;
 #endif
+    (void)path;
     /* below ~2^13 words of work (~10 us on one core) waking threads costs more than it saves */
     const int64_t work = M * N * ${CNAME}_GKW * (${CNAME}_GMODE == QC_AND ? ${CNAME}_GKA * ${CNAME}_GKB : 1);
     qc_parallel(work > (1 << 13) ? nt : 1, n_mb * cx.n_nb, fn, &cx);
