@@ -357,7 +357,9 @@ def _goals(rows, peak_all: float, sizes) -> str:
         checks = [
             (f"M=256 K=N={k}: >= 70% of popcount peak", rate / peak_all >= 0.7,
              f"{100 * rate / peak_all:.0f}%, {rate / 1e9:.0f} of {peak_all / 1e9:.0f} G binary MAC/s"),
-            (f"M=256 K=N={k}: >= 10x onnxruntime fp32", t_ortf / t_q >= 10, f"{t_ortf / t_q:.1f}x"),
+            (f"M=256 K=N={k}: >= 10x onnxruntime fp32", t_ortf / t_q >= 10,
+             # what 100% of the measured peak would give: tells a kernel shortfall from a machine limit
+             f"{t_ortf / t_q:.1f}x; at 100% of the popcount peak it would be {t_ortf * peak_all / (macs * planes):.1f}x"),
             (f"M=256 K=N={k}: >= 1.0x onnxruntime int8", t_orti / t_q >= 1.0, f"{t_orti / t_q:.2f}x"),
         ]
         _, _, _, t_q1, _, _, t_orti1 = by[f"W1A1 GEMM M=1 K=N={k}"]
