@@ -45,7 +45,8 @@ static void ${CNAME}_dpix_row(const void* vctx, int64_t t) {
 }
 
 /* the register tile: mr output pixels (stride SW*CU units apart from a) x nr channels (KH*KB*RW words apart from
- * w); mr, nr are constants after inlining. Plane pairs outermost, so only one pair's counters are live. */
+ * w); mr, nr are constants after inlining. Plane pairs (i, j) by descending s = i + j, the counters doubled between
+ * (Horner), so only the tile's counters are live: no second set per pair to spill. */
 QC_INLINE void ${CNAME}_mk(const uint32_t* a, const uint64_t* w, const int mr, const int nr, uint64_t tail,
                            uint64_t acc[${DMR}][${DNR}]) {
     enum { KA = ${CNAME}_KA, KB = ${CNAME}_KB, CU = ${CNAME}_CU, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
@@ -55,12 +56,12 @@ QC_INLINE void ${CNAME}_mk(const uint32_t* a, const uint64_t* w, const int mr, c
     for (int r = 0; r < mr; ++r)
         for (int c = 0; c < nr; ++c) acc[r][c] = 0;
 #pragma GCC unroll 1
-    for (int i = 0; i < APL_; ++i)
+    for (int s = APL_ + BPL - 2; s >= 0; --s) {
+        for (int r = 0; r < mr; ++r)
+            for (int c = 0; c < nr; ++c) acc[r][c] <<= 1;  /* a no-op on zeros for the first s */
 #pragma GCC unroll 1
-        for (int j = 0; j < BPL; ++j) {
-            uint64_t cnt[${DMR}][${DNR}];
-            for (int r = 0; r < mr; ++r)
-                for (int c = 0; c < nr; ++c) cnt[r][c] = 0;
+        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+            const int j = s - i;
             const uint32_t* ap = a + (int64_t)i * plane;
             const uint64_t* wp = w + (int64_t)j * RW;
 #pragma GCC unroll 1
@@ -75,14 +76,13 @@ QC_INLINE void ${CNAME}_mk(const uint32_t* a, const uint64_t* w, const int mr, c
                         if (MODE == QC_XORM) memcpy(&mv, ap + plane + r * SW * CU + 2 * k, 8);
                         if (MODE != QC_AND && k == RW - 1) mv &= tail;
                         for (int c = 0; c < nr; ++c)
-                            cnt[r][c] += (uint64_t)__builtin_popcountll(MODE == QC_AND ? av & wv[c]
+                            acc[r][c] += (uint64_t)__builtin_popcountll(MODE == QC_AND ? av & wv[c]
                                                                                        : (av ^ wv[c]) & mv);
                     }
                 }
             }
-            for (int r = 0; r < mr; ++r)
-                for (int c = 0; c < nr; ++c) acc[r][c] += cnt[r][c] << (i + j);
         }
+    }
 }
 
 #if defined(QC_X86)

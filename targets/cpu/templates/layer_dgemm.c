@@ -15,7 +15,8 @@ typedef struct {
     int64_t M, mb, nb, n_nb; /* rows, rows per block, channels per block, channel blocks */
 } ${CNAME}_gctx;
 
-/* mr rows x nr channels (constants after inlining) of popcount sums, plane pairs weighted 2^(i+j) */
+/* mr rows x nr channels (constants after inlining) of popcount sums, plane pairs weighted 2^(i+j): pairs by
+ * descending s = i + j, the counters doubled between (Horner), so only the tile's counters are live */
 QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, const int nr,
                             uint64_t acc[${GMR}][${GNR}]) {
     enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, KW = ${CNAME}_GKW, MODE = ${CNAME}_GMODE,
@@ -23,12 +24,12 @@ QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, 
     for (int r = 0; r < mr; ++r)
         for (int c = 0; c < nr; ++c) acc[r][c] = 0;
 #pragma GCC unroll 1
-    for (int i = 0; i < APL_; ++i)
+    for (int s = APL_ + BPL - 2; s >= 0; --s) {
+        for (int r = 0; r < mr; ++r)
+            for (int c = 0; c < nr; ++c) acc[r][c] <<= 1;  /* a no-op on zeros for the first s */
 #pragma GCC unroll 1
-        for (int j = 0; j < BPL; ++j) {
-            uint64_t cnt[${GMR}][${GNR}];
-            for (int r = 0; r < mr; ++r)
-                for (int c = 0; c < nr; ++c) cnt[r][c] = 0;
+        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+            const int j = s - i;
             const uint64_t* ap = a + i * KWP;
             const uint64_t* wp = w + j * KWP;
 #pragma GCC unroll 4
@@ -36,12 +37,11 @@ QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, 
                 for (int r = 0; r < mr; ++r) {
                     const uint64_t av = ap[r * AS + k];
                     for (int c = 0; c < nr; ++c)
-                        cnt[r][c] += (uint64_t)__builtin_popcountll(MODE == QC_AND ? av & wp[c * WS + k]
+                        acc[r][c] += (uint64_t)__builtin_popcountll(MODE == QC_AND ? av & wp[c * WS + k]
                                                                                    : av ^ wp[c * WS + k]);
                 }
-            for (int r = 0; r < mr; ++r)
-                for (int c = 0; c < nr; ++c) acc[r][c] += cnt[r][c] << (i + j);
         }
+    }
 }
 
 /* one block: rows [bm*mb, +mb) x channels [bn*nb, +nb); the block's activation rows stay in L1 while the
