@@ -134,7 +134,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     all_specs = layer_specs(ir.to_proto(candidates), result.model)
     measured = None
     if autotune and all_specs:
-        probe = build_library(all_specs, work / "autotune")
+        probe = build_library(all_specs, work / "autotune", layer_avx512=caps.avx512_vpopcntdq)
         measured = planner.measure([s for s in all_specs if s.op != "maxpool"], Library(probe), batch)
         shutil.rmtree(work / "autotune")
     choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel)
@@ -145,7 +145,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
     fused = ir.to_proto(fused_ir)
     specs = layer_specs(fused, result.model)
-    library = build_library(specs, work / "kernels") if specs else None
+    library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq) if specs else None
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 

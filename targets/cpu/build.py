@@ -195,6 +195,7 @@ def build_library(
     *,
     name: str = "qcompile_kernels",
     emulate_avx512: bool = False,
+    layer_avx512: bool | None = None,
     extra_cflags: Sequence[str] = (),
     timeout: float = 600.0,
 ) -> Path:
@@ -202,10 +203,16 @@ def build_library(
 
     ``emulate_avx512`` (tests only) compiles the AVX-512 path on SIMDe's portable emulation so that its logic can be
     checked on a CPU without AVX-512; such a library reports the AVX-512 path as available everywhere.
+    ``layer_avx512``: give BitGemm layers their own AVX-512 kernel too; default: when emulating, or when this CPU
+    has AVX-512 VPOPCNTDQ (an artifact passes its target's capability).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lib = generate(list(specs), emulate_avx512=emulate_avx512)
+    if layer_avx512 is None:
+        from .caps import detect
+
+        layer_avx512 = emulate_avx512 or detect().avx512_vpopcntdq
+    lib = generate(list(specs), emulate_avx512=emulate_avx512, layer_avx512=layer_avx512)
     argv = compiler_command()
     flags = list(CFLAGS) + list(extra_cflags)
     if emulate_avx512:

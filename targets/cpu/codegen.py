@@ -203,8 +203,9 @@ def core_source(*, emulate_avx512: bool = False) -> str:
     return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
 
 
-def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> GeneratedLibrary:
-    """The C source, blobs and manifest of one library holding ``specs``."""
+def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False) -> GeneratedLibrary:
+    """The C source, blobs and manifest of one library holding ``specs``. ``layer_avx512``: the BitGemm layers also
+    get their own AVX-512 kernel (for an AVX-512 target; without it that path runs the core's kernels)."""
     if not specs:
         raise ValueError("generate: no layers")
     seen = set()
@@ -231,8 +232,11 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False) -> Generat
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),
                                      dilations=list(spec.dilations), group=spec.group)
-    manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512, "layers": layers}
+    manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512,
+                "layer_avx512": layer_avx512, "layers": layers}
     parts.append(_template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),
                                                   ABI=ABI_VERSION))
-    return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), source="".join(parts),
+    defines = ("#define QC_EMULATE_AVX512 1\n" if emulate_avx512 else "") + \
+        ("#define QC_LAYER_AVX512 1\n" if layer_avx512 else "")
+    return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), source=defines + "".join(parts),
                             blobs=blobs, manifest=manifest)

@@ -21,6 +21,28 @@
 #define QC_X86 1
 #endif
 
+/* ---- per-path target attributes, and the AVX-512 vector type (SIMDe's under QC_EMULATE_AVX512) ---- */
+#define QC_TGT_GENERIC
+#if defined(QC_X86)
+#include <immintrin.h>
+#endif
+#if defined(QC_X86)
+#define QC_TGT_AVX2 __attribute__((target("avx2,popcnt")))
+#if defined(QC_EMULATE_AVX512)
+/* test builds only: the AVX-512 path's code on SIMDe's portable emulation, so its logic is checked on CPUs
+ * without AVX-512 */
+#include <simde/x86/avx512.h>
+typedef simde__m512i qc_v512;
+#define QC512(f) simde_mm512_##f
+#define QC_TGT_AVX512
+#else
+typedef __m512i qc_v512;
+#define QC512(f) _mm512_##f
+#define QC_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
+#endif
+#define QC_HAVE_SIMD 1
+#endif
+
 #define QC_EXPORT __attribute__((visibility("default")))
 #define QC_INLINE static inline __attribute__((always_inline))
 
@@ -40,6 +62,12 @@
 #define QC_PER_LAYER(path) ((path) == QC_PATH_AVX2)
 #else
 #define QC_PER_LAYER(path) ((path) == QC_PATH_GENERIC)
+#endif
+/* BitGemm also on the AVX-512 path when the library was generated for an AVX-512 target (QC_LAYER_AVX512) */
+#if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
+#define QC_PER_LAYER_GEMM(path) (QC_PER_LAYER(path) || (path) == QC_PATH_AVX512)
+#else
+#define QC_PER_LAYER_GEMM(path) QC_PER_LAYER(path)
 #endif
 
 #define QC_CORE_ABI 1

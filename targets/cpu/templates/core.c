@@ -4,26 +4,6 @@
 #include <stdatomic.h>
 #include <unistd.h>
 #define QC_MAX_THREADS 256
-#define QC_TGT_GENERIC
-#if defined(QC_X86)
-#include <immintrin.h>
-#endif
-#if defined(QC_X86)
-#define QC_TGT_AVX2 __attribute__((target("avx2,popcnt")))
-#if defined(QC_EMULATE_AVX512)
-/* test builds only: the AVX-512 path's code on SIMDe's portable emulation, so its logic is checked on CPUs
- * without AVX-512 */
-#include <simde/x86/avx512.h>
-typedef simde__m512i qc_v512;
-#define QC512(f) simde_mm512_##f
-#define QC_TGT_AVX512
-#else
-typedef __m512i qc_v512;
-#define QC512(f) _mm512_##f
-#define QC_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
-#endif
-#define QC_HAVE_SIMD 1
-#endif
 
 QC_CORE int qc_path_supported(int path) {
     if (path == QC_PATH_GENERIC) return 1;

@@ -1,5 +1,6 @@
-/* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (QC_PER_LAYER:
- *      the AVX2 path on x86, the portable path elsewhere; the other paths run the core's kernels). Scalar popcount
+/* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (QC_PER_LAYER_GEMM:
+ *      the AVX2 path on x86, the portable path elsewhere, and the AVX-512 path in a library generated for an
+ *      AVX-512 target; the other paths run the core's kernels). Scalar popcount
  *      (hardware POPCNT on x86) over ${KWORDS} word(s) per plane; register tile ${GMR} rows x ${GNR} channels, each row and each weight one
  *      constant stride from a single base pointer, so the tile's counters stay in registers. Why not the core's
  *      AVX2 nibble-table kernel: on a CPU that runs POPCNT on every integer ALU (AMD Zen) scalar popcount is
@@ -44,9 +45,63 @@ QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, 
     }
 }
 
+#if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
+/* the same tile on AVX-512 VPOPCNTDQ (libraries for an AVX-512 target): 8 words per step in the lanes of one zmm
+ * accumulator per (row, channel), summed across lanes at the end. Reads whole vectors: KWP is a multiple of 8 and
+ * the words past K are zero in both operands. */
+QC_TGT_AVX512 static inline void ${CNAME}_gmk512(const uint64_t* a, const uint64_t* w, const int mr, const int nr,
+                                                 uint64_t acc[${GMR}][${GNR}]) {
+    enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, KV = (${CNAME}_GKW + 7) / 8,
+           MODE = ${CNAME}_GMODE, AS = KA * KWP, WS = KB * KWP, APL_ = MODE == QC_AND ? KA : 1,
+           BPL = MODE == QC_AND ? KB : 1 };
+    qc_v512 v[${GMR}][${GNR}];
+    for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c) v[r][c] = QC512(setzero_si512)();
+#pragma GCC unroll 1
+    for (int s = APL_ + BPL - 2; s >= 0; --s) {
+        for (int r = 0; r < mr; ++r)
+            for (int c = 0; c < nr; ++c) v[r][c] = QC512(slli_epi64)(v[r][c], 1);
+#pragma GCC unroll 1
+        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+            const uint64_t* ap = a + i * KWP;
+            const uint64_t* wp = w + (s - i) * KWP;
+#pragma GCC unroll 2
+            for (int k = 0; k < KV * 8; k += 8)
+                for (int r = 0; r < mr; ++r) {
+                    const qc_v512 av = QC512(loadu_si512)((const void*)(ap + r * AS + k));
+                    for (int c = 0; c < nr; ++c) {
+                        const qc_v512 wv = QC512(loadu_si512)((const void*)(wp + c * WS + k));
+                        v[r][c] = QC512(add_epi64)(v[r][c], QC512(popcnt_epi64)(
+                            MODE == QC_AND ? QC512(and_si512)(av, wv) : QC512(xor_si512)(av, wv)));
+                    }
+                }
+        }
+    }
+    for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c) {
+            int64_t l[8];
+            QC512(storeu_si512)((void*)l, v[r][c]);
+            acc[r][c] = (uint64_t)(l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7]);
+        }
+}
+#endif
+
+/* the tile by the task's kernel: AVX-512 (simd) or scalar popcount */
+QC_INLINE void ${CNAME}_gmkx(const int simd, const uint64_t* a, const uint64_t* w, const int mr, const int nr,
+                             uint64_t acc[${GMR}][${GNR}]) {
+#if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
+    if (simd) {
+        ${CNAME}_gmk512(a, w, mr, nr, acc);
+        return;
+    }
+#endif
+    (void)simd;
+    ${CNAME}_gmk(a, w, mr, nr, acc);
+}
+
 /* one block: rows [bm*mb, +mb) x channels [bn*nb, +nb); the block's activation rows stay in L1 while the
  * channel tiles pass over them */
-QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t) {
+QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t, const int simd) {
     enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, N = ${CNAME}_GN, L = ${CNAME}_GL,
            MODE = ${CNAME}_GMODE, EPI = ${CNAME}_GEPI, MR = ${GMR}, NR = ${GNR} };
     const ${CNAME}_gctx* cx = (const ${CNAME}_gctx*)vctx;
@@ -65,12 +120,13 @@ QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t) {
             const int mr = m_hi - m0 < MR ? (int)(m_hi - m0) : MR;
             const uint64_t* a = cx->A + m0 * (int64_t)KA * KWP;
             uint64_t acc[MR][NR];
-            if (mr == MR && nc == NR) ${CNAME}_gmk(a, w, MR, NR, acc);
-            else if (nc == NR) for (int r = 0; r < mr; ++r) ${CNAME}_gmk(a + r * KA * KWP, w, 1, NR, (uint64_t (*)[NR])acc[r]);
+            if (mr == MR && nc == NR) ${CNAME}_gmkx(simd, a, w, MR, NR, acc);
+            else if (nc == NR)
+                for (int r = 0; r < mr; ++r) ${CNAME}_gmkx(simd, a + r * KA * KWP, w, 1, NR, (uint64_t (*)[NR])acc[r]);
             else for (int r = 0; r < mr; ++r)
                 for (int c = 0; c < nc; ++c) {
                     uint64_t one[MR][NR];
-                    ${CNAME}_gmk(a + r * KA * KWP, w + c * KB * KWP, 1, 1, one);
+                    ${CNAME}_gmkx(simd, a + r * KA * KWP, w + c * KB * KWP, 1, 1, one);
                     acc[r][c] = one[0][0];
                 }
             for (int r = 0; r < mr; ++r) {
@@ -101,10 +157,13 @@ QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t) {
 
 #if defined(QC_X86)
 __attribute__((target("popcnt"))) static void ${CNAME}_gtask_popcnt(const void* vctx, int64_t t) {
-    ${CNAME}_gtask(vctx, t);
+    ${CNAME}_gtask(vctx, t, 0);
 }
 #else
-static void ${CNAME}_gtask_generic(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t); }
+static void ${CNAME}_gtask_generic(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t, 0); }
+#endif
+#if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
+QC_TGT_AVX512 static void ${CNAME}_gtask_avx512(const void* vctx, int64_t t) { ${CNAME}_gtask(vctx, t, 1); }
 #endif
 
 /* packed rows [M] -> y [M][N] on up to nt threads */
@@ -123,9 +182,12 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
     nb = (nb + NR - 1) / NR * NR;
     cx.mb = mb; cx.nb = nb; cx.n_nb = (N + nb - 1) / nb;
 #if defined(QC_X86)
-    const qc_task_fn fn = ${CNAME}_gtask_popcnt;  /* only the AVX2 path comes here (QC_PER_LAYER) */
+    qc_task_fn fn = ${CNAME}_gtask_popcnt;  /* the AVX2 path (QC_PER_LAYER) ... */
 #else
-    const qc_task_fn fn = ${CNAME}_gtask_generic;
+    qc_task_fn fn = ${CNAME}_gtask_generic;
+#endif
+#if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
+    if (path == QC_PATH_AVX512) fn = ${CNAME}_gtask_avx512;  /* ... or AVX-512 (QC_PER_LAYER_GEMM) */
 #endif
     (void)path;
     /* below ~2^13 words of work (~10 us on one core) waking threads costs more than it saves */

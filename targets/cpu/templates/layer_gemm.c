@@ -42,7 +42,7 @@ ${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t
     for (int64_t r0 = 0; r0 < batch; r0 += chunk) {
         const int64_t rows = batch - r0 < chunk ? batch - r0 : chunk;
         qc_pack_rows(path, x + r0 * K, rows, K, KA, ${MODE} != QC_AND, KWP, A, rowsum, j.nthreads);
-        if (QC_PER_LAYER(path)) {  /* this layer's own kernel (layer_dgemm.c) */
+        if (QC_PER_LAYER_GEMM(path)) {  /* this layer's own kernel (layer_dgemm.c) */
             ${CNAME}_gemm_direct(A, rowsum, rows, (uint8_t*)y + r0 * N * (int64_t)sizeof(${OUT_CTYPE_C}), path,
                                  j.nthreads);
             continue;
