@@ -22,6 +22,10 @@ FLOAT_MACS_PER_CYCLE = {"avx512": 32, "avx2": 16, "generic": 4}
 INT8_MACS_PER_CYCLE = {"amx": 1024, "vnni": 128, None: 32}  # VNNI vpdpbusd; AVX2 vpmaddubsw
 EFFICIENCY = {"bitserial": 0.5, "int8": 0.4, "float": 0.6}
 CALL_OVERHEAD_MS = {"bitserial": 0.01, "int8": 0.03, "float": 0.03}
+# Leaving onnxruntime for the kernel library and coming back splits a float partition in two: one more
+# onnxruntime run (measured ~25-40 us at batch 1 on the bundled MLP's partitions), which no single layer's
+# estimate or timing includes.
+PARTITION_SWITCH_MS = 0.03
 
 
 @dataclass
@@ -55,12 +59,16 @@ def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
 def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None = None,
            force: str | None = None) -> dict[str, KernelChoice]:
     """Per layer, the fastest kernel by measurement (autotune) or estimate; `force` overrides the choice for
-    every layer (the report still shows what the model predicted)."""
-    choices = {}
+    every layer (the report still shows what the model predicted).
+
+    Then per run of consecutive bit-serial layers (``specs`` in graph order): if the run saves less than the
+    onnxruntime partition switch it causes (PARTITION_SWITCH_MS), it goes back to its best onnxruntime kernels."""
+    choices, basis_of = {}, {}
     for spec in specs:
         est = estimate_ms(spec, caps, batch)
         meas = (measured or {}).get(spec.name, {})
         basis = meas or est
+        basis_of[spec.name] = basis
         kernel = force or min(basis, key=basis.get)
         how = "measured" if meas else "estimated"
         others = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
@@ -70,7 +78,31 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
         elif kernel != "bitserial":
             why = f"bit-serial W{spec.bits_w}A{spec.bits_a} would be slower here; " + why
         choices[spec.name] = KernelChoice(spec.name, kernel, est, meas, why)
+    if not force:
+        for run in _bitserial_runs(specs, choices):
+            best_ort = {s.name: min((k for k in KERNELS if k != "bitserial"), key=basis_of[s.name].get) for s in run}
+            saved = sum(basis_of[s.name][best_ort[s.name]] - basis_of[s.name]["bitserial"] for s in run)
+            if saved >= PARTITION_SWITCH_MS:
+                continue
+            names = ", ".join(s.name for s in run)
+            for s in run:
+                c = choices[s.name]
+                c.kernel = best_ort[s.name]
+                c.why = (f"bit-serial would save {saved:.3f} ms over {names} but leaving onnxruntime and coming back "
+                         f"costs ~{PARTITION_SWITCH_MS:.2f} ms; " + c.why)
     return choices
+
+
+def _bitserial_runs(specs, choices) -> list[list]:
+    """Maximal runs of consecutive specs whose choice is bitserial."""
+    runs, cur = [], []
+    for spec in specs:
+        if choices[spec.name].kernel == "bitserial":
+            cur.append(spec)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
 
 
 # ------------------------------------------------------------------------------------------------ autotune

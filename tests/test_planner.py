@@ -1,0 +1,57 @@
+"""The planner: per-layer kernel choice from estimates or timings, with reasons, and the partition-switch rule."""
+
+import numpy as np
+import pytest
+
+from qcompile import planner
+from qcompile.targets.cpu import LayerSpec
+from qcompile.targets.cpu.caps import CpuCaps
+
+CAPS = CpuCaps(name="cpu", path="avx2", popcount_bits=256, avx512_vpopcntdq=False, avx2=True, int8_dot=None,
+               cores=2, l1d_bytes=32768, ghz=2.0, float_peak_gflops=128.0)
+
+
+def _gemm(name, k=256, n=256, bits_a=1, bits_w=1):
+    rng = np.random.default_rng(len(name))
+    return LayerSpec(name, "gemm", bits_a, bits_w, rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8),
+                     np.full(n, (1 << bits_w) - 1, np.int32))
+
+
+def test_estimates_grow_with_bits_and_batch():
+    w1a1, w2a2 = _gemm("a"), _gemm("b", bits_a=2, bits_w=2)
+    e1, e2 = planner.estimate_ms(w1a1, CAPS, 64), planner.estimate_ms(w2a2, CAPS, 64)
+    assert e2["bitserial"] > e1["bitserial"] and e2["float"] == pytest.approx(e1["float"])
+    assert planner.estimate_ms(w1a1, CAPS, 256)["bitserial"] > e1["bitserial"]
+
+
+def test_choice_is_the_fastest_and_says_why():
+    specs = [_gemm("big", k=4096, n=4096)]
+    c = planner.choose(specs, CAPS, 64)["big"]
+    assert c.kernel == min(c.estimate_ms, key=c.estimate_ms.get) == "bitserial"
+    assert "estimated at batch 64" in c.why
+    measured = {"big": {"bitserial": 3.0, "int8": 1.0, "float": 2.0}}
+    c = planner.choose(specs, CAPS, 64, measured)["big"]
+    assert c.kernel == "int8" and "would be slower here" in c.why and "measured" in c.why
+
+
+def test_force_overrides_every_layer():
+    specs = [_gemm("a"), _gemm("b")]
+    measured = {"a": {"bitserial": 9.0, "int8": 1.0, "float": 2.0}, "b": {"bitserial": 9.0, "int8": 1.0, "float": 2.0}}
+    choices = planner.choose(specs, CAPS, 64, measured, force="bitserial")
+    assert {c.kernel for c in choices.values()} == {"bitserial"}
+    assert all(c.why.startswith("forced by --kernel bitserial") for c in choices.values())
+
+
+def test_a_run_that_saves_less_than_the_partition_switch_stays_in_onnxruntime():
+    specs = [_gemm("a"), _gemm("b"), _gemm("c"), _gemm("d")]
+    small = planner.PARTITION_SWITCH_MS / 4  # each bit layer saves this much: a and b together save half a switch
+    measured = {
+        "a": {"bitserial": 0.010, "int8": 0.010 + small, "float": 0.5},
+        "b": {"bitserial": 0.010, "int8": 0.5, "float": 0.010 + small},
+        "c": {"bitserial": 0.5, "int8": 0.1, "float": 0.2},                      # int8 on its own merits
+        "d": {"bitserial": 0.010, "int8": 1.0, "float": 1.0},                    # saves far more than a switch
+    }
+    choices = planner.choose(specs, CAPS, 1, measured)
+    assert [choices[n].kernel for n in "abcd"] == ["int8", "float", "int8", "bitserial"]
+    assert "leaving onnxruntime and coming back" in choices["a"].why and "a, b" in choices["a"].why
+    assert "leaving onnxruntime" not in choices["c"].why and "leaving onnxruntime" not in choices["d"].why
