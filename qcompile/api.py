@@ -72,7 +72,9 @@ class CompileResult:
 
 
 def _background(fn, *args) -> Future:
-    """fn(*args) on a daemon thread; the Future holds its result, or None if it failed (the caller redoes it)."""
+    """fn(*args) on a background thread; the Future holds its result, or None if it failed (the caller redoes it).
+    Not a daemon: Python kills daemon threads at exit by unwinding them, which aborts the process ("terminate
+    called without an active exception") when the thread is inside C++ (matplotlib's Agg); exit waits instead."""
     fut: Future = Future()
 
     def work():
@@ -81,7 +83,7 @@ def _background(fn, *args) -> Future:
         except Exception:  # noqa: BLE001 - a figure must never fail a compile; save() draws it again and reports
             fut.set_result(None)
 
-    threading.Thread(target=work, name="qcompile-plot", daemon=True).start()
+    threading.Thread(target=work, name="qcompile-plot", daemon=False).start()
     return fut
 
 
