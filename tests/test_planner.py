@@ -55,3 +55,17 @@ def test_a_run_that_saves_less_than_the_partition_switch_stays_in_onnxruntime():
     assert [choices[n].kernel for n in "abcd"] == ["int8", "float", "int8", "bitserial"]
     assert "leaving onnxruntime and coming back" in choices["a"].why and "a, b" in choices["a"].why
     assert "leaving onnxruntime" not in choices["c"].why and "leaving onnxruntime" not in choices["d"].why
+
+
+def test_measure_times_every_candidate(tmp_path):
+    from qcompile.runtime.kernels import Library
+    from qcompile.targets.cpu import build_library
+
+    specs = [_gemm("m1", k=70, n=9), _gemm("m2", k=130, n=5, bits_a=2)]
+    lib = Library(build_library(specs, tmp_path))
+    times = planner.measure(specs, lib, batch=3)
+    assert set(times) == {"m1", "m2"}
+    for t in times.values():
+        assert set(t) == set(planner.KERNELS) and all(0 < v < 1000 for v in t.values())
+    choices = planner.choose(specs, CAPS, 3, times)
+    assert all("measured at batch 3" in c.why for c in choices.values())

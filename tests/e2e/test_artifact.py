@@ -114,3 +114,12 @@ print(s.run(None, {{'input': np.zeros((2, 1, 12, 12), np.float32)}})[0].shape)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert res.returncode == 0, res.stderr
     assert "(2, 10)" in res.stdout
+
+
+def test_autotuned_artifact_equals_fakequant(tiny_model_path, tmp_path):
+    """--autotune: every quantized layer gets some kernel by timing, and the artifact stays exact whatever it got."""
+    result, out = _artifact(tiny_model_path, tmp_path, "w2a2", autotune=True)
+    plan = [p for p in result.manifest["plan"] if p["bits"] != "float"]
+    assert plan and all("measured at batch" in p["why"] for p in plan)
+    x = tiny_inputs(4, seed=9)
+    np.testing.assert_array_equal(InferenceSession(out).run(None, {"input": x})[0], predict(result.model, x))
