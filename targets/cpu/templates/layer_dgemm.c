@@ -1,11 +1,11 @@
 /* ---- layer ${LAYER} (${CNAME}): the BitGemm kernel with this layer's shapes as constants (QC_PER_LAYER_GEMM:
  *      the AVX2 path on x86, the portable path elsewhere, and the AVX-512 path in a library generated for an
- *      AVX-512 target; the other paths run the core's kernels). Scalar popcount
- *      (hardware POPCNT on x86) over ${KWORDS} word(s) per plane; register tile ${GMR} rows x ${GNR} channels, each row and each weight one
- *      constant stride from a single base pointer, so the tile's counters stay in registers. Why not the core's
- *      AVX2 nibble-table kernel: on a CPU that runs POPCNT on every integer ALU (AMD Zen) scalar popcount is
- *      faster, and with K known the per-tile overhead (plane loops, strides, epilogue dispatch) compiles away,
- *      which is what short K (1024 bits = 16 words) needs (bench/RESULTS.md). ---- */
+ *      AVX-512 target; the other paths run the core's kernels). Scalar popcount (hardware POPCNT on x86) over
+ *      ${KWORDS} word(s) per plane, or AVX-512 VPOPCNTDQ; register tile ${GMR} rows x ${GNR} channels, each row and
+ *      each weight one constant stride from a single base pointer, so the tile's counters stay in registers.
+ *      Why not the core's AVX2 nibble-table kernel: on a CPU that runs POPCNT on every integer ALU (AMD Zen)
+ *      scalar popcount is faster, and with K known the per-tile overhead (plane loops, strides, epilogue
+ *      dispatch) compiles away, which is what short K (1024 bits = 16 words) needs (bench/RESULTS.md). ---- */
 enum { ${CNAME}_GKA = ${KA}, ${CNAME}_GKB = ${KB}, ${CNAME}_GKWP = ${KWP}, ${CNAME}_GKW = ${KWORDS},
        ${CNAME}_GN = ${N}, ${CNAME}_GL = ${L}, ${CNAME}_GMODE = ${MODE}, ${CNAME}_GEPI = ${EPI} };
 
