@@ -19,7 +19,7 @@ typedef struct {
 /* mr rows x nr channels (constants after inlining) of popcount sums, plane pairs weighted 2^(i+j): pairs by
  * descending s = i + j, the counters doubled between (Horner), so only the tile's counters are live */
 QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, const int nr,
-                            uint64_t acc[${GMR}][${GNR}]) {
+                            uint64_t acc[${GMR}][2 * ${GNR}]) {
     enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, KW = ${CNAME}_GKW, MODE = ${CNAME}_GMODE,
            AS = KA * KWP, WS = KB * KWP, APL_ = MODE == QC_AND ? KA : 1, BPL = MODE == QC_AND ? KB : 1 };
     for (int r = 0; r < mr; ++r)
@@ -50,11 +50,11 @@ QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, 
  * accumulator per (row, channel), summed across lanes at the end. Reads whole vectors: KWP is a multiple of 8 and
  * the words past K are zero in both operands. */
 QC_TGT_AVX512 static inline void ${CNAME}_gmk512(const uint64_t* a, const uint64_t* w, const int mr, const int nr,
-                                                 uint64_t acc[${GMR}][${GNR}]) {
+                                                 uint64_t acc[${GMR}][2 * ${GNR}]) {
     enum { KA = ${CNAME}_GKA, KB = ${CNAME}_GKB, KWP = ${CNAME}_GKWP, KV = (${CNAME}_GKW + 7) / 8,
            MODE = ${CNAME}_GMODE, AS = KA * KWP, WS = KB * KWP, APL_ = MODE == QC_AND ? KA : 1,
            BPL = MODE == QC_AND ? KB : 1 };
-    qc_v512 v[${GMR}][${GNR}];
+    qc_v512 v[${GMR}][2 * ${GNR}];
     for (int r = 0; r < mr; ++r)
         for (int c = 0; c < nr; ++c) v[r][c] = QC512(setzero_si512)();
 #pragma GCC unroll 1
@@ -88,7 +88,7 @@ QC_TGT_AVX512 static inline void ${CNAME}_gmk512(const uint64_t* a, const uint64
 
 /* the tile by the task's kernel: AVX-512 (simd) or scalar popcount */
 QC_INLINE void ${CNAME}_gmkx(const int simd, const uint64_t* a, const uint64_t* w, const int mr, const int nr,
-                             uint64_t acc[${GMR}][${GNR}]) {
+                             uint64_t acc[${GMR}][2 * ${GNR}]) {
 #if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
     if (simd) {
         ${CNAME}_gmk512(a, w, mr, nr, acc);
@@ -97,6 +97,35 @@ QC_INLINE void ${CNAME}_gmkx(const int simd, const uint64_t* a, const uint64_t* 
 #endif
     (void)simd;
     ${CNAME}_gmk(a, w, mr, nr, acc);
+}
+
+/* the epilogue of an mr x nc tile whose first output is (m0, n0) */
+QC_INLINE void ${CNAME}_gstore(const ${CNAME}_gctx* cx, int64_t m0, int mr, int64_t n0, int nc,
+                               uint64_t acc[${GMR}][2 * ${GNR}], const int32_t* wz2, const float* mult,
+                               const float* bias, const int32_t* thr) {
+    enum { N = ${CNAME}_GN, L = ${CNAME}_GL, MODE = ${CNAME}_GMODE, EPI = ${CNAME}_GEPI };
+    for (int r = 0; r < mr; ++r) {
+        const int64_t m = m0 + r;
+        const int32_t rs = cx->rowsum[m];
+        ${OUT_CTYPE_C}* yo = cx->y + m * N;
+        for (int c = 0; c < nc; ++c) {
+            const int64_t n = n0 + c, s = (int64_t)acc[r][c];
+            /* int64 then truncated to int32, exactly as qc_store and the reference */
+            const int32_t v = (int32_t)(MODE == QC_AND ? 2 * s - (int64_t)wz2[n] * rs : (int64_t)rs - 2 * s);
+            if (EPI == QC_EPI_NONE) {
+                yo[n] = (${OUT_CTYPE_C})v;
+            } else if (EPI == QC_EPI_FLOAT) {
+                float f = (float)v;
+                f = f * mult[n];  /* float32 multiply, then a separate add: no FMA (-ffp-contract=off) */
+                f = f + bias[n];
+                yo[n] = (${OUT_CTYPE_C})f;
+            } else {
+                int q8 = 0;
+                for (int q = 0; q < L; ++q) q8 += v >= thr[n * L + q];
+                yo[n] = (${OUT_CTYPE_C})q8;
+            }
+        }
+    }
 }
 
 /* one block: rows [bm*mb, +mb) x channels [bn*nb, +nb); the block's activation rows stay in L1 while the
@@ -113,44 +142,39 @@ QC_INLINE void ${CNAME}_gtask(const void* vctx, int64_t t, const int simd) {
     const int64_t bm = t / cx->n_nb, bn = t - bm * cx->n_nb;
     const int64_t m_lo = bm * cx->mb, m_hi = m_lo + cx->mb < cx->M ? m_lo + cx->mb : cx->M;
     const int64_t n_lo = bn * cx->nb, n_hi = n_lo + cx->nb < N ? n_lo + cx->nb : N;
+    if (m_hi - m_lo == 1) {  /* one row (a batch-1 call): tiles twice as wide, the row's words loaded half as often */
+        const uint64_t* a = cx->A + m_lo * (int64_t)KA * KWP;
+        for (int64_t n0 = n_lo; n0 < n_hi; n0 += 2 * NR) {
+            const int nc = n_hi - n0 < 2 * NR ? (int)(n_hi - n0) : 2 * NR;
+            const uint64_t* w = W + n0 * (int64_t)KB * KWP;
+            uint64_t acc[MR][2 * NR];
+            if (nc == 2 * NR) ${CNAME}_gmkx(simd, a, w, 1, 2 * NR, acc);
+            else for (int c = 0; c < nc; ++c) {
+                uint64_t one[MR][2 * NR];
+                ${CNAME}_gmkx(simd, a, w + c * KB * KWP, 1, 1, one);
+                acc[0][c] = one[0][0];
+            }
+            ${CNAME}_gstore(cx, m_lo, 1, n0, nc, acc, wz2, mult, bias, thr);
+        }
+        return;
+    }
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += NR) {
         const int nc = n_hi - n0 < NR ? (int)(n_hi - n0) : NR;
         const uint64_t* w = W + n0 * (int64_t)KB * KWP;
         for (int64_t m0 = m_lo; m0 < m_hi; m0 += MR) {
             const int mr = m_hi - m0 < MR ? (int)(m_hi - m0) : MR;
             const uint64_t* a = cx->A + m0 * (int64_t)KA * KWP;
-            uint64_t acc[MR][NR];
+            uint64_t acc[MR][2 * NR];
             if (mr == MR && nc == NR) ${CNAME}_gmkx(simd, a, w, MR, NR, acc);
             else if (nc == NR)
-                for (int r = 0; r < mr; ++r) ${CNAME}_gmkx(simd, a + r * KA * KWP, w, 1, NR, (uint64_t (*)[NR])acc[r]);
+                for (int r = 0; r < mr; ++r) ${CNAME}_gmkx(simd, a + r * KA * KWP, w, 1, NR, (uint64_t (*)[2 * NR])acc[r]);
             else for (int r = 0; r < mr; ++r)
                 for (int c = 0; c < nc; ++c) {
-                    uint64_t one[MR][NR];
+                    uint64_t one[MR][2 * NR];
                     ${CNAME}_gmkx(simd, a + r * KA * KWP, w + c * KB * KWP, 1, 1, one);
                     acc[r][c] = one[0][0];
                 }
-            for (int r = 0; r < mr; ++r) {
-                const int64_t m = m0 + r;
-                const int32_t rs = cx->rowsum[m];
-                ${OUT_CTYPE_C}* yo = cx->y + m * N;
-                for (int c = 0; c < nc; ++c) {
-                    const int64_t n = n0 + c, s = (int64_t)acc[r][c];
-                    /* int64 then truncated to int32, exactly as qc_store and the reference */
-                    const int32_t v = (int32_t)(MODE == QC_AND ? 2 * s - (int64_t)wz2[n] * rs : (int64_t)rs - 2 * s);
-                    if (EPI == QC_EPI_NONE) {
-                        yo[n] = (${OUT_CTYPE_C})v;
-                    } else if (EPI == QC_EPI_FLOAT) {
-                        float f = (float)v;
-                        f = f * mult[n];  /* float32 multiply, then a separate add: no FMA (-ffp-contract=off) */
-                        f = f + bias[n];
-                        yo[n] = (${OUT_CTYPE_C})f;
-                    } else {
-                        int q8 = 0;
-                        for (int q = 0; q < L; ++q) q8 += v >= thr[n * L + q];
-                        yo[n] = (${OUT_CTYPE_C})q8;
-                    }
-                }
-            }
+            ${CNAME}_gstore(cx, m0, mr, n0, nc, acc, wz2, mult, bias, thr);
         }
     }
 }
@@ -175,11 +199,11 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
     mb = mb < MR ? MR : mb > 256 ? 256 : mb;
     mb = (mb + MR - 1) / MR * MR;
     const int64_t n_mb = (M + mb - 1) / mb;
-    /* enough blocks for every thread (x4 for balance), at most 64 channels each, a multiple of NR */
+    /* enough blocks for every thread (x4 for balance), at most 64 channels each, a multiple of 2*NR */
     const int64_t want = 4 * (int64_t)nt, split = (want + n_mb - 1) / n_mb;
     int64_t nb = split > 1 ? (N + split - 1) / split : 64;
     nb = nb > 64 ? 64 : nb < NR ? NR : nb;
-    nb = (nb + NR - 1) / NR * NR;
+    nb = (nb + 2 * NR - 1) / (2 * NR) * (2 * NR);  /* whole tiles of the one-row path too */
     cx.mb = mb; cx.nb = nb; cx.n_nb = (N + nb - 1) / nb;
 #if defined(QC_X86)
     qc_task_fn fn = ${CNAME}_gtask_popcnt;  /* the AVX2 path (QC_PER_LAYER) ... */
