@@ -78,7 +78,6 @@ class Library:
             raise ArtifactError(f"{self.path}: kernel ABI {abi}, this runtime speaks {ABI_VERSION}; rebuild it")
         self.manifest = json.loads(raw.decode())
         self.layers: dict[str, LayerInfo] = {}
-        self._calls = {}
         self._fast = {}
         for name, m in self.manifest["layers"].items():
             info = LayerInfo(name=name, symbol=m["symbol"], op=m["op"], in_shape=tuple(m["in_shape"]),
@@ -89,7 +88,6 @@ class Library:
             except AttributeError as e:
                 raise ArtifactError(f"{self.path}: layer {name!r} has no function {info.symbol}") from e
             self.layers[name] = info
-            self._calls[name] = fn
             # what run()'s fast path needs, in one lookup: (info, fn, input ndim, per-sample input/output shape)
             self._fast[name] = (info, fn, len(info.in_shape) + 1, info.in_shape, info.out_shape, info.out_dtype)
         self._selected = self._fn("qc_selected_path", ctypes.c_int, [])

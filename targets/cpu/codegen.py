@@ -41,8 +41,6 @@ OUT_CTYPE = {"none": "int32", "float": "float32", "threshold": "uint8"}
 
 # (rows, channels) of each path's main register tile; leftover rows use 1 x channels.
 TILES = {"avx512": (4, 4), "avx2": (2, 4), "generic": (4, 2)}
-# how a driver writes one tile row's outputs: AVX2 four channels at once (its tile is 4 channels wide)
-STORE_ROW = {"avx512": "qc_store_row", "avx2": "qc_store_row_avx2", "generic": "qc_store_row"}
 # words a microkernel walks per plane: AVX-512 whole vectors of 8, AVX2 vectors of 4, generic the real words
 KWN = {"avx512": "j->kwp", "avx2": "((j->kw + 3) & ~(int64_t)3)", "generic": "j->kw"}
 # (output pixels, channels) of the direct conv's register tile
@@ -142,7 +140,7 @@ def _path_code() -> str:
             for name, rows in dict(((big, mr), (one, 1))).items():  # one instance when the tile has 1 row
                 chunk.append(tmpl.substitute(NAME=name, MR=rows, NR=nr, MODE=mode, TGT=TGT[path]))
             chunk.append(mk_driver.substitute(PATH=path, MODE=mode[3:], TGT=TGT[path], MR=mr, NR=nr,
-                                              KWN=KWN[path], MK_BIG=big, MK_ONE=one, STORE_ROW=STORE_ROW[path]))
+                                              KWN=KWN[path], MK_BIG=big, MK_ONE=one))
             case = f"    case {p * 3 + m}: qc_gemm_{path}_{mode[3:]}(j); return;\n"
             cases.append(case if path == "generic" else f"#if defined(QC_HAVE_SIMD)\n{case}#endif\n")
         code = "".join(chunk)

@@ -139,6 +139,10 @@ QC_INLINE void qc_store_row(const qc_job* j, int64_t m, int64_t n, int nc, int64
     for (int c = 0; c < nc; ++c) qc_store(j, m, n + c, rbase, s[c]);
 }
 
+/* plane pairs with i + j = s, i < ka, j < kb (Horner order walks s downwards): i runs qc_pair_lo .. qc_pair_hi */
+QC_INLINE int qc_pair_lo(int s, int kb) { return s - (kb - 1) > 0 ? s - (kb - 1) : 0; }
+QC_INLINE int qc_pair_hi(int s, int ka) { return s < ka - 1 ? s : ka - 1; }
+
 /* bit t of the result = bit `bit` of byte t of v (a 0x01-per-byte gather by one multiply, no carries) */
 QC_INLINE uint64_t qc_gather8(uint64_t v, int bit) {
     return (((v >> bit) & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;

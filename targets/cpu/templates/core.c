@@ -334,43 +334,6 @@ QC_CORE void qc_set_bits(uint64_t* dst, int64_t off, int64_t nbits) {
     }
 }
 
-#if defined(QC_HAVE_SIMD)
-/* qc_store_row for the AVX2 path: four channels of a [M, N] output (P == 1) at once. The int32 arithmetic wraps
- * exactly as qc_store's int64 result truncated to int32; the float epilogue is the same float32 multiply then add
- * (no contraction: -ffp-contract=off), and cvtdq2ps rounds like the scalar int -> float conversion. */
-QC_TGT_AVX2 static inline void qc_store_row_avx2(const qc_job* j, int64_t m, int64_t n, int nc, int64_t rbase,
-                                                 const int64_t* s) {
-    if (nc != 4 || j->P != 1) {
-        qc_store_row(j, m, n, nc, rbase, s);
-        return;
-    }
-    const __m256i s64 = _mm256_loadu_si256((const __m256i*)s);
-    const __m128i s32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(s64, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
-    const __m128i rs = _mm_set1_epi32(j->rowsum[m]);
-    const __m128i acc = j->mode == QC_AND
-        ? _mm_sub_epi32(_mm_add_epi32(s32, s32), _mm_mullo_epi32(_mm_loadu_si128((const __m128i*)(j->wz2 + n)), rs))
-        : _mm_sub_epi32(rs, _mm_add_epi32(s32, s32));
-    const int64_t idx = rbase + j->n0 + n;
-    if (j->epi == QC_EPI_NONE) {
-        _mm_storeu_si128((__m128i*)((int32_t*)j->y + idx), acc);
-    } else if (j->epi == QC_EPI_FLOAT) {
-        __m128 f = _mm_cvtepi32_ps(acc);
-        f = _mm_mul_ps(f, _mm_loadu_ps(j->mult + n));
-        f = _mm_add_ps(f, _mm_loadu_ps(j->bias + n));
-        _mm_storeu_ps((float*)j->y + idx, f);
-    } else {
-        /* count of thresholds t <= acc = L - count of t > acc */
-        const int32_t* t = j->thr + n * j->L;
-        const int L = j->L;
-        __m128i c = _mm_set1_epi32(L);
-        for (int q = 0; q < L; ++q)
-            c = _mm_add_epi32(c, _mm_cmpgt_epi32(_mm_setr_epi32(t[q], t[L + q], t[2 * L + q], t[3 * L + q]), acc));
-        const int32_t b = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(c, c), _mm_setzero_si128()));
-        memcpy((uint8_t*)j->y + idx, &b, 4);
-    }
-}
-#endif
-
 /* ---- activation rows of a BitGemm: packed in parallel, 32 rows per task ---- */
 typedef struct {
     qc_pack_fn pack;

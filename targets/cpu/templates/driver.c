@@ -27,13 +27,13 @@ QC_TGT_${TGT} static void qc_gemm_${PATH}_${MODE}_task(const void* vctx, int64_t
             int64_t out[${MR}][${NR}];
             for (int r = 0; r < ${MR}; ++r) ar[r] = j->A + (m + r) * j->a_stride;
             ${MK_BIG}(ar, wr, j->ka, j->kb, kwn, kwp, out);
-            for (int r = 0; r < ${MR}; ++r) ${STORE_ROW}(j, m + r, n, nc, rbase[m + r - m_lo], out[r]);
+            for (int r = 0; r < ${MR}; ++r) qc_store_row(j, m + r, n, nc, rbase[m + r - m_lo], out[r]);
         }
         for (; m < m_hi; ++m) {
             const uint64_t* ar[1] = {j->A + m * j->a_stride};
             int64_t out[1][${NR}];
             ${MK_ONE}(ar, wr, j->ka, j->kb, kwn, kwp, out);
-            ${STORE_ROW}(j, m, n, nc, rbase[m - m_lo], out[0]);
+            qc_store_row(j, m, n, nc, rbase[m - m_lo], out[0]);
         }
     }
 }

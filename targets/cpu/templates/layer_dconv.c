@@ -60,7 +60,7 @@ QC_INLINE void ${CNAME}_mk(const uint32_t* a, const uint64_t* w, const int mr, c
         for (int r = 0; r < mr; ++r)
             for (int c = 0; c < nr; ++c) acc[r][c] <<= 1;  /* a no-op on zeros for the first s */
 #pragma GCC unroll 1
-        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+        for (int i = qc_pair_lo(s, BPL); i <= qc_pair_hi(s, APL_); ++i) {
             const int j = s - i;
             const uint32_t* ap = a + (int64_t)i * plane;
             const uint64_t* wp = w + (int64_t)j * RW;

@@ -29,7 +29,7 @@ QC_INLINE void ${CNAME}_gmk(const uint64_t* a, const uint64_t* w, const int mr, 
         for (int r = 0; r < mr; ++r)
             for (int c = 0; c < nr; ++c) acc[r][c] <<= 1;  /* a no-op on zeros for the first s */
 #pragma GCC unroll 1
-        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+        for (int i = qc_pair_lo(s, BPL); i <= qc_pair_hi(s, APL_); ++i) {
             const int j = s - i;
             const uint64_t* ap = a + i * KWP;
             const uint64_t* wp = w + j * KWP;
@@ -62,7 +62,7 @@ QC_TGT_AVX512 static inline void ${CNAME}_gmk512(const uint64_t* a, const uint64
         for (int r = 0; r < mr; ++r)
             for (int c = 0; c < nr; ++c) v[r][c] = QC512(slli_epi64)(v[r][c], 1);
 #pragma GCC unroll 1
-        for (int i = s - (BPL - 1) > 0 ? s - (BPL - 1) : 0; i <= (s < APL_ - 1 ? s : APL_ - 1); ++i) {
+        for (int i = qc_pair_lo(s, BPL); i <= qc_pair_hi(s, APL_); ++i) {
             const uint64_t* ap = a + i * KWP;
             const uint64_t* wp = w + (s - i) * KWP;
 #pragma GCC unroll 2

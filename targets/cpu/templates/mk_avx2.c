@@ -19,8 +19,7 @@ QC_TGT_AVX2 static inline void ${NAME}(const uint64_t* const a[${MR}], const uin
 #pragma GCC unroll 16
                 for (int c = 0; c < ${NR}; ++c) acc[r][c] = _mm256_slli_epi64(acc[r][c], 1);
         }
-        int i0 = s - (kb - 1) > 0 ? s - (kb - 1) : 0, i1 = s < ka - 1 ? s : ka - 1;
-        for (int i = i0; i <= i1; ++i) {
+        for (int i = qc_pair_lo(s, kb); i <= qc_pair_hi(s, ka); ++i) {
             const int64_t ao = (int64_t)i * kwp, wo = (int64_t)(s - i) * kwp;
             for (int64_t k0 = 0; k0 < kwn; k0 += 64) {
                 const int64_t k1 = k0 + 64 < kwn ? k0 + 64 : kwn;
