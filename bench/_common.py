@@ -35,3 +35,12 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
+
+
+def publish(heading: str, text: str, write: bool, path: Path = RESULTS) -> None:
+    """Print a script's section and, with --write, put it into RESULTS.md."""
+    print()
+    print(text)
+    if write:
+        write_section(heading, text, path)
+        print(f"wrote {path}")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, cpu_name, write_section  # noqa: E402  (bench/ is sys.path[0])
+from _common import RESULTS, cpu_name, publish  # noqa: E402  (bench/ is sys.path[0])
 
 from qcompile.runtime.kernels import Library
 from qcompile.targets.cpu import LayerSpec, build_library, caps
@@ -313,11 +313,7 @@ def main(argv=None) -> int:
             f"'% popcount peak' is the best path's all-core figure or cores x its 1-core figure, whichever is larger "
             f"({peak_all / 1e9:.0f} G binary MAC/s here); a kernel layer does bits_a*bits_w binary MACs per MAC:\n"
             f"{peak_lines}\n\n{table}\n\n{goals}\n\n{_caveats(c)}\n")
-    print()
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote {RESULTS}")
+    publish(SECTION, text, args.write)
     return 0
 
 

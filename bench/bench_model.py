@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, cpu_name, load_average, write_section  # noqa: E402  (bench/ is sys.path[0])
+from _common import RESULTS, cpu_name, load_average, publish  # noqa: E402  (bench/ is sys.path[0])
 
 SECTION = "## Bundled models end to end"
 CASES = [("cnn", "w1a2", "bitserial"), ("cnn", "w1a2", None), ("cnn", "w2a2", "bitserial"), ("cnn", "w2a2", None),
@@ -210,10 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     text = run(args.rounds)
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote {RESULTS}")
+    publish(SECTION, text, args.write)
     return 0
 
 

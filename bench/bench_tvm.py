@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, cpu_name, write_section  # noqa: E402  (bench/ is sys.path[0])
+from _common import RESULTS, cpu_name, publish  # noqa: E402  (bench/ is sys.path[0])
 from qcompile.runtime.kernels import Library
 from qcompile.targets.cpu import LayerSpec, build_library, tvm_gen
 
@@ -176,11 +176,7 @@ def main(argv=None) -> int:
             f"{load_before} before, {load_after} after): expect +-20-30% noise.\n\n"
             f"Build time for the {len(specs)} layers: C {c_build:.1f} s (one library), TVM {tvm_build:.1f} s "
             f"({2 * len(specs)} kernels: a 1-row and a tiled one per layer).\n\n{table}\n")
-    print()
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote {RESULTS}")
+    publish(SECTION, text, args.write)
     return 0
 
 
