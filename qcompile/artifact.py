@@ -174,11 +174,14 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
 
     kernel_names = {"bitserial": f"bitserial-{caps.path}", "int8": "onnxruntime-int8",
                     "float": "onnxruntime-fp32 (fake-quant)"}
-    plan = []
+    plan, spec_of = [], {s.name: s for s in specs}
     for name, p in result.ctx.plan.items():
         choice = choices.get(name)
+        label = kernel_names[choice.kernel] if choice else "onnxruntime-fp32"
+        if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
+            label = f"lut-{caps.path}"
         entry = {"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
-                 "kernel": kernel_names[choice.kernel] if choice else "onnxruntime-fp32",
+                 "kernel": label,
                  "why": (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason}
         if choice:
             entry["estimate_ms"] = {k: round(v, 4) for k, v in choice.estimate_ms.items()}

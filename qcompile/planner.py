@@ -20,6 +20,8 @@ KERNELS = ("bitserial", "int8", "float")
 POPCOUNT_BITS_PER_CYCLE = {"avx512": 512, "avx2": 128, "generic": 64}
 FLOAT_MACS_PER_CYCLE = {"avx512": 32, "avx2": 16, "generic": 4}
 INT8_MACS_PER_CYCLE = {"amx": 1024, "vnni": 128, None: 32}  # VNNI vpdpbusd; AVX2 vpmaddubsw
+# AVX2 vpshufb over 4-channel tables: 32 lookups x 4 multiply-adds per instruction, ~1 per cycle (layer_lconv.c)
+LUT_MACS_PER_CYCLE = 128
 EFFICIENCY = {"bitserial": 0.5, "int8": 0.4, "float": 0.6}
 CALL_OVERHEAD_MS = {"bitserial": 0.01, "int8": 0.03, "float": 0.03}
 # Leaving onnxruntime for the kernel library and coming back splits a float partition in two: one more
@@ -43,13 +45,24 @@ def layer_macs(spec, batch: int) -> tuple[int, int, int]:
     return batch * ho * wo, spec.N, spec.K
 
 
+def lut_kernel(spec, caps) -> bool:
+    """Whether the layer's bit kernel sums by lookup tables on this target (the AVX2 path's convs that
+    targets.cpu.codegen.lut_conv accepts) rather than by popcounts."""
+    from qcompile.targets.cpu.codegen import lut_conv
+
+    return caps.path == "avx2" and lut_conv(spec)
+
+
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
     m, n, k = layer_macs(spec, batch)
     hz = caps.ghz * 1e9 * caps.cores
     path = caps.path
-    bit_ops = m * n * k * spec.bits_a * spec.bits_w          # one AND+popcount bit per plane pair
+    if lut_kernel(spec, caps):  # one table lookup per 4 channels and weight plane, whatever the activation bits
+        bit_cycles = m * n * k * spec.bits_w / (LUT_MACS_PER_CYCLE * hz * EFFICIENCY["bitserial"])
+    else:                       # one AND+popcount bit per plane pair
+        bit_cycles = m * n * k * spec.bits_a * spec.bits_w / (POPCOUNT_BITS_PER_CYCLE[path] * hz * EFFICIENCY["bitserial"])
     est = {
-        "bitserial": bit_ops / (POPCOUNT_BITS_PER_CYCLE[path] * hz * EFFICIENCY["bitserial"]),
+        "bitserial": bit_cycles,
         "int8": m * n * k / (INT8_MACS_PER_CYCLE.get(caps.int8_dot, 32) * hz * EFFICIENCY["int8"]),
         "float": m * n * k / (FLOAT_MACS_PER_CYCLE[path] * hz * EFFICIENCY["float"]),
     }

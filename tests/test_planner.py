@@ -24,6 +24,24 @@ def test_estimates_grow_with_bits_and_batch():
     assert planner.estimate_ms(w1a1, CAPS, 256)["bitserial"] > e1["bitserial"]
 
 
+def _conv(name, c=64, n=64, bits_a=2, bits_w=1, xor=False):
+    rng = np.random.default_rng(len(name))
+    return LayerSpec(name, "conv", bits_a, bits_w, rng.integers(0, 1 << bits_w, (n, c, 3, 3), dtype=np.uint8),
+                     np.full(n, (1 << bits_w) - 1, np.int32), in_shape=(c, 14, 14), pads=(1, 1, 1, 1), xor_mode=xor)
+
+
+def test_lut_convs_are_estimated_by_lookups_not_popcounts():
+    """On the AVX2 path an eligible conv's cost does not grow with activation bits (one lookup per 4 channels
+    covers any code width); a popcount conv (XOR mode, or another path) does."""
+    a1, a2 = _conv("a1", bits_a=1), _conv("a2", bits_a=2)
+    assert planner.lut_kernel(a2, CAPS) and not planner.lut_kernel(_conv("x", bits_a=1, xor=True), CAPS)
+    e1, e2 = planner.estimate_ms(a1, CAPS, 64)["bitserial"], planner.estimate_ms(a2, CAPS, 64)["bitserial"]
+    assert e2 == pytest.approx(e1)
+    generic = CAPS.__class__(**{**CAPS.__dict__, "path": "generic"})
+    assert not planner.lut_kernel(a2, generic)
+    assert planner.estimate_ms(a2, generic, 64)["bitserial"] > planner.estimate_ms(a1, generic, 64)["bitserial"]
+
+
 def test_choice_is_the_fastest_and_says_why():
     specs = [_gemm("big", k=4096, n=4096)]
     c = planner.choose(specs, CAPS, 64)["big"]

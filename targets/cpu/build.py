@@ -198,6 +198,7 @@ def build_library(
     layer_avx512: bool | None = None,
     extra_cflags: Sequence[str] = (),
     timeout: float = 600.0,
+    lut: bool = True,
 ) -> Path:
     """Generate and compile one shared library with a ``qc_layer_*`` function per spec; returns the .so path.
 
@@ -205,6 +206,7 @@ def build_library(
     checked on a CPU without AVX-512; such a library reports the AVX-512 path as available everywhere.
     ``layer_avx512``: give BitGemm layers their own AVX-512 kernel too; default: when emulating, or when this CPU
     has AVX-512 VPOPCNTDQ (an artifact passes its target's capability).
+    ``lut=False`` keeps every conv on popcounts (tests use it to check both kernels of the AVX2 path).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +214,7 @@ def build_library(
         from .caps import detect
 
         layer_avx512 = emulate_avx512 or detect().avx512_vpopcntdq
-    lib = generate(list(specs), emulate_avx512=emulate_avx512, layer_avx512=layer_avx512)
+    lib = generate(list(specs), emulate_avx512=emulate_avx512, layer_avx512=layer_avx512, lut=lut)
     argv = compiler_command()
     flags = list(CFLAGS) + list(extra_cflags)
     if emulate_avx512:

@@ -31,7 +31,8 @@ from qcompile import __version__, packing
 
 from .spec import LayerSpec
 
-__all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights"]
+__all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights",
+           "lut_conv", "pack_lut_weights"]
 
 ABI_VERSION = 1
 PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
@@ -83,6 +84,53 @@ def direct_conv(spec: LayerSpec) -> bool:
     return spec.op == "conv" and spec.group == 1 and spec.dilations[1] == 1
 
 
+def lut_conv(spec: LayerSpec) -> bool:
+    """Whether a BitConv's x86 AVX2 path sums by 4-channel lookup tables (templates/layer_lconv.c) rather than
+    popcounts: a direct conv in AND mode whose per-lookup sum fits a byte and whose total fits 16 bits."""
+    if not direct_conv(spec) or _mode(spec) != "QC_AND":
+        return False
+    qmax, pmax = 2 ** spec.bits_w - 1, 2 ** spec.bits_a - 1
+    return 4 * qmax * pmax <= 255 and spec.K * qmax * pmax <= 65535
+
+
+def _lut_geometry(spec: LayerSpec) -> dict[str, int]:
+    """Group count, 32-channel blocks, register-tile pixels and the byte-accumulation run of the LUT conv."""
+    g4 = -(-spec.in_shape[0] // 4)
+    run = spec.kernel[1] * g4                                    # lookups per kernel row
+    step = min(255 // (4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)), run)
+    while run % step:                                            # a divisor of the row, so no partial runs
+        step -= 1
+    wo = spec.out_hw[1]
+    # fewest computed pixels per output row (a short tile still computes R), ties to the wider tile
+    tile = min((4, 3, 2), key=lambda r: (-(-wo // r) * r, -r))
+    return dict(G4=g4, NB=-(-spec.N // 32), LR=tile, LCH=step)
+
+
+def lut_channel(p: int) -> int:
+    """The output channel (within a 32-channel block) that byte ``p`` of a LUT index vector holds: the even/odd
+    byte split of the 8 -> 16-bit widening then yields channels 0..15 and 16..31 in order."""
+    lane, b = divmod(p, 16)
+    return (b & 1) * 16 + lane * 8 + (b >> 1)
+
+
+def pack_lut_weights(spec: LayerSpec) -> np.ndarray:
+    """Index bytes of the LUT conv: [NB, KH, KW*G4, bits_w, 32] uint8; entry (block, ky, kx*G4 + g, j, p) holds
+    bit j of the weight codes of channels 4g..4g+3 (bit i = channel 4g+i) at tap (ky, kx) for output channel
+    block*32 + lut_channel(p); zero for padded channels."""
+    n, c, kh, kw = spec.w.shape
+    geo = _lut_geometry(spec)
+    g4, nb = geo["G4"], geo["NB"]
+    w = np.zeros((nb * 32, g4 * 4, kh, kw), np.uint8)
+    w[:n, :c] = spec.w
+    out = np.zeros((nb, kh, kw, g4, spec.bits_w, 32), np.uint8)
+    perm = np.array([lut_channel(p) for p in range(32)])
+    for j in range(spec.bits_w):
+        bits = ((w >> j) & 1).reshape(nb, 32, g4, 4, kh, kw)                 # [nb, ch, g, i, ky, kx]
+        idx = sum(bits[:, :, :, i] << i for i in range(4))                   # [nb, ch, g, ky, kx]
+        out[:, :, :, :, j, :] = idx[:, perm].transpose(0, 3, 4, 2, 1)        # [nb, ky, kx, g, p]
+    return out.reshape(nb, kh, kw * g4, spec.bits_w, 32)
+
+
 def _direct_geometry(spec: LayerSpec) -> dict[str, int]:
     c, h, w = spec.in_shape
     cp = packing.round_up(c, 32)
@@ -111,7 +159,16 @@ def _blob(spec: LayerSpec) -> tuple[bytes, dict[str, int]]:
         "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "THR": (spec.thresholds if spec.L else np.zeros((spec.N, 1), np.int32)).astype("<i4").tobytes(),
+        "WL": b"", "WZ2P": b"", "THRT": b"",
     }
+    if lut_conv(spec):  # the LUT conv's index bytes, and wzero2 / thresholds by channel, padded to 32
+        npad = _lut_geometry(spec)["NB"] * 32
+        thr = np.full((npad, max(spec.L, 1)), np.iinfo(np.int32).max, np.int32)
+        if spec.L:
+            thr[:spec.N] = spec.thresholds
+        parts.update(WL=pack_lut_weights(spec).tobytes(),
+                     WZ2P=np.pad(spec.wzero2.astype("<i4"), (0, npad - spec.N)).tobytes(),
+                     THRT=np.ascontiguousarray(thr.T).astype("<i4").tobytes())
     out, offsets = bytearray(), {}
     for key, data in parts.items():
         out += b"\0" * (packing.round_up(len(out), 64) - len(out))
@@ -150,7 +207,7 @@ def _path_code() -> str:
     return "".join(parts)
 
 
-def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str, int]) -> str:
+def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str, int], lut: bool) -> str:
     cname = c_name(index, spec.name)
     kwp = _kwp(spec)
     common = dict(LAYER=spec.name, CNAME=cname, BLOB=blob_name, KA=spec.bits_a, KB=spec.bits_w, KWP=kwp,
@@ -183,6 +240,16 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             THR_SIMD=int(spec.epilogue == "threshold"),
             OUT_CTYPE_C=out_c)
         direct_call = f"    if (QC_PER_LAYER(path)) return {cname}_direct(x, y, batch, path);\n"
+        if lut and lut_conv(spec):
+            lstore = {"none": "yo[r] = a;",
+                      "float": "float f = (float)a; f = f * mult[n]; f = f + bias[n]; yo[r] = f;",
+                      "threshold": "yo[r] = (uint8_t)a;"}[spec.epilogue]
+            direct_code += _template("layer_lconv.c").substitute(
+                common, **_direct_geometry(spec), **_lut_geometry(spec), C=c, KW=spec.kernel[1], LSTORE=lstore,
+                OUT_CTYPE_C=out_c)
+            # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there)
+            direct_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
+                           f"#else\n{direct_call}#endif\n")
     return _template("layer_conv.c").substitute(
         common, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
         KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
@@ -201,9 +268,11 @@ def core_source(*, emulate_avx512: bool = False) -> str:
     return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
 
 
-def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False) -> GeneratedLibrary:
+def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False,
+             lut: bool = True) -> GeneratedLibrary:
     """The C source, blobs and manifest of one library holding ``specs``. ``layer_avx512``: the BitGemm layers also
-    get their own AVX-512 kernel (for an AVX-512 target; without it that path runs the core's kernels)."""
+    get their own AVX-512 kernel (for an AVX-512 target; without it that path runs the core's kernels). ``lut``:
+    convs that :func:`lut_conv` accepts sum by lookup tables on the x86 AVX2 path (else by popcounts)."""
     if not specs:
         raise ValueError("generate: no layers")
     seen = set()
@@ -220,12 +289,13 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
         if spec.op != "maxpool":  # a max-pool has no constants
             blob, offsets = _blob(spec)
             blobs[blob_name] = blob
-        parts.append(_layer_source(i, spec, blob_name, offsets))
+        parts.append(_layer_source(i, spec, blob_name, offsets, lut))
         layers[spec.name] = {
             "symbol": f"qc_layer_{c_name(i, spec.name)}", "op": spec.op, "bits_a": spec.bits_a,
             "bits_w": spec.bits_w, "in_shape": list(spec.in_shape), "out_shape": list(spec.out_shape),
             "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
             "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
+            **({"avx2_kernel": "lut" if lut and lut_conv(spec) else "popcount"} if spec.op != "maxpool" else {}),
         }
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),

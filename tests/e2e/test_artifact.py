@@ -26,7 +26,7 @@ def _artifact(path, tmp_path, config, **kw):
 def test_artifact_equals_fakequant_exactly(tiny_model_path, tmp_path, config, kernel):
     result, out = _artifact(tiny_model_path, tmp_path, config, kernel=kernel)
     kernels = {p["node"]: p["kernel"] for p in result.manifest["plan"] if p["bits"] != "float"}
-    assert kernels and all(k.startswith({"bitserial": "bitserial", "int8": "onnxruntime-int8",
+    assert kernels and all(k.startswith({"bitserial": ("bitserial", "lut"), "int8": "onnxruntime-int8",
                                          "float": "onnxruntime-fp32"}[kernel]) for k in kernels.values())
     sess = InferenceSession(out)
     for batch in (1, 5):

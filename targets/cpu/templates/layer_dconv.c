@@ -205,7 +205,7 @@ static int64_t ${CNAME}_rows_per_task(int64_t rows, int64_t batch, int nt) {
     return rows / split > 0 ? (rows + split - 1) / split : 1;
 }
 
-static int ${CNAME}_direct(const uint8_t* x, void* y, int64_t batch, int path) {
+__attribute__((unused)) static int ${CNAME}_direct(const uint8_t* x, void* y, int64_t batch, int path) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, CU = ${CNAME}_CU, HP = ${CNAME}_HP,
            WP = ${CNAME}_WP, DPL = ${CNAME}_DPL, KTAP = ${CNAME}_KH * ${CNAME}_KW * ${CNAME}_C };
     const int64_t HW = (int64_t)H * W, P = (int64_t)${CNAME}_HO * ${CNAME}_WO;

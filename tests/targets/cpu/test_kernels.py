@@ -23,6 +23,7 @@ from qcompile.errors import QcompileError, ToolchainError
 from qcompile.runtime.kernels import KernelPathError, Library, RuntimeInputError
 from qcompile.targets.cpu import LayerSpec, build_library, caps
 from qcompile.targets.cpu.build import simde_include_dir
+from qcompile.targets.cpu.codegen import lut_conv
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU target builds ELF libraries")
 
@@ -90,6 +91,14 @@ def _specs() -> list[LayerSpec]:
         ("dconv_xor_pad_thr", (64, 6, 9), 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (1, 1), "threshold", True),
         ("dconv_c64_w2a2_thr_asym", (64, 5, 8), 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (2, 2), "threshold",
          False),
+        # the LUT conv (AVX2 path, AND mode): one odd 4-channel group and Wo = 1; 3-bit weights (Horner over
+        # planes) with stride 2 and vertical dilation; 4-bit activations near the 16-bit sum limit; N around
+        # the 32-channel block
+        ("lconv_c3_n70_wo1_thr", (3, 6, 1), 70, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (2, 1), "threshold",
+         False),
+        ("lconv_c20_s2_dh2_w3a1", (20, 11, 10), 33, (3, 3), (2, 2), (0, 1, 1, 0), (2, 1), 1, (1, 3), "float",
+         False),
+        ("lconv_c256_w1a4", (256, 4, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (4, 1), "none", False),
     ]
     for name, chw, n, kernel, strides, pads, dil, group, (ba, bw), epi, xor in convs:
         w = rng.integers(0, 1 << bw, size=(n, chw[0] // group, *kernel), dtype=np.uint8)
@@ -362,6 +371,53 @@ def test_maxpool_spec_and_manifest(native_lib):
     x = make_input(BY_NAME["pool_2x2_s2"], 1, 3)  # batch 1, 2-bit codes
     with pytest.raises(RuntimeInputError, match="exceed 2 bits"):
         native_lib.run("pool_2x2_s2", x | 4)
+
+
+LUT_CONVS = [s.name for s in SPECS if lut_conv(s)]
+
+
+@pytest.fixture(scope="module")
+def popcount_lib(tmp_path_factory) -> Library:
+    """The convs that the AVX2 path runs by lookup tables, built with popcounts instead (lut=False)."""
+    return Library(build_library([BY_NAME[n] for n in LUT_CONVS], tmp_path_factory.mktemp("cpu_popcount"),
+                                 lut=False))
+
+
+def _top(spec: LayerSpec) -> LayerSpec:
+    """Every weight at its top code: with the top activation codes, S reaches K * qmax * pmax."""
+    return spec.replace(name=spec.name + "_top", w=np.full_like(spec.w, (1 << spec.bits_w) - 1))
+
+
+@pytest.fixture(scope="module")
+def top_lib(tmp_path_factory) -> Library:
+    return Library(build_library([_top(BY_NAME[n]) for n in LUT_CONVS], tmp_path_factory.mktemp("cpu_top")))
+
+
+def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
+    assert {"conv3x3_pad_c64", "dconv_c32_w1a2_thr", "lconv_c256_w1a4", "conv_5x5_valid"} <= set(LUT_CONVS)
+    # XOR modes, groups, horizontal dilation, and a byte that one lookup could overflow (W4A4) stay on popcounts
+    for name in ("conv_xor_pad", "dconv_xor_c40", "conv_grouped", "conv_dilated", "dconv_c1_5x5"):
+        assert not lut_conv(BY_NAME[name]), name
+    big = BY_NAME["lconv_c256_w1a4"]
+    assert not lut_conv(big.replace(w=np.zeros((32, 500, 3, 3), np.uint8), in_shape=(500, 4, 6)))  # S > 65535
+    kernels = native_lib.manifest["layers"]
+    assert {n for n, v in kernels.items() if v.get("avx2_kernel") == "lut"} == set(LUT_CONVS)
+    assert all(v["avx2_kernel"] == "popcount" for v in popcount_lib.manifest["layers"].values())
+
+
+@pytest.mark.parametrize("name", LUT_CONVS)
+def test_lut_and_popcount_convs_bit_exact_on_avx2(native_lib, popcount_lib, top_lib, monkeypatch, name):
+    """Both kernels of the AVX2 path, on random codes and on the top codes (the byte and 16-bit sums' worst
+    case: every lookup at its largest entry)."""
+    if not native_lib.path_available("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx2")
+    spec, top = BY_NAME[name], _top(BY_NAME[name])
+    xs = [make_input(spec, 3, 5), np.full((2, *spec.in_shape), (1 << spec.bits_a) - 1, np.uint8)]
+    for x in xs:
+        for lib in (native_lib, popcount_lib):
+            np.testing.assert_array_equal(lib.run(name, x), expected(spec, x), err_msg=name)
+        np.testing.assert_array_equal(top_lib.run(top.name, x), expected(top, x), err_msg=f"{name} top weights")
 
 
 @pytest.mark.parametrize("name", ["dconv_c32_w1a2_thr", "dconv_xor_c64_s2", "conv3x3_pad_c64"])

@@ -1,0 +1,221 @@
+/* ---- layer ${LAYER} (${CNAME}): BitConv by lookup tables (x86 AVX2 path; codegen.lut_conv says when).
+ * The weights are 1..${KB}-bit codes q, the activations codes p; S = sum q*p over the receptive field, and
+ * acc = 2*S - wzero2[n]*rowsum as in every other kernel. Instead of popcounts, S is summed four channels at a time:
+ *   stage 1: every input pixel gets one 16-byte table per group g of 4 channels, T[e] = sum_{i<4} bit_i(e) * p[4g+i]
+ *            (all 16 subsets of the group's codes), laid out [image][HP][WP][G4][16] with a zero border (padding);
+ *   stage 2: weight plane j of (channel n, tap, group g) is a 4-bit index e, and vpshufb looks up 32 channels'
+ *            T[e] at once: 128 multiply-adds per instruction whatever the activation bits (a popcount covers 64
+ *            per activation plane). Lookups add into bytes for ${LCH} steps (the largest count that cannot
+ *            overflow a byte), then widen into 16-bit sums (S < 65536, checked by codegen).
+ * Index bytes [NB][KH][KW*G4][KB][32]: byte p of a block holds channel (p&1)*16 + (p>>4)*8 + ((p&15)>>1), so the
+ * even/odd byte split of the widening yields channels 0..15 and 16..31 in order. Register tile: ${LR} output
+ * pixels (consecutive ox) x 32 channels. One task per block of output rows of one image. ---- */
+#if defined(QC_X86)
+enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
+       ${CNAME}_RL = ${KW} * ${G4} };
+
+typedef struct {
+    const uint8_t* x;      /* this chunk's first image (NCHW codes) */
+    uint8_t* tab;          /* [b][HP][WP][G4][16] */
+    int32_t* psum;         /* [b][HP][WP] code sums (0 on the border) */
+    void* y;               /* this chunk's first output image */
+    int64_t pix_rows, out_rows;
+    _Atomic int err;
+} ${CNAME}_lctx;
+
+/* stage 1, input row (b, yy): NCHW codes -> tables + code sums of the row's pixels */
+__attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx, int64_t b, int64_t yy) {
+    enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, G4 = ${CNAME}_G4, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
+           PT = ${CNAME}_PT, PL = ${CNAME}_PL, LINE = W * G4 * 4 + 8 };
+    /* Q = [0, p0, p1, p0+p1, 0, p2, p3, p2+p3] per 128-bit lane (lane 1 from the next group's codes), then
+     * T[e] = Q[e & 3] + Q[4 + (e >> 2)]: two tables per four shuffles and three adds */
+#define X_ 0x80
+    const __m256i qa = _mm256_setr_epi8(X_, 0, 1, 0, X_, 2, 3, 2, X_, X_, X_, X_, X_, X_, X_, X_,
+                                        X_, 4, 5, 4, X_, 6, 7, 6, X_, X_, X_, X_, X_, X_, X_, X_);
+    const __m256i qb = _mm256_setr_epi8(X_, X_, X_, 1, X_, X_, X_, 3, X_, X_, X_, X_, X_, X_, X_, X_,
+                                        X_, X_, X_, 5, X_, X_, X_, 7, X_, X_, X_, X_, X_, X_, X_, X_);
+#undef X_
+    const __m256i lo = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                        0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __m256i hi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+                                        4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+    uint8_t stack_line[LINE <= 16384 ? LINE : 1] __attribute__((aligned(32)));
+    uint8_t* line = LINE <= 16384 ? stack_line : (uint8_t*)malloc(LINE);
+    if (!line) { atomic_store(&cx->err, QC_ERR_NOMEM); return; }
+    const int64_t HW = (int64_t)H * W;
+    const uint8_t* src = cx->x + b * C * HW + yy * W;
+    if (G4 * 4 != C) memset(line, 0, LINE);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t xx = 0; xx < W; ++xx) line[xx * G4 * 4 + c] = src[c * HW + xx];
+    const int64_t pix0 = (b * HP + yy + PT) * WP + PL;
+    uint8_t* trow = cx->tab + pix0 * G4 * 16;
+    int32_t* srow = cx->psum + pix0;
+    for (int64_t xx = 0; xx < W; ++xx) {
+        const uint8_t* p = line + xx * G4 * 4;
+        uint8_t* t = trow + xx * G4 * 16;
+        int32_t s = 0;
+        for (int c = 0; c < C; ++c) s += p[c];
+        srow[xx] = s;
+        for (int g = 0; g < G4; g += 2) {
+            int64_t codes;
+            memcpy(&codes, p + 4 * g, 8);  /* the line has 8 bytes of slack for an odd last group */
+            const __m256i v = _mm256_set1_epi64x(codes);
+            const __m256i q = _mm256_add_epi8(_mm256_shuffle_epi8(v, qa), _mm256_shuffle_epi8(v, qb));
+            const __m256i tt = _mm256_add_epi8(_mm256_shuffle_epi8(q, lo), _mm256_shuffle_epi8(q, hi));
+            if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(t + 16 * g), tt);
+            else _mm_storeu_si128((__m128i*)(t + 16 * g), _mm256_castsi256_si128(tt));
+        }
+    }
+    if (LINE > 16384) free(line);
+}
+
+static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
+    ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
+    const int64_t nblk = (${CNAME}_H + cx->pix_rows - 1) / cx->pix_rows, b = t / nblk, r0 = (t - b * nblk) * cx->pix_rows;
+    for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_ltab_row(cx, b, r);
+}
+
+/* stage 2, output row (b, oy) of every channel */
+__attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* cx, int64_t b, int64_t oy) {
+    enum { N = ${CNAME}_N, G4 = ${CNAME}_G4, NB = ${CNAME}_NB, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
+           KH = ${CNAME}_KH, KW = ${CNAME}_KW, SH = ${CNAME}_SH, SW = ${CNAME}_SW, DH = ${CNAME}_DH,
+           HO = ${CNAME}_HO, WO = ${CNAME}_WO, KB = ${CNAME}_KB, L = ${CNAME}_L, R = ${CNAME}_LR,
+           CH = ${CNAME}_LCH, RL = ${CNAME}_RL, EPI = ${EPI} };
+    const int64_t P = (int64_t)HO * WO;
+    const uint8_t* img = cx->tab + b * (int64_t)HP * WP * G4 * 16;
+    const int32_t* ps = cx->psum + b * (int64_t)HP * WP;
+    const uint8_t* widx = qc_blob_${CNAME} + ${OFF_WL};
+    const int32_t* wz2p = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2P});
+    const int32_t* thrt = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THRT});
+    const int32_t* wz2 = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2});
+    const float* mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
+    const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
+    const int32_t* thr = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THR});
+    (void)wz2p; (void)thrt; (void)wz2; (void)mult; (void)bias; (void)thr;
+    const __m256i lomask = _mm256_set1_epi16(0x00FF);
+    ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;
+    for (int64_t ox0 = 0; ox0 < WO; ox0 += R) {
+        const int mr = WO - ox0 < R ? (int)(WO - ox0) : R;
+        int32_t rowsum[R];
+        const uint8_t* pix[R];  /* pixel r's first table row; a short tile repeats pixel 0 (results unused) */
+        for (int r = 0; r < R; ++r) {
+            const int64_t ox = ox0 + (r < mr ? r : 0);
+            int32_t s = 0;
+            for (int ky = 0; ky < KH; ++ky)
+                for (int kx = 0; kx < KW; ++kx) s += ps[(oy * SH + ky * DH) * WP + ox * SW + kx];
+            rowsum[r] = s;
+            pix[r] = img + ((oy * SH) * WP + ox * SW) * (int64_t)G4 * 16;
+        }
+        for (int64_t nb = 0; nb < NB; ++nb) {
+            __m256i s16[R][2];
+            for (int r = 0; r < R; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+            for (int ky = 0; ky < KH; ++ky) {
+                const uint8_t* ib = widx + (nb * KH + ky) * (int64_t)RL * KB * 32;
+                const int64_t toff = (int64_t)ky * DH * WP * G4 * 16;
+#pragma GCC unroll 1
+                for (int j0 = 0; j0 < RL; j0 += CH) {
+                    __m256i s8[R];
+                    for (int r = 0; r < R; ++r) s8[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                    for (int j = j0; j < j0 + CH; ++j) {
+                        __m256i iv[KB];
+                        for (int q = 0; q < KB; ++q) iv[q] = _mm256_loadu_si256((const __m256i*)(ib + (j * KB + q) * 32));
+                        for (int r = 0; r < R; ++r) {
+                            const __m256i t = _mm256_broadcastsi128_si256(
+                                _mm_loadu_si128((const __m128i*)(pix[r] + toff + j * 16)));
+                            __m256i v = _mm256_shuffle_epi8(t, iv[KB - 1]);  /* Horner over weight planes */
+                            for (int q = KB - 2; q >= 0; --q)
+                                v = _mm256_add_epi8(_mm256_add_epi8(v, v), _mm256_shuffle_epi8(t, iv[q]));
+                            s8[r] = _mm256_add_epi8(s8[r], v);
+                        }
+                    }
+                    for (int r = 0; r < R; ++r) {
+                        s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_and_si256(s8[r], lomask));
+                        s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_srli_epi16(s8[r], 8));
+                    }
+                }
+            }
+            /* epilogue: acc = 2*S - wzero2*rowsum per (pixel, channel), 8 channels per vector */
+            const int64_t n0 = nb * 32;
+            const int nc = N - n0 < 32 ? (int)(N - n0) : 32;
+            int32_t acc[R][32] __attribute__((aligned(32)));
+            for (int r = 0; r < mr; ++r)
+                for (int h = 0; h < 4; ++h) {
+                    const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[r][h >> 1], 1)
+                                                                  : _mm256_castsi256_si128(s16[r][h >> 1]));
+                    const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2p + n0 + 8 * h));
+                    __m256i a = _mm256_sub_epi32(_mm256_add_epi32(s, s), _mm256_mullo_epi32(z, _mm256_set1_epi32(rowsum[r])));
+                    if (EPI == QC_EPI_THRESHOLD) {  /* code = #{j : acc >= thr[n][j]} = L - #{j : thr > acc} */
+                        __m256i q = _mm256_set1_epi32(L);
+                        for (int l = 0; l < L; ++l)
+                            q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(
+                                _mm256_loadu_si256((const __m256i*)(thrt + l * (int64_t)NB * 32 + n0 + 8 * h)), a));
+                        a = q;
+                    }
+                    _mm256_store_si256((__m256i*)(acc[r] + 8 * h), a);
+                }
+            if (EPI == QC_EPI_THRESHOLD && mr == R) {
+                /* a full tile's R codes (each <= L <= 255) of channel n are R consecutive output bytes: one
+                 * R-byte store per channel instead of R byte stores */
+                uint32_t packed[32] __attribute__((aligned(32)));
+                for (int h = 0; h < 4; ++h) {
+                    __m256i d = _mm256_load_si256((const __m256i*)(acc[0] + 8 * h));
+                    for (int r = 1; r < R; ++r)
+                        d = _mm256_or_si256(d, _mm256_slli_epi32(_mm256_load_si256((const __m256i*)(acc[r] + 8 * h)), 8 * r));
+                    _mm256_store_si256((__m256i*)(packed + 8 * h), d);
+                }
+                for (int c = 0; c < nc; ++c) memcpy((uint8_t*)(yb + (n0 + c) * P + ox0), packed + c, R);
+                continue;
+            }
+            for (int c = 0; c < nc; ++c) {
+                const int64_t n = n0 + c;
+                ${OUT_CTYPE_C}* yo = yb + n * P + ox0;
+                for (int r = 0; r < mr; ++r) {
+                    const int32_t a = acc[r][c];
+                    ${LSTORE}
+                }
+            }
+        }
+    }
+}
+
+static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
+    const ${CNAME}_lctx* cx = (const ${CNAME}_lctx*)vctx;
+    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
+    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
+}
+
+static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
+    enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
+           G4 = ${CNAME}_G4, KTAP = ${CNAME}_KH * ${CNAME}_KW * ${CNAME}_C };
+    const int64_t HW = (int64_t)H * W, P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
+    const int64_t img_bytes = (int64_t)HP * WP * G4 * 16;
+    const int nt = qc_num_threads();
+    /* images per round: ~1 MiB of tables, so stage 2 reads them back from cache (a whole batch's tables in
+     * one fresh buffer cost page faults and a trip through memory) */
+    int64_t chunk = ((int64_t)1 << 20) / (img_bytes + (int64_t)HP * WP * 4);
+    if (chunk < 2 * nt) chunk = 2 * nt;
+    if (chunk < 1) chunk = 1;
+    if (chunk > batch) chunk = batch;
+    ${CNAME}_lctx cx;
+    memset(&cx, 0, sizeof cx);
+    /* zeroed once: the border (padding) keeps all-zero tables and sums; +32 bytes of slack */
+    cx.tab = (uint8_t*)qc_alloc((size_t)(chunk * img_bytes) + 32);
+    cx.psum = (int32_t*)qc_alloc((size_t)(chunk * HP * WP) * 4);
+    if (!cx.tab || !cx.psum) { free(cx.tab); free(cx.psum); return QC_ERR_NOMEM; }
+    for (int64_t b0 = 0; b0 < batch && !cx.err; b0 += chunk) {
+        const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;
+        cx.x = x + b0 * C * HW;
+        cx.y = (uint8_t*)y + b0 * (int64_t)N * P * (int64_t)sizeof(${OUT_CTYPE_C});
+        cx.pix_rows = ${CNAME}_rows_per_task(H, bc, nt);
+        cx.out_rows = ${CNAME}_rows_per_task(${CNAME}_HO, bc, nt);
+        qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_ltab_task, &cx);
+        if (cx.err) break;
+        qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((${CNAME}_HO + cx.out_rows - 1) / cx.out_rows),
+                    ${CNAME}_lrow_task, &cx);
+    }
+    free(cx.tab); free(cx.psum);
+    return cx.err;
+}
+#endif
