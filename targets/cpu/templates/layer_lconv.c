@@ -26,7 +26,7 @@ typedef struct {
 /* stage 1, input row (b, yy): NCHW codes -> tables + code sums of the row's pixels */
 __attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx, int64_t b, int64_t yy) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, G4 = ${CNAME}_G4, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
-           PT = ${CNAME}_PT, PL = ${CNAME}_PL, LINE = W * G4 * 4 + 8 };
+           PT = ${CNAME}_PT, PL = ${CNAME}_PL, LINE = G4 * W };
     /* Q = [0, p0, p1, p0+p1, 0, p2, p3, p2+p3] per 128-bit lane (lane 1 from the next group's codes), then
      * T[e] = Q[e & 3] + Q[4 + (e >> 2)]: two tables per four shuffles and three adds */
 #define X_ 0x80
@@ -39,34 +39,53 @@ __attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx,
                                         0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
     const __m256i hi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
                                         4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
-    uint8_t stack_line[LINE <= 16384 ? LINE : 1] __attribute__((aligned(32)));
-    uint8_t* line = LINE <= 16384 ? stack_line : (uint8_t*)malloc(LINE);
+    /* line[g][xx]: the 4 codes of group g at pixel xx as one 32-bit word (channels past C read as 0);
+     * sum[xx]: the pixel's code sum (< 65536: codegen bounds C * pmax) */
+    uint32_t stack_line[LINE <= 8192 ? LINE : 1] __attribute__((aligned(32)));
+    uint32_t* line = LINE <= 8192 ? stack_line : (uint32_t*)malloc((size_t)LINE * 4);
     if (!line) { atomic_store(&cx->err, QC_ERR_NOMEM); return; }
+    uint16_t sum[W + 8] __attribute__((aligned(32)));
+    memset(sum, 0, sizeof sum);
     const int64_t HW = (int64_t)H * W;
     const uint8_t* src = cx->x + b * C * HW + yy * W;
-    if (G4 * 4 != C) memset(line, 0, LINE);
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t xx = 0; xx < W; ++xx) line[xx * G4 * 4 + c] = src[c * HW + xx];
+    const __m128i ones = _mm_set1_epi8(1);
+    for (int g = 0; g < G4; ++g) {
+        const uint8_t* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = 4 * g + i < C ? src + (4 * g + i) * HW : NULL;
+        int64_t xx = 0;
+        for (; xx + 8 <= W; xx += 8) {  /* 4 channel rows x 8 pixels -> 8 words: a byte/word interleave */
+            __m128i r[4];
+            for (int i = 0; i < 4; ++i)
+                r[i] = rows[i] ? _mm_loadl_epi64((const __m128i*)(rows[i] + xx)) : _mm_setzero_si128();
+            const __m128i p01 = _mm_unpacklo_epi8(r[0], r[1]), p23 = _mm_unpacklo_epi8(r[2], r[3]);
+            _mm_storeu_si128((__m128i*)(line + g * W + xx), _mm_unpacklo_epi16(p01, p23));
+            _mm_storeu_si128((__m128i*)(line + g * W + xx + 4), _mm_unpackhi_epi16(p01, p23));
+            const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(p01, ones), _mm_maddubs_epi16(p23, ones));
+            _mm_storeu_si128((__m128i*)(sum + xx), _mm_add_epi16(_mm_loadu_si128((const __m128i*)(sum + xx)), s));
+        }
+        for (; xx < W; ++xx) {
+            uint32_t word = 0;
+            for (int i = 0; i < 4; ++i)
+                if (rows[i]) { word |= (uint32_t)rows[i][xx] << (8 * i); sum[xx] += rows[i][xx]; }
+            line[g * W + xx] = word;
+        }
+    }
     const int64_t pix0 = (b * HP + yy + PT) * WP + PL;
     uint8_t* trow = cx->tab + pix0 * G4 * 16;
     int32_t* srow = cx->psum + pix0;
     for (int64_t xx = 0; xx < W; ++xx) {
-        const uint8_t* p = line + xx * G4 * 4;
         uint8_t* t = trow + xx * G4 * 16;
-        int32_t s = 0;
-        for (int c = 0; c < C; ++c) s += p[c];
-        srow[xx] = s;
+        srow[xx] = sum[xx];
         for (int g = 0; g < G4; g += 2) {
-            int64_t codes;
-            memcpy(&codes, p + 4 * g, 8);  /* the line has 8 bytes of slack for an odd last group */
-            const __m256i v = _mm256_set1_epi64x(codes);
+            const uint64_t codes = line[g * W + xx] | (g + 1 < G4 ? (uint64_t)line[(g + 1) * W + xx] << 32 : 0);
+            const __m256i v = _mm256_set1_epi64x((int64_t)codes);
             const __m256i q = _mm256_add_epi8(_mm256_shuffle_epi8(v, qa), _mm256_shuffle_epi8(v, qb));
             const __m256i tt = _mm256_add_epi8(_mm256_shuffle_epi8(q, lo), _mm256_shuffle_epi8(q, hi));
             if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(t + 16 * g), tt);
             else _mm_storeu_si128((__m128i*)(t + 16 * g), _mm256_castsi256_si128(tt));
         }
     }
-    if (LINE > 16384) free(line);
+    if (LINE > 8192) free(line);
 }
 
 static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
