@@ -46,11 +46,11 @@ def layer_macs(spec, batch: int) -> tuple[int, int, int]:
 
 
 def lut_kernel(spec, caps) -> bool:
-    """Whether the layer's bit kernel sums by lookup tables on this target (the AVX2 path's convs that
-    targets.cpu.codegen.lut_conv accepts) rather than by popcounts."""
-    from qcompile.targets.cpu.codegen import lut_conv
+    """Whether the layer's bit kernel sums by lookup tables on this target (the AVX2 path's layers that
+    targets.cpu.codegen.lut_layer accepts) rather than by popcounts."""
+    from qcompile.targets.cpu.codegen import lut_layer
 
-    return caps.path == "avx2" and lut_conv(spec)
+    return caps.path == "avx2" and lut_layer(spec)
 
 
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:

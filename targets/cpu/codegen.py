@@ -32,7 +32,7 @@ from qcompile import __version__, packing
 from .spec import LayerSpec
 
 __all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights",
-           "lut_conv", "pack_lut_weights"]
+           "lut_conv", "lut_gemm", "lut_layer", "pack_lut_weights"]
 
 ABI_VERSION = 1
 PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
@@ -93,8 +93,27 @@ def lut_conv(spec: LayerSpec) -> bool:
     return 4 * qmax * pmax <= 255 and spec.K * qmax * pmax <= 65535
 
 
+def lut_gemm(spec: LayerSpec) -> bool:
+    """Whether a BitGemm's x86 AVX2 path sums by lookup tables (templates/layer_lgemm.c): AND mode with more
+    than one plane pair (at W1A1 a lookup and a popcount cover the same 128 multiply-adds per cycle here and the
+    popcount kernel is the tuned one), sums within a byte per lookup and 16 bits in all."""
+    if spec.op != "gemm" or _mode(spec) != "QC_AND" or spec.bits_a * spec.bits_w < 2:
+        return False
+    qmax, pmax = 2 ** spec.bits_w - 1, 2 ** spec.bits_a - 1
+    return 4 * qmax * pmax <= 255 and spec.K * qmax * pmax <= 65535
+
+
+def lut_layer(spec: LayerSpec) -> bool:
+    """Whether the layer's AVX2 path uses a lookup-table kernel (lut_conv or lut_gemm)."""
+    return lut_conv(spec) or lut_gemm(spec)
+
+
 def _lut_geometry(spec: LayerSpec) -> dict[str, int]:
-    """Group count, 32-channel blocks, register-tile pixels and the byte-accumulation run of the LUT conv."""
+    """Group count, 32-channel blocks, register-tile pixels/rows and the byte-accumulation run of a LUT kernel."""
+    gmax = 4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)
+    if spec.op == "gemm":
+        g4 = -(-spec.K // 4)
+        return dict(G4=g4, NB=-(-spec.N // 32), LR=4, LCH=min(255 // gmax, g4))
     g4 = -(-spec.in_shape[0] // 4)
     run = spec.kernel[1] * g4                                    # lookups per kernel row
     step = min(255 // (4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)), run)
@@ -116,19 +135,20 @@ def lut_channel(p: int) -> int:
 def pack_lut_weights(spec: LayerSpec) -> np.ndarray:
     """Index bytes of the LUT conv: [NB, KH, KW*G4, bits_w, 32] uint8; entry (block, ky, kx*G4 + g, j, p) holds
     bit j of the weight codes of channels 4g..4g+3 (bit i = channel 4g+i) at tap (ky, kx) for output channel
-    block*32 + lut_channel(p); zero for padded channels."""
-    n, c, kh, kw = spec.w.shape
-    geo = _lut_geometry(spec)
-    g4, nb = geo["G4"], geo["NB"]
+    block*32 + lut_channel(p); zero for padded channels. BitGemm: [NB, G4, bits_w, 32], K in the channels' place."""
+    w4 = spec.w[:, :, None, None] if spec.op == "gemm" else spec.w
+    n, c, kh, kw = w4.shape
+    g4, nb = -(-c // 4), -(-n // 32)
     w = np.zeros((nb * 32, g4 * 4, kh, kw), np.uint8)
-    w[:n, :c] = spec.w
+    w[:n, :c] = w4
     out = np.zeros((nb, kh, kw, g4, spec.bits_w, 32), np.uint8)
     perm = np.array([lut_channel(p) for p in range(32)])
     for j in range(spec.bits_w):
         bits = ((w >> j) & 1).reshape(nb, 32, g4, 4, kh, kw)                 # [nb, ch, g, i, ky, kx]
         idx = sum(bits[:, :, :, i] << i for i in range(4))                   # [nb, ch, g, ky, kx]
         out[:, :, :, :, j, :] = idx[:, perm].transpose(0, 3, 4, 2, 1)        # [nb, ky, kx, g, p]
-    return out.reshape(nb, kh, kw * g4, spec.bits_w, 32)
+    out = out.reshape(nb, kh, kw * g4, spec.bits_w, 32)
+    return out[:, 0] if spec.op == "gemm" else out
 
 
 def _direct_geometry(spec: LayerSpec) -> dict[str, int]:
@@ -159,14 +179,16 @@ def _blob(spec: LayerSpec) -> tuple[bytes, dict[str, int]]:
         "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "THR": (spec.thresholds if spec.L else np.zeros((spec.N, 1), np.int32)).astype("<i4").tobytes(),
-        "WL": b"", "WZ2P": b"", "THRT": b"",
+        "WL": b"", "WZ2P": b"", "THRT": b"", "MULTP": b"", "BIASP": b"",
     }
-    if lut_conv(spec):  # the LUT conv's index bytes, and wzero2 / thresholds by channel, padded to 32
+    if lut_layer(spec):  # the LUT kernel's index bytes, and the epilogue's arrays by channel, padded to 32
         npad = _lut_geometry(spec)["NB"] * 32
         thr = np.full((npad, max(spec.L, 1)), np.iinfo(np.int32).max, np.int32)
         if spec.L:
             thr[:spec.N] = spec.thresholds
-        parts.update(WL=pack_lut_weights(spec).tobytes(),
+        vec = (lambda a: np.pad(a.astype("<f4"), (0, npad - spec.N)).tobytes()) if spec.epilogue == "float" else \
+            (lambda a: b"")
+        parts.update(WL=pack_lut_weights(spec).tobytes(), MULTP=vec(spec.mult), BIASP=vec(spec.bias),
                      WZ2P=np.pad(spec.wzero2.astype("<i4"), (0, npad - spec.N)).tobytes(),
                      THRT=np.ascontiguousarray(thr.T).astype("<i4").tobytes())
     out, offsets = bytearray(), {}
@@ -218,7 +240,18 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
     if spec.op == "gemm":
         gmr, gnr = GEMM_TILE
         direct = _template("layer_dgemm.c").substitute(common, GMR=gmr, GNR=gnr, OUT_CTYPE_C=out_c)
-        return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c)
+        lut_call = ""
+        if lut and lut_gemm(spec):
+            direct += _template("layer_lgemm.c").substitute(common, **_lut_geometry(spec), K=spec.K,
+                                                            OUT_CTYPE_C=out_c)
+            # one row streams every index byte once (2x the packed planes' bytes at W1): when they spill the
+            # last-level cache (> 4 MiB) the popcount kernel is faster (measured: W2A2 K=N=4096 M=1 0.33 vs 0.26 ms)
+            geo = _lut_geometry(spec)
+            wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
+            lut_call = (f"#if defined(QC_X86)\n    if (path == QC_PATH_AVX2 && (batch > 1 || {wl_bytes} <= (4 << 20)))"
+                        f" return {cname}_lut(x, y, batch);\n#endif\n")
+        return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c,
+                                                    LUT_CALL=lut_call)
     c, h, w = spec.in_shape
     ho, wo = spec.out_hw
     if spec.op == "maxpool":
@@ -295,7 +328,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
             "bits_w": spec.bits_w, "in_shape": list(spec.in_shape), "out_shape": list(spec.out_shape),
             "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
             "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
-            **({"avx2_kernel": "lut" if lut and lut_conv(spec) else "popcount"} if spec.op != "maxpool" else {}),
+            **({"avx2_kernel": "lut" if lut and lut_layer(spec) else "popcount"} if spec.op != "maxpool" else {}),
         }
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),

@@ -9,7 +9,7 @@ ${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t
     if (batch == 0) return QC_OK;
     const int path = qc_select_path();
     if (path < 0) return QC_ERR_PATH;
-    qc_job j;
+${LUT_CALL}    qc_job j;
     memset(&j, 0, sizeof j);
     j.ka = KA; j.kb = KB; j.mode = ${MODE}; j.kwp = KWP; j.kw = ${KWORDS}; j.a_stride = (int64_t)KA * KWP;
     j.W = (const uint64_t*)(qc_blob_${CNAME} + ${OFF_W});

@@ -23,7 +23,7 @@ from qcompile.errors import QcompileError, ToolchainError
 from qcompile.runtime.kernels import KernelPathError, Library, RuntimeInputError
 from qcompile.targets.cpu import LayerSpec, build_library, caps
 from qcompile.targets.cpu.build import simde_include_dir
-from qcompile.targets.cpu.codegen import lut_conv
+from qcompile.targets.cpu.codegen import lut_conv, lut_layer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU target builds ELF libraries")
 
@@ -373,13 +373,13 @@ def test_maxpool_spec_and_manifest(native_lib):
         native_lib.run("pool_2x2_s2", x | 4)
 
 
-LUT_CONVS = [s.name for s in SPECS if lut_conv(s)]
+LUT_LAYERS = [s.name for s in SPECS if lut_layer(s)]
 
 
 @pytest.fixture(scope="module")
 def popcount_lib(tmp_path_factory) -> Library:
-    """The convs that the AVX2 path runs by lookup tables, built with popcounts instead (lut=False)."""
-    return Library(build_library([BY_NAME[n] for n in LUT_CONVS], tmp_path_factory.mktemp("cpu_popcount"),
+    """The layers that the AVX2 path runs by lookup tables, built with popcounts instead (lut=False)."""
+    return Library(build_library([BY_NAME[n] for n in LUT_LAYERS], tmp_path_factory.mktemp("cpu_popcount"),
                                  lut=False))
 
 
@@ -390,23 +390,26 @@ def _top(spec: LayerSpec) -> LayerSpec:
 
 @pytest.fixture(scope="module")
 def top_lib(tmp_path_factory) -> Library:
-    return Library(build_library([_top(BY_NAME[n]) for n in LUT_CONVS], tmp_path_factory.mktemp("cpu_top")))
+    return Library(build_library([_top(BY_NAME[n]) for n in LUT_LAYERS], tmp_path_factory.mktemp("cpu_top")))
 
 
 def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
-    assert {"conv3x3_pad_c64", "dconv_c32_w1a2_thr", "lconv_c256_w1a4", "conv_5x5_valid"} <= set(LUT_CONVS)
-    # XOR modes, groups, horizontal dilation, and a byte that one lookup could overflow (W4A4) stay on popcounts
-    for name in ("conv_xor_pad", "dconv_xor_c40", "conv_grouped", "conv_dilated", "dconv_c1_5x5"):
-        assert not lut_conv(BY_NAME[name]), name
+    assert {"conv3x3_pad_c64", "dconv_c32_w1a2_thr", "lconv_c256_w1a4", "conv_5x5_valid", "gemm_a2w1_k1_n5_float",
+            "gemm_a2w2_k4096_n3_float", "gemm_a3w2_k65_n67_none"} <= set(LUT_LAYERS)
+    # XOR modes, groups, horizontal dilation, a byte that one lookup could overflow (W4A4), and W1A1 GEMMs
+    # (the popcount kernel is as fast there) stay on popcounts
+    for name in ("conv_xor_pad", "dconv_xor_c40", "conv_grouped", "conv_dilated", "dconv_c1_5x5", "gemm_xor_k64",
+                 "gemm_a1w1_k1000_n3_float", "gemm_a4w4_k1000_n1_float"):
+        assert not lut_layer(BY_NAME[name]), name
     big = BY_NAME["lconv_c256_w1a4"]
     assert not lut_conv(big.replace(w=np.zeros((32, 500, 3, 3), np.uint8), in_shape=(500, 4, 6)))  # S > 65535
     kernels = native_lib.manifest["layers"]
-    assert {n for n, v in kernels.items() if v.get("avx2_kernel") == "lut"} == set(LUT_CONVS)
+    assert {n for n, v in kernels.items() if v.get("avx2_kernel") == "lut"} == set(LUT_LAYERS)
     assert all(v["avx2_kernel"] == "popcount" for v in popcount_lib.manifest["layers"].values())
 
 
-@pytest.mark.parametrize("name", LUT_CONVS)
-def test_lut_and_popcount_convs_bit_exact_on_avx2(native_lib, popcount_lib, top_lib, monkeypatch, name):
+@pytest.mark.parametrize("name", LUT_LAYERS)
+def test_lut_and_popcount_kernels_bit_exact_on_avx2(native_lib, popcount_lib, top_lib, monkeypatch, name):
     """Both kernels of the AVX2 path, on random codes and on the top codes (the byte and 16-bit sums' worst
     case: every lookup at its largest entry)."""
     if not native_lib.path_available("avx2"):
