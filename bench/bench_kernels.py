@@ -84,10 +84,25 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) static uint64_t avx512(long r
     __m512i s = c[0][0]; for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, c[i / 4][i % 4]);
     t += (uint64_t)_mm512_reduce_add_epi64(s); __asm__ volatile("" : "+r"(t)::"memory"); }
   return t; }
-/* path: 0 scalar popcnt, 1 avx2, 2 avx512; returns the checksum summed over threads */
+/* the LUT kernels' inner step (layer_lconv.c / layer_lgemm.c): per step 4 broadcast tables x 2 index vectors,
+ * vpshufb + byte add into 8 accumulators; multiply-adds done = reps * 32 * 8 * 128 (32 lanes x 4 codes a lookup) */
+__attribute__((target("avx2"))) static uint64_t lut(long reps) { uint64_t t = 0;
+  const uint8_t* tb = (const uint8_t*)A; const uint8_t* ix = (const uint8_t*)W;  /* 2 KiB each: L1-resident */
+  for (long r = 0; r < reps; ++r) { __m256i s[8];
+    for (int p = 0; p < 8; ++p) s[p] = _mm256_setzero_si256();
+    for (int j = 0; j < 32; ++j) {
+      const __m256i i0 = _mm256_load_si256((const __m256i*)(ix + 64 * j)), i1 = _mm256_load_si256((const __m256i*)(ix + 64 * j + 32));
+      for (int p = 0; p < 4; ++p) {
+        const __m256i tv = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)(tb + 512 * p + 16 * j)));
+        s[2 * p] = _mm256_add_epi8(s[2 * p], _mm256_shuffle_epi8(tv, i0));
+        s[2 * p + 1] = _mm256_add_epi8(s[2 * p + 1], _mm256_shuffle_epi8(tv, i1)); } }
+    __m256i z = _mm256_setzero_si256(), a = z; for (int p = 0; p < 8; ++p) a = _mm256_add_epi64(a, _mm256_sad_epu8(s[p], z));
+    t += (uint64_t)_mm256_extract_epi64(a, 0); __asm__ volatile("" : "+r"(t)::"memory"); }
+  return t; }
+/* path: 0 scalar popcnt, 1 avx2, 2 avx512, 3 the AVX2 LUT step; returns the checksum summed over threads */
 uint64_t peak(int path, long reps, int threads) { fill(); uint64_t tot = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : tot)
-  { tot += path == 2 ? avx512(reps) : path == 1 ? avx2(reps) : scalar(reps); }
+  { tot += path == 3 ? lut(reps) : path == 2 ? avx512(reps) : path == 1 ? avx2(reps) : scalar(reps); }
   return tot; }
 """
 
@@ -105,7 +120,8 @@ def _median_time(fn, min_time: float = 0.4, min_runs: int = 5, max_runs: int = 2
 
 
 def measure_peak(c: caps.CpuCaps, tmp: Path) -> dict[str, tuple[float, float]]:
-    """Binary MAC/s of the tight loop of each path this CPU runs: {path: (1 core, all cores)}."""
+    """Binary MAC/s of the tight loop of each path this CPU runs: {path: (1 core, all cores)}; with AVX2 also
+    "avx2-lut": multiply-adds/s of the LUT kernels' vpshufb step (any activation width, per weight plane)."""
     src, so = tmp / "peak.c", tmp / "peak.so"
     src.write_text(PEAK_C)
     subprocess.run([*compiler_command(), "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
@@ -116,6 +132,8 @@ def measure_peak(c: caps.CpuCaps, tmp: Path) -> dict[str, tuple[float, float]]:
         paths["avx2"] = 1
     if c.avx512_vpopcntdq:
         paths["avx512"] = 2
+    if c.avx2:
+        paths[LUT] = 3
     out = {}
     for name, p in paths.items():
         rates = []
@@ -129,7 +147,7 @@ def measure_peak(c: caps.CpuCaps, tmp: Path) -> dict[str, tuple[float, float]]:
                     break
                 reps *= 2
             best = min(_timed(lib.peak, p, reps, threads) for _ in range(3))
-            rates.append(threads * reps * 16 * 64 * 64 / best)
+            rates.append(threads * reps * (32 * 8 * 128 if p == 3 else 16 * 64 * 64) / best)
         out[name] = (rates[0], rates[1])
     return out
 
@@ -185,6 +203,7 @@ def _conv_model(c: int, h: int, w_: int, n: int, int8: bool, rng):
 
 
 
+LUT = "avx2-lut"  # the peak entry of the LUT step (multiply-adds/s, not binary MACs)
 BIT_PAIRS = [(1, 1), (2, 1), (2, 2)]  # (bits_a, bits_w): W1A1, W1A2, W2A2
 CONV = (256, 32, 32, 256)  # C, H, W, N: 3x3, pad 1, batch 1
 
@@ -212,6 +231,8 @@ def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
             lib = Library(build_library(specs, tmp))
             out["path"] = lib.selected_path()
             out["threads"] = lib.num_threads()
+            lut_path = out["path"] == "avx2"  # the LUT kernels serve the AVX2 path only
+            out["lut"] = [n for n, v in lib.manifest["layers"].items() if lut_path and v.get("avx2_kernel") == "lut"]
             for ba, bw in BIT_PAIRS:
                 for k, m in _gemm_cases(sizes):
                     x = rng.integers(0, 1 << ba, (m, k), dtype=np.uint8)
@@ -282,25 +303,35 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     # the reference: the best path's all-core figure, or cores x its 1-core figure when other load on the machine
     # depressed the all-core measurement (the larger, i.e. stricter, of the two)
+    lut_peak = peak.pop(LUT, None)
+    lut_all = max(lut_peak[1], lut_peak[0] * c.cores) if lut_peak else float("nan")
     best_path = max(peak, key=lambda p: max(peak[p][1], peak[p][0] * c.cores))
     peak_all = max(peak[best_path][1], peak[best_path][0] * c.cores)
     for name, (one, allc) in peak.items():
         print(f"popcount peak {name:14s}: {one / 1e9:7.1f} G binary MAC/s (1 core), {allc / 1e9:7.1f} (all cores)")
+    if lut_peak:
+        print(f"LUT step peak {LUT:14s}: {lut_peak[0] / 1e9:7.1f} G MAC/s (1 core), {lut_peak[1] / 1e9:7.1f} (all cores)")
     q = res["qcompile"]
-    rows = []  # (label, macs, planes, t_q, t_np, t_ortf, t_orti)
+    lut_layers = set(q.get("lut", []))
+    # (label, kernel, work, t_q, t_np, t_ortf, t_orti, peak): work in the peak's units (binary MACs for popcount
+    # kernels, multiply-adds x weight planes for LUT kernels)
+    rows = []
     for ba, bw in BIT_PAIRS:
         for k, m in _gemm_cases(sizes):
-            key = f"k{k}_m{m}"
-            rows.append((f"W{bw}A{ba} GEMM M={m} K=N={k}", m * k * k, ba * bw, q[f"w{bw}a{ba}_{key}"],
-                         res["numpy"][key], res["ort-fp32"][key], res["ort-int8"][key]))
+            key, lut = f"k{k}_m{m}", f"w{bw}a{ba}_k{k}" in lut_layers
+            rows.append((f"W{bw}A{ba} GEMM M={m} K=N={k}", "lut" if lut else "popcount",
+                         m * k * k * (bw if lut else ba * bw), q[f"w{bw}a{ba}_{key}"], res["numpy"][key],
+                         res["ort-fp32"][key], res["ort-int8"][key], lut_all if lut else peak_all))
     c_, h, w, n = CONV
     for ba, bw in BIT_PAIRS:
-        rows.append((f"W{bw}A{ba} conv3x3 {h}x{w}x{c_}->{n}", h * w * c_ * n * 9, ba * bw, q[f"w{bw}a{ba}_conv"],
-                     float("nan"), res["ort-fp32"]["conv"], res["ort-int8"]["conv"]))
+        macs, lut = h * w * c_ * n * 9, f"w{bw}a{ba}_conv" in lut_layers
+        rows.append((f"W{bw}A{ba} conv3x3 {h}x{w}x{c_}->{n}", "lut" if lut else "popcount",
+                     macs * (bw if lut else ba * bw), q[f"w{bw}a{ba}_conv"], float("nan"), res["ort-fp32"]["conv"],
+                     res["ort-int8"]["conv"], lut_all if lut else peak_all))
     for r in rows:
-        print(_fmt_row(r, peak_all))
+        print(_fmt_row(r))
 
-    table = _table(rows, peak_all)
+    table = _table(rows)
     goals = _goals(rows, peak_all, sizes)
     header = (f"{cpu_name()}, {c.cores} cores ({platform.machine()}), kernel path `{q['path']}` with {q['threads']} "
               f"threads, int8 dot: {c.int8_dot or 'none (no VNNI/AMX)'}; onnxruntime {_ort_version()}, "
@@ -308,10 +339,16 @@ def main(argv=None) -> int:
               f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     peak_lines = "\n".join(f"- {n_}: {o / 1e9:.1f} G binary MAC/s on 1 core, {a / 1e9:.1f} on {c.cores} cores"
                            for n_, (o, a) in peak.items())
+    if lut_peak:
+        peak_lines += (f"\n- {LUT} (the LUT kernels' vpshufb + add step: 4 tables x 2 blocks of 32 channels): "
+                       f"{lut_peak[0] / 1e9:.1f} G multiply-adds/s on 1 core, {lut_peak[1] / 1e9:.1f} on {c.cores} cores "
+                       f"(reference for LUT rows: {lut_all / 1e9:.0f}); a LUT layer does bits_w lookups' worth per MAC")
     text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_kernels.py` on "
             f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile). The reference for "
-            f"'% popcount peak' is the best path's all-core figure or cores x its 1-core figure, whichever is larger "
-            f"({peak_all / 1e9:.0f} G binary MAC/s here); a kernel layer does bits_a*bits_w binary MACs per MAC:\n"
+            f"'% of its peak' of a popcount row is the best path's all-core figure or cores x its 1-core figure, "
+            f"whichever is larger ({peak_all / 1e9:.0f} G binary MAC/s here); a popcount layer does bits_a*bits_w "
+            f"binary MACs per MAC. LUT rows (the AVX2 path's lookup-table kernels) are measured against the LUT "
+            f"step's peak:\n"
             f"{peak_lines}\n\n{table}\n\n{goals}\n\n{_caveats(c)}\n")
     publish(SECTION, text, args.write)
     return 0
@@ -323,23 +360,23 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _fmt_row(r, peak_all) -> str:
-    label, macs, planes, t_q, t_np, t_ortf, t_orti = r
-    pct = 100 * macs * planes / t_q / peak_all
-    return (f"{label:34s} qcompile {t_q * 1e3:8.3f} ms ({pct:5.1f}% peak)  numpy {t_np * 1e3:8.3f}  "
+def _fmt_row(r) -> str:
+    label, kernel, work, t_q, t_np, t_ortf, t_orti, peak = r
+    pct = 100 * work / t_q / peak
+    return (f"{label:34s} {kernel:8s} qcompile {t_q * 1e3:8.3f} ms ({pct:5.1f}% peak)  numpy {t_np * 1e3:8.3f}  "
             f"ort-fp32 {t_ortf * 1e3:8.3f}  ort-int8 {t_orti * 1e3:8.3f}  x{t_ortf / t_q:5.1f} fp32 x{t_orti / t_q:5.2f} int8")
 
 
-def _table(rows, peak_all) -> str:
-    head = ("| shape | qcompile ms | % popcount peak | numpy fp32 ms | ORT fp32 ms | ORT int8 ms | "
-            "vs numpy | vs ORT fp32 | vs ORT int8 |\n|---|---|---|---|---|---|---|---|---|")
+def _table(rows) -> str:
+    head = ("| shape | kernel | qcompile ms | % of its peak | numpy fp32 ms | ORT fp32 ms | ORT int8 ms | "
+            "vs numpy | vs ORT fp32 | vs ORT int8 |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for label, macs, planes, t_q, t_np, t_ortf, t_orti in rows:
-        pct = 100 * macs * planes / t_q / peak_all
+    for label, kernel, work, t_q, t_np, t_ortf, t_orti, peak in rows:
+        pct = 100 * work / t_q / peak
         np_ms = "n/a" if np.isnan(t_np) else f"{t_np * 1e3:.3f}"
         np_x = "n/a" if np.isnan(t_np) else f"{t_np / t_q:.1f}x"
-        lines.append(f"| {label} | {t_q * 1e3:.3f} | {pct:.0f}% | {np_ms} | {t_ortf * 1e3:.3f} | {t_orti * 1e3:.3f} | "
-                     f"{np_x} | {t_ortf / t_q:.1f}x | {t_orti / t_q:.2f}x |")
+        lines.append(f"| {label} | {kernel} | {t_q * 1e3:.3f} | {pct:.0f}% | {np_ms} | {t_ortf * 1e3:.3f} | "
+                     f"{t_orti * 1e3:.3f} | {np_x} | {t_ortf / t_q:.1f}x | {t_orti / t_q:.2f}x |")
     return "\n".join(lines)
 
 
@@ -348,17 +385,17 @@ def _goals(rows, peak_all: float, sizes) -> str:
     by = {r[0]: r for r in rows}
     lines = ["Goals (W1A1 GEMM):"]
     for k in sizes:
-        _, macs, planes, t_q, _, t_ortf, t_orti = by[f"W1A1 GEMM M=256 K=N={k}"]
-        rate = macs * planes / t_q
+        _, _, work, t_q, _, t_ortf, t_orti, _ = by[f"W1A1 GEMM M=256 K=N={k}"]  # popcount: binary MACs
+        rate = work / t_q
         checks = [
             (f"M=256 K=N={k}: >= 70% of popcount peak", rate / peak_all >= 0.7,
              f"{100 * rate / peak_all:.0f}%, {rate / 1e9:.0f} of {peak_all / 1e9:.0f} G binary MAC/s"),
             (f"M=256 K=N={k}: >= 10x onnxruntime fp32", t_ortf / t_q >= 10,
              # what 100% of the measured peak would give: tells a kernel shortfall from a machine limit
-             f"{t_ortf / t_q:.1f}x; at 100% of the popcount peak it would be {t_ortf * peak_all / (macs * planes):.1f}x"),
+             f"{t_ortf / t_q:.1f}x; at 100% of the popcount peak it would be {t_ortf * peak_all / work:.1f}x"),
             (f"M=256 K=N={k}: >= 1.0x onnxruntime int8", t_orti / t_q >= 1.0, f"{t_orti / t_q:.2f}x"),
         ]
-        _, _, _, t_q1, _, _, t_orti1 = by[f"W1A1 GEMM M=1 K=N={k}"]
+        _, _, _, t_q1, _, _, t_orti1, _ = by[f"W1A1 GEMM M=1 K=N={k}"]
         checks.append((f"M=1 K=N={k}: >= 4x onnxruntime int8", t_orti1 / t_q1 >= 4, f"{t_orti1 / t_q1:.2f}x"))
         lines += [f"- {name}: **{'met' if ok else 'NOT met'}** ({got})" for name, ok, got in checks]
     return "\n".join(lines)
