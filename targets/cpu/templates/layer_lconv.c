@@ -205,6 +205,14 @@ static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
     for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
 }
 
+/* one task per image (when the batch gives every thread several): its tables, then its rows, so stage 2 reads
+ * the tables from this core's cache and no barrier separates the stages */
+static void ${CNAME}_limage_task(const void* vctx, int64_t b) {
+    ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
+    for (int64_t r = 0; r < ${CNAME}_H; ++r) ${CNAME}_ltab_row(cx, b, r);
+    for (int64_t r = 0; r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
+}
+
 static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            G4 = ${CNAME}_G4, KTAP = ${CNAME}_KH * ${CNAME}_KW * ${CNAME}_C };
@@ -229,6 +237,10 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
         cx.y = (uint8_t*)y + b0 * (int64_t)N * P * (int64_t)sizeof(${OUT_CTYPE_C});
         cx.pix_rows = ${CNAME}_rows_per_task(H, bc, nt);
         cx.out_rows = ${CNAME}_rows_per_task(${CNAME}_HO, bc, nt);
+        if (cx.pix_rows == H && cx.out_rows == ${CNAME}_HO) {  /* whole images per task */
+            qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc, ${CNAME}_limage_task, &cx);
+            continue;
+        }
         qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_ltab_task, &cx);
         if (cx.err) break;
         qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((${CNAME}_HO + cx.out_rows - 1) / cx.out_rows),
