@@ -112,6 +112,9 @@ def _specs() -> list[LayerSpec]:
         ("pool_2x2_s2_odd", (5, 7, 9), (2, 2), (2, 2), (1, 1), 8),
         ("pool_3x2_s12_dil21", (3, 8, 7), (3, 2), (1, 2), (2, 1), 4),
         ("pool_1x1", (2, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+        # the SSE2 loop: two 8-output vectors, a row tail read past the row, scalar at the end of the input
+        ("pool_2x2_s2_w43", (3, 5, 43), (2, 2), (2, 2), (1, 1), 8),
+        ("pool_2x2_s12", (2, 6, 34), (2, 2), (1, 2), (1, 1), 2),
     ]
     for name, chw, kernel, strides, dil, bits in pools:
         specs.append(LayerSpec.maxpool(name, chw, kernel, strides, dil, bits=bits))
