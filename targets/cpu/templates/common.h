@@ -148,6 +148,42 @@ QC_INLINE uint64_t qc_gather8(uint64_t v, int bit) {
     return (((v >> bit) & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;
 }
 
+#if defined(QC_X86)
+/* ---- lookup-table kernels (layer_lconv.c, layer_lgemm.c; AVX2) ---- */
+/* the 16 subset sums of two groups of 4 codes (bytes 0-3 and 4-7 of `codes`) as two 16-byte tables, one per
+ * 128-bit lane: Q = [0, p0, p1, p0+p1, 0, p2, p3, p2+p3], then T[e] = Q[e & 3] + Q[4 + (e >> 2)] */
+__attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_tables2(uint64_t codes) {
+#define X_ (char)0x80
+    const __m256i qa = _mm256_setr_epi8(X_, 0, 1, 0, X_, 2, 3, 2, X_, X_, X_, X_, X_, X_, X_, X_,
+                                        X_, 4, 5, 4, X_, 6, 7, 6, X_, X_, X_, X_, X_, X_, X_, X_);
+    const __m256i qb = _mm256_setr_epi8(X_, X_, X_, 1, X_, X_, X_, 3, X_, X_, X_, X_, X_, X_, X_, X_,
+                                        X_, X_, X_, 5, X_, X_, X_, 7, X_, X_, X_, X_, X_, X_, X_, X_);
+#undef X_
+    const __m256i lo = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                        0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __m256i hi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+                                        4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+    const __m256i v = _mm256_set1_epi64x((int64_t)codes);
+    const __m256i q = _mm256_add_epi8(_mm256_shuffle_epi8(v, qa), _mm256_shuffle_epi8(v, qb));
+    return _mm256_add_epi8(_mm256_shuffle_epi8(q, lo), _mm256_shuffle_epi8(q, hi));
+}
+
+/* one table tb looked up by the index vectors of kb weight planes: sum_j 2^j T[idx_j] per byte (Horner) */
+__attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_lookup(__m256i tb, const __m256i* iv,
+                                                                                   const int kb) {
+    __m256i v = _mm256_shuffle_epi8(tb, iv[kb - 1]);
+    for (int q = kb - 2; q >= 0; --q) v = _mm256_add_epi8(_mm256_add_epi8(v, v), _mm256_shuffle_epi8(tb, iv[q]));
+    return v;
+}
+
+/* byte sums -> 16-bit sums: even bytes into s16[0], odd bytes into s16[1] (the index layout makes those channels
+ * 0..15 and 16..31 of the block) */
+__attribute__((target("avx2"), always_inline)) static inline void qc_lut_widen(__m256i s8, __m256i s16[2]) {
+    s16[0] = _mm256_add_epi16(s16[0], _mm256_and_si256(s8, _mm256_set1_epi16(0x00FF)));
+    s16[1] = _mm256_add_epi16(s16[1], _mm256_srli_epi16(s8, 8));
+}
+#endif
+
 /* ---- the kernel core (core.c, compiled once and cached): what the layer functions call ---- */
 #define QC_CORE __attribute__((visibility("hidden")))
 typedef int64_t (*qc_pack_fn)(const uint8_t*, int64_t, int, uint64_t*, int64_t);

@@ -27,18 +27,6 @@ typedef struct {
 __attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx, int64_t b, int64_t yy) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, G4 = ${CNAME}_G4, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            PT = ${CNAME}_PT, PL = ${CNAME}_PL, LINE = G4 * W };
-    /* Q = [0, p0, p1, p0+p1, 0, p2, p3, p2+p3] per 128-bit lane (lane 1 from the next group's codes), then
-     * T[e] = Q[e & 3] + Q[4 + (e >> 2)]: two tables per four shuffles and three adds */
-#define X_ 0x80
-    const __m256i qa = _mm256_setr_epi8(X_, 0, 1, 0, X_, 2, 3, 2, X_, X_, X_, X_, X_, X_, X_, X_,
-                                        X_, 4, 5, 4, X_, 6, 7, 6, X_, X_, X_, X_, X_, X_, X_, X_);
-    const __m256i qb = _mm256_setr_epi8(X_, X_, X_, 1, X_, X_, X_, 3, X_, X_, X_, X_, X_, X_, X_, X_,
-                                        X_, X_, X_, 5, X_, X_, X_, 7, X_, X_, X_, X_, X_, X_, X_, X_);
-#undef X_
-    const __m256i lo = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
-                                        0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-    const __m256i hi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
-                                        4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
     /* line[g][xx]: the 4 codes of group g at pixel xx as one 32-bit word (channels past C read as 0);
      * sum[xx]: the pixel's code sum (< 65536: codegen bounds C * pmax) */
     uint32_t stack_line[LINE <= 8192 ? LINE : 1] __attribute__((aligned(32)));
@@ -78,9 +66,7 @@ __attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx,
         srow[xx] = sum[xx];
         for (int g = 0; g < G4; g += 2) {
             const uint64_t codes = line[g * W + xx] | (g + 1 < G4 ? (uint64_t)line[(g + 1) * W + xx] << 32 : 0);
-            const __m256i v = _mm256_set1_epi64x((int64_t)codes);
-            const __m256i q = _mm256_add_epi8(_mm256_shuffle_epi8(v, qa), _mm256_shuffle_epi8(v, qb));
-            const __m256i tt = _mm256_add_epi8(_mm256_shuffle_epi8(q, lo), _mm256_shuffle_epi8(q, hi));
+            const __m256i tt = qc_lut_tables2(codes);
             if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(t + 16 * g), tt);
             else _mm_storeu_si128((__m128i*)(t + 16 * g), _mm256_castsi256_si128(tt));
         }
@@ -111,7 +97,6 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
     const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
     const int32_t* thr = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THR});
     (void)wz2p; (void)thrt; (void)wz2; (void)mult; (void)bias; (void)thr;
-    const __m256i lomask = _mm256_set1_epi16(0x00FF);
     ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;
     for (int64_t ox0 = 0; ox0 < WO; ox0 += R) {
         const int mr = WO - ox0 < R ? (int)(WO - ox0) : R;
@@ -143,16 +128,10 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
                         for (int r = 0; r < R; ++r) {
                             const __m256i t = _mm256_broadcastsi128_si256(
                                 _mm_loadu_si128((const __m128i*)(pix[r] + toff + j * 16)));
-                            __m256i v = _mm256_shuffle_epi8(t, iv[KB - 1]);  /* Horner over weight planes */
-                            for (int q = KB - 2; q >= 0; --q)
-                                v = _mm256_add_epi8(_mm256_add_epi8(v, v), _mm256_shuffle_epi8(t, iv[q]));
-                            s8[r] = _mm256_add_epi8(s8[r], v);
+                            s8[r] = _mm256_add_epi8(s8[r], qc_lut_lookup(t, iv, KB));
                         }
                     }
-                    for (int r = 0; r < R; ++r) {
-                        s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_and_si256(s8[r], lomask));
-                        s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_srli_epi16(s8[r], 8));
-                    }
+                    for (int r = 0; r < R; ++r) qc_lut_widen(s8[r], s16[r]);
                 }
             }
             /* epilogue: acc = 2*S - wzero2*rowsum per (pixel, channel), 8 channels per vector */

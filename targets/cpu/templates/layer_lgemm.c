@@ -18,16 +18,6 @@ typedef struct {
 /* stage 1: rows [16t, 16t + 16) -> tables and code sums */
 __attribute__((target("avx2"))) static void ${CNAME}_lgtab(const void* vctx, int64_t t) {
     enum { K = ${K}, G4 = ${CNAME}_G4, MB = ${CNAME}_LMB };
-#define X_ 0x80
-    const __m256i qa = _mm256_setr_epi8(X_, 0, 1, 0, X_, 2, 3, 2, X_, X_, X_, X_, X_, X_, X_, X_,
-                                        X_, 4, 5, 4, X_, 6, 7, 6, X_, X_, X_, X_, X_, X_, X_, X_);
-    const __m256i qb = _mm256_setr_epi8(X_, X_, X_, 1, X_, X_, X_, 3, X_, X_, X_, X_, X_, X_, X_, X_,
-                                        X_, X_, X_, 5, X_, X_, X_, 7, X_, X_, X_, X_, X_, X_, X_, X_);
-#undef X_
-    const __m256i lo = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
-                                        0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-    const __m256i hi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
-                                        4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
     const ${CNAME}_lgctx* cx = (const ${CNAME}_lgctx*)vctx;
     const int64_t m1 = (t + 1) * MB < cx->M ? (t + 1) * MB : cx->M;
     for (int64_t m = t * MB; m < m1; ++m) {
@@ -46,9 +36,7 @@ __attribute__((target("avx2"))) static void ${CNAME}_lgtab(const void* vctx, int
             uint64_t codes = 0;
             if (4 * g + 8 <= K) memcpy(&codes, row + 4 * g, 8);
             else memcpy(&codes, row + 4 * g, (size_t)(K - 4 * g));  /* the row's tail; missing codes are 0 */
-            const __m256i v = _mm256_set1_epi64x((int64_t)codes);
-            const __m256i q = _mm256_add_epi8(_mm256_shuffle_epi8(v, qa), _mm256_shuffle_epi8(v, qb));
-            const __m256i tt = _mm256_add_epi8(_mm256_shuffle_epi8(q, lo), _mm256_shuffle_epi8(q, hi));
+            const __m256i tt = qc_lut_tables2(codes);
             if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(tm + 16 * g), tt);
             else _mm_storeu_si128((__m128i*)(tm + 16 * g), _mm256_castsi256_si128(tt));
         }
@@ -59,7 +47,6 @@ __attribute__((target("avx2"))) static void ${CNAME}_lgtab(const void* vctx, int
 __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lgmk(
         const uint8_t* const* t, const uint8_t* ib, const int mr, __m256i s16[${LR}][2]) {
     enum { G4 = ${CNAME}_G4, KB = ${KB}, CH = ${CNAME}_LCH };
-    const __m256i lomask = _mm256_set1_epi16(0x00FF);
     for (int r = 0; r < mr; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 1
     for (int j0 = 0; j0 < G4; j0 += CH) {
@@ -72,16 +59,10 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lgmk(
             for (int q = 0; q < KB; ++q) iv[q] = _mm256_loadu_si256((const __m256i*)(ib + (j * KB + q) * 32));
             for (int r = 0; r < mr; ++r) {
                 const __m256i tb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t[r] + j * 16)));
-                __m256i v = _mm256_shuffle_epi8(tb, iv[KB - 1]);  /* Horner over weight planes */
-                for (int q = KB - 2; q >= 0; --q)
-                    v = _mm256_add_epi8(_mm256_add_epi8(v, v), _mm256_shuffle_epi8(tb, iv[q]));
-                s8[r] = _mm256_add_epi8(s8[r], v);
+                s8[r] = _mm256_add_epi8(s8[r], qc_lut_lookup(tb, iv, KB));
             }
         }
-        for (int r = 0; r < mr; ++r) {
-            s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_and_si256(s8[r], lomask));
-            s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_srli_epi16(s8[r], 8));
-        }
+        for (int r = 0; r < mr; ++r) qc_lut_widen(s8[r], s16[r]);
     }
 }
 
