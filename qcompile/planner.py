@@ -84,12 +84,14 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
         basis_of[spec.name] = basis
         kernel = force or min(basis, key=basis.get)
         how = "measured" if meas else "estimated"
-        others = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
+        bit_name = "lut" if lut_kernel(spec, caps) else "bitserial"  # what the report calls the bit kernel
+        others = ", ".join(f"{bit_name if k == 'bitserial' else k} {v:.3f} ms"
+                           for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
         why = f"{how} at batch {batch}: {others}"
         if force:
             why = f"forced by --kernel {force}; " + why
         elif kernel != "bitserial":
-            why = f"bit-serial W{spec.bits_w}A{spec.bits_a} would be slower here; " + why
+            why = f"the W{spec.bits_w}A{spec.bits_a} bit kernel ({bit_name}) would be slower here; " + why
         choices[spec.name] = KernelChoice(spec.name, kernel, est, meas, why)
     if not force:
         for run in _bitserial_runs(specs, choices):

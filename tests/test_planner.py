@@ -37,6 +37,8 @@ def test_lut_convs_are_estimated_by_lookups_not_popcounts():
     assert planner.lut_kernel(a2, CAPS) and not planner.lut_kernel(_conv("x", bits_a=1, xor=True), CAPS)
     e1, e2 = planner.estimate_ms(a1, CAPS, 64)["bitserial"], planner.estimate_ms(a2, CAPS, 64)["bitserial"]
     assert e2 == pytest.approx(e1)
+    why = planner.choose([a2], CAPS, 64)["a2"].why
+    assert "lut " in why and "bitserial" not in why  # the report names the kernel that will run
     generic = CAPS.__class__(**{**CAPS.__dict__, "path": "generic"})
     assert not planner.lut_kernel(a2, generic)
     assert planner.estimate_ms(a2, generic, 64)["bitserial"] > planner.estimate_ms(a1, generic, 64)["bitserial"]
