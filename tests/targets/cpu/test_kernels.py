@@ -411,6 +411,55 @@ def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
     assert all(v["avx2_kernel"] == "popcount" for v in popcount_lib.manifest["layers"].values())
 
 
+def _random_lut_specs(count: int = 24, seed: int = 7) -> list[LayerSpec]:
+    """Random LUT-eligible geometries (one library for all): any channel count (odd 4-channel groups), 1..3 taps
+    each way, strides, asymmetric pads, vertical dilation, N around the 32-channel block, every epilogue, and
+    GEMMs with any K."""
+    rng = np.random.default_rng(seed)
+    specs, epis = [], ["none", "float", "threshold"]
+    pairs = [(2, 1), (1, 2), (2, 2), (3, 1), (4, 1), (1, 3), (3, 2), (1, 1)]
+    while len(specs) < count:
+        ba, bw = pairs[int(rng.integers(len(pairs)))]
+        n, epi = int(rng.integers(1, 71)), epis[int(rng.integers(3))]
+        z2 = _wzero2(rng, n, bw, asym=bool(rng.integers(2)))
+        if len(specs) % 3 == 2:
+            k = int(rng.integers(1, 301))
+            spec = LayerSpec(f"rand{len(specs)}_gemm", "gemm", ba, bw, rng.integers(0, 1 << bw, (n, k), dtype=np.uint8),
+                             z2, epilogue=epi, **_epilogue(rng, n, epi, -k, k))
+            if ba * bw < 2:
+                continue
+        else:
+            c, h, w = (int(v) for v in rng.integers(1, [71, 10, 10]))
+            kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+            dh = int(rng.integers(1, 3))
+            pads = tuple(int(rng.integers(0, kk)) if kk > 1 else 0 for kk in (kh, kw, kh, kw))
+            if h + pads[0] + pads[2] < dh * (kh - 1) + 1 or w + pads[1] + pads[3] < kw:
+                continue
+            bound = c * kh * kw * ((1 << ba) - 1) * (1 << bw)
+            spec = LayerSpec(f"rand{len(specs)}_conv", "conv", ba, bw,
+                             rng.integers(0, 1 << bw, (n, c, kh, kw), dtype=np.uint8), z2, in_shape=(c, h, w),
+                             strides=tuple(int(v) for v in rng.integers(1, 3, 2)), pads=pads, dilations=(dh, 1),
+                             epilogue=epi, **_epilogue(rng, n, epi, -bound // 4, bound // 4))
+        if lut_layer(spec):
+            specs.append(spec)
+    return specs
+
+
+RANDOM_LUT = _random_lut_specs()
+
+
+def test_random_lut_geometries_bit_exact_on_avx2(tmp_path, monkeypatch):
+    if not caps.detect().avx2:
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx2")
+    lib = Library(build_library(RANDOM_LUT, tmp_path))
+    assert all(v["avx2_kernel"] == "lut" for v in lib.manifest["layers"].values())
+    for i, spec in enumerate(RANDOM_LUT):
+        for batch in (1, 2 + i % 9):
+            x = make_input(spec, batch, seed=i * 31 + batch)
+            np.testing.assert_array_equal(lib.run(spec.name, x), expected(spec, x), err_msg=f"{spec.name} {spec.in_shape} {spec.strides} {spec.pads} {spec.dilations} batch {batch}")
+
+
 @pytest.mark.parametrize("name", LUT_LAYERS)
 def test_lut_and_popcount_kernels_bit_exact_on_avx2(native_lib, popcount_lib, top_lib, monkeypatch, name):
     """Both kernels of the AVX2 path, on random codes and on the top codes (the byte and 16-bit sums' worst
