@@ -9,7 +9,8 @@
  *            overflow a byte), then widen into 16-bit sums (S < 65536, checked by codegen).
  * Index bytes [NB][KH][KW*G4][KB][32]: byte p of a block holds channel (p&1)*16 + (p>>4)*8 + ((p&15)>>1), so the
  * even/odd byte split of the widening yields channels 0..15 and 16..31 in order. Register tile: ${LR} output
- * pixels (consecutive ox) x 32 channels. One task per block of output rows of one image. ---- */
+ * pixels (consecutive ox) x 32 channels; dw = 1, so a kernel row's KW*G4 tables are contiguous. Tasks: one image
+ * (its tables, then its rows) when the batch gives every thread several, else blocks of rows per stage. ---- */
 #if defined(QC_X86)
 enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
        ${CNAME}_RL = ${KW} * ${G4} };
