@@ -119,10 +119,11 @@ def _lut_geometry(spec: LayerSpec) -> dict[str, int]:
     step = min(255 // (4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)), run)
     while run % step:                                            # a divisor of the row, so no partial runs
         step -= 1
-    wo = spec.out_hw[1]
+    wo, nb = spec.out_hw[1], -(-spec.N // 32)
+    # pixels per register tile: 2 with two channel blocks per step (its 16-bit sums fill the registers), else the
     # fewest computed pixels per output row (a short tile still computes R), ties to the wider tile
-    tile = min((4, 3, 2), key=lambda r: (-(-wo // r) * r, -r))
-    return dict(G4=g4, NB=-(-spec.N // 32), LR=tile, LCH=step)
+    tile = 2 if nb >= 2 else min((4, 3, 2), key=lambda r: (-(-wo // r) * r, -r))
+    return dict(G4=g4, NB=nb, LR=tile, LCH=step)
 
 
 def lut_channel(p: int) -> int:

@@ -9,7 +9,7 @@
  *            overflow a byte), then widen into 16-bit sums (S < 65536, checked by codegen).
  * Index bytes [NB][KH][KW*G4][KB][32]: byte p of a block holds channel (p&1)*16 + (p>>4)*8 + ((p&15)>>1), so the
  * even/odd byte split of the widening yields channels 0..15 and 16..31 in order. Register tile: ${LR} output
- * pixels (consecutive ox) x 32 channels; dw = 1, so a kernel row's KW*G4 tables are contiguous. Tasks: one image
+ * pixels (consecutive ox) x 64 channels (32 for an odd last block); dw = 1, so a kernel row's KW*G4 tables are contiguous. Tasks: one image
  * (its tables, then its rows) when the batch gives every thread several, else blocks of rows per stage. ---- */
 #if defined(QC_X86)
 enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
@@ -81,23 +81,100 @@ static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
     for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_ltab_row(cx, b, r);
 }
 
-/* stage 2, output row (b, oy) of every channel */
+/* S of R output pixels (tables pix[r]) x v = 1 or 2 blocks of 32 channels from block nb, as 16-bit sums
+ * (s16[r][block][0]: channels 0..15, [1]: 16..31); v is a constant after inlining. Two blocks share each table
+ * load: 2 pixels x 2 blocks measured 6-20% faster than 4 x 1 on the bundled CNN's convs. */
+__attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lmk(
+        const uint8_t* const* pix, int64_t nb, const int v, __m256i s16[${LR}][2][2]) {
+    enum { G4 = ${CNAME}_G4, WP = ${CNAME}_WP, KH = ${CNAME}_KH, DH = ${CNAME}_DH, KB = ${CNAME}_KB,
+           R = ${CNAME}_LR, CH = ${CNAME}_LCH, RL = ${CNAME}_RL };
+    const uint8_t* widx = qc_blob_${CNAME} + ${OFF_WL};
+    for (int r = 0; r < R; ++r)
+        for (int u = 0; u < v; ++u) s16[r][u][0] = s16[r][u][1] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+    for (int ky = 0; ky < KH; ++ky) {
+        const uint8_t* ib[2];
+        for (int u = 0; u < v; ++u) ib[u] = widx + ((nb + u) * KH + ky) * (int64_t)RL * KB * 32;
+        const int64_t toff = (int64_t)ky * DH * WP * G4 * 16;
+#pragma GCC unroll 1
+        for (int j0 = 0; j0 < RL; j0 += CH) {
+            __m256i s8[R][2];
+            for (int r = 0; r < R; ++r)
+                for (int u = 0; u < v; ++u) s8[r][u] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int j = j0; j < j0 + CH; ++j) {
+                __m256i iv[2][KB];
+                for (int u = 0; u < v; ++u)
+                    for (int q = 0; q < KB; ++q) iv[u][q] = _mm256_loadu_si256((const __m256i*)(ib[u] + (j * KB + q) * 32));
+                for (int r = 0; r < R; ++r) {
+                    const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(pix[r] + toff + j * 16)));
+                    for (int u = 0; u < v; ++u) s8[r][u] = _mm256_add_epi8(s8[r][u], qc_lut_lookup(t, iv[u], KB));
+                }
+            }
+            for (int r = 0; r < R; ++r)
+                for (int u = 0; u < v; ++u) qc_lut_widen(s8[r][u], s16[r][u]);
+        }
+    }
+}
+
+/* the epilogue of mr pixels (from ox0 of output row yb) x the 32 channels from n0: acc = 2*S - wzero2*rowsum,
+ * 8 channels per vector; a full tile's threshold codes of a channel go out in one R-byte store */
+__attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
+        ${OUT_CTYPE_C}* yb, int64_t ox0, int mr, int64_t n0, const int32_t* rowsum, __m256i s16[${LR}][2][2],
+        int u) {
+    enum { N = ${CNAME}_N, NB = ${CNAME}_NB, L = ${CNAME}_L, R = ${CNAME}_LR, EPI = ${EPI} };
+    const int64_t P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
+    const int32_t* wz2p = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2P});
+    const int32_t* thrt = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THRT});
+    const float* mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
+    const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
+    (void)thrt; (void)mult; (void)bias;
+    const int nc = N - n0 < 32 ? (int)(N - n0) : 32;
+    int32_t acc[R][32] __attribute__((aligned(32)));
+    for (int r = 0; r < mr; ++r)
+        for (int h = 0; h < 4; ++h) {
+            const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[r][u][h >> 1], 1)
+                                                          : _mm256_castsi256_si128(s16[r][u][h >> 1]));
+            const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2p + n0 + 8 * h));
+            __m256i a = _mm256_sub_epi32(_mm256_add_epi32(s, s), _mm256_mullo_epi32(z, _mm256_set1_epi32(rowsum[r])));
+            if (EPI == QC_EPI_THRESHOLD) {  /* code = #{j : acc >= thr[n][j]} = L - #{j : thr > acc} */
+                __m256i q = _mm256_set1_epi32(L);
+                for (int l = 0; l < L; ++l)
+                    q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(
+                        _mm256_loadu_si256((const __m256i*)(thrt + l * (int64_t)NB * 32 + n0 + 8 * h)), a));
+                a = q;
+            }
+            _mm256_store_si256((__m256i*)(acc[r] + 8 * h), a);
+        }
+    if (EPI == QC_EPI_THRESHOLD && mr == R) {  /* codes <= L <= 255: R of them fit one 32-bit word */
+        uint32_t packed[32] __attribute__((aligned(32)));
+        for (int h = 0; h < 4; ++h) {
+            __m256i d = _mm256_load_si256((const __m256i*)(acc[0] + 8 * h));
+            for (int r = 1; r < R; ++r)
+                d = _mm256_or_si256(d, _mm256_slli_epi32(_mm256_load_si256((const __m256i*)(acc[r] + 8 * h)), 8 * r));
+            _mm256_store_si256((__m256i*)(packed + 8 * h), d);
+        }
+        for (int c = 0; c < nc; ++c) memcpy((uint8_t*)(yb + (n0 + c) * P + ox0), packed + c, R);
+        return;
+    }
+    for (int c = 0; c < nc; ++c) {
+        const int64_t n = n0 + c;
+        ${OUT_CTYPE_C}* yo = yb + n * P + ox0;
+        for (int r = 0; r < mr; ++r) {
+            const int32_t a = acc[r][c];
+            ${LSTORE}
+        }
+    }
+}
+
+/* stage 2, output row (b, oy) of every channel: blocks of 32 channels in pairs, an odd last one alone */
 __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* cx, int64_t b, int64_t oy) {
     enum { N = ${CNAME}_N, G4 = ${CNAME}_G4, NB = ${CNAME}_NB, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            KH = ${CNAME}_KH, KW = ${CNAME}_KW, SH = ${CNAME}_SH, SW = ${CNAME}_SW, DH = ${CNAME}_DH,
-           HO = ${CNAME}_HO, WO = ${CNAME}_WO, KB = ${CNAME}_KB, L = ${CNAME}_L, R = ${CNAME}_LR,
-           CH = ${CNAME}_LCH, RL = ${CNAME}_RL, EPI = ${EPI} };
+           HO = ${CNAME}_HO, WO = ${CNAME}_WO, R = ${CNAME}_LR };
     const int64_t P = (int64_t)HO * WO;
     const uint8_t* img = cx->tab + b * (int64_t)HP * WP * G4 * 16;
     const int32_t* ps = cx->psum + b * (int64_t)HP * WP;
-    const uint8_t* widx = qc_blob_${CNAME} + ${OFF_WL};
-    const int32_t* wz2p = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2P});
-    const int32_t* thrt = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THRT});
-    const int32_t* wz2 = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2});
-    const float* mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
-    const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
-    const int32_t* thr = (const int32_t*)(qc_blob_${CNAME} + ${OFF_THR});
-    (void)wz2p; (void)thrt; (void)wz2; (void)mult; (void)bias; (void)thr;
     ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;
     for (int64_t ox0 = 0; ox0 < WO; ox0 += R) {
         const int mr = WO - ox0 < R ? (int)(WO - ox0) : R;
@@ -111,70 +188,16 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
             rowsum[r] = s;
             pix[r] = img + ((oy * SH) * WP + ox * SW) * (int64_t)G4 * 16;
         }
-        for (int64_t nb = 0; nb < NB; ++nb) {
-            __m256i s16[R][2];
-            for (int r = 0; r < R; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
-#pragma GCC unroll 1
-            for (int ky = 0; ky < KH; ++ky) {
-                const uint8_t* ib = widx + (nb * KH + ky) * (int64_t)RL * KB * 32;
-                const int64_t toff = (int64_t)ky * DH * WP * G4 * 16;
-#pragma GCC unroll 1
-                for (int j0 = 0; j0 < RL; j0 += CH) {
-                    __m256i s8[R];
-                    for (int r = 0; r < R; ++r) s8[r] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-                    for (int j = j0; j < j0 + CH; ++j) {
-                        __m256i iv[KB];
-                        for (int q = 0; q < KB; ++q) iv[q] = _mm256_loadu_si256((const __m256i*)(ib + (j * KB + q) * 32));
-                        for (int r = 0; r < R; ++r) {
-                            const __m256i t = _mm256_broadcastsi128_si256(
-                                _mm_loadu_si128((const __m128i*)(pix[r] + toff + j * 16)));
-                            s8[r] = _mm256_add_epi8(s8[r], qc_lut_lookup(t, iv, KB));
-                        }
-                    }
-                    for (int r = 0; r < R; ++r) qc_lut_widen(s8[r], s16[r]);
-                }
-            }
-            /* epilogue: acc = 2*S - wzero2*rowsum per (pixel, channel), 8 channels per vector */
-            const int64_t n0 = nb * 32;
-            const int nc = N - n0 < 32 ? (int)(N - n0) : 32;
-            int32_t acc[R][32] __attribute__((aligned(32)));
-            for (int r = 0; r < mr; ++r)
-                for (int h = 0; h < 4; ++h) {
-                    const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[r][h >> 1], 1)
-                                                                  : _mm256_castsi256_si128(s16[r][h >> 1]));
-                    const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2p + n0 + 8 * h));
-                    __m256i a = _mm256_sub_epi32(_mm256_add_epi32(s, s), _mm256_mullo_epi32(z, _mm256_set1_epi32(rowsum[r])));
-                    if (EPI == QC_EPI_THRESHOLD) {  /* code = #{j : acc >= thr[n][j]} = L - #{j : thr > acc} */
-                        __m256i q = _mm256_set1_epi32(L);
-                        for (int l = 0; l < L; ++l)
-                            q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(
-                                _mm256_loadu_si256((const __m256i*)(thrt + l * (int64_t)NB * 32 + n0 + 8 * h)), a));
-                        a = q;
-                    }
-                    _mm256_store_si256((__m256i*)(acc[r] + 8 * h), a);
-                }
-            if (EPI == QC_EPI_THRESHOLD && mr == R) {
-                /* a full tile's R codes (each <= L <= 255) of channel n are R consecutive output bytes: one
-                 * R-byte store per channel instead of R byte stores */
-                uint32_t packed[32] __attribute__((aligned(32)));
-                for (int h = 0; h < 4; ++h) {
-                    __m256i d = _mm256_load_si256((const __m256i*)(acc[0] + 8 * h));
-                    for (int r = 1; r < R; ++r)
-                        d = _mm256_or_si256(d, _mm256_slli_epi32(_mm256_load_si256((const __m256i*)(acc[r] + 8 * h)), 8 * r));
-                    _mm256_store_si256((__m256i*)(packed + 8 * h), d);
-                }
-                for (int c = 0; c < nc; ++c) memcpy((uint8_t*)(yb + (n0 + c) * P + ox0), packed + c, R);
-                continue;
-            }
-            for (int c = 0; c < nc; ++c) {
-                const int64_t n = n0 + c;
-                ${OUT_CTYPE_C}* yo = yb + n * P + ox0;
-                for (int r = 0; r < mr; ++r) {
-                    const int32_t a = acc[r][c];
-                    ${LSTORE}
-                }
-            }
+        __m256i s16[R][2][2];
+        int64_t nb = 0;
+        for (; nb + 2 <= NB; nb += 2) {
+            ${CNAME}_lmk(pix, nb, 2, s16);
+            ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
+            ${CNAME}_lepi(yb, ox0, mr, nb * 32 + 32, rowsum, s16, 1);
+        }
+        if (nb < NB) {
+            ${CNAME}_lmk(pix, nb, 1, s16);
+            ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
         }
     }
 }
