@@ -84,23 +84,27 @@ def direct_conv(spec: LayerSpec) -> bool:
     return spec.op == "conv" and spec.group == 1 and spec.dilations[1] == 1
 
 
+def _lut_group_max(spec: LayerSpec) -> int:
+    """The largest value one lookup adds: 4 codes times the top weight code times the top activation code."""
+    return 4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)
+
+
+def _lut_sums_fit(spec: LayerSpec) -> bool:
+    """AND mode, one lookup's sum fits a byte and the whole sum S fits 16 bits (the LUT kernels' accumulators)."""
+    return _mode(spec) == "QC_AND" and _lut_group_max(spec) <= 255 and spec.K * _lut_group_max(spec) // 4 <= 65535
+
+
 def lut_conv(spec: LayerSpec) -> bool:
     """Whether a BitConv's x86 AVX2 path sums by 4-channel lookup tables (templates/layer_lconv.c) rather than
-    popcounts: a direct conv in AND mode whose per-lookup sum fits a byte and whose total fits 16 bits."""
-    if not direct_conv(spec) or _mode(spec) != "QC_AND":
-        return False
-    qmax, pmax = 2 ** spec.bits_w - 1, 2 ** spec.bits_a - 1
-    return 4 * qmax * pmax <= 255 and spec.K * qmax * pmax <= 65535
+    popcounts: a direct conv whose sums fit (_lut_sums_fit)."""
+    return direct_conv(spec) and _lut_sums_fit(spec)
 
 
 def lut_gemm(spec: LayerSpec) -> bool:
-    """Whether a BitGemm's x86 AVX2 path sums by lookup tables (templates/layer_lgemm.c): AND mode with more
-    than one plane pair (at W1A1 a lookup and a popcount cover the same 128 multiply-adds per cycle here and the
-    popcount kernel is the tuned one), sums within a byte per lookup and 16 bits in all."""
-    if spec.op != "gemm" or _mode(spec) != "QC_AND" or spec.bits_a * spec.bits_w < 2:
-        return False
-    qmax, pmax = 2 ** spec.bits_w - 1, 2 ** spec.bits_a - 1
-    return 4 * qmax * pmax <= 255 and spec.K * qmax * pmax <= 65535
+    """Whether a BitGemm's x86 AVX2 path sums by lookup tables (templates/layer_lgemm.c): more than one plane
+    pair (at W1A1 a lookup and a popcount cover the same 128 multiply-adds per cycle here and the popcount kernel
+    is the tuned one) and sums that fit."""
+    return spec.op == "gemm" and spec.bits_a * spec.bits_w >= 2 and _lut_sums_fit(spec)
 
 
 def lut_layer(spec: LayerSpec) -> bool:
@@ -110,16 +114,17 @@ def lut_layer(spec: LayerSpec) -> bool:
 
 def _lut_geometry(spec: LayerSpec) -> dict[str, int]:
     """Group count, 32-channel blocks, register-tile pixels/rows and the byte-accumulation run of a LUT kernel."""
-    gmax = 4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)
+    per_byte = 255 // _lut_group_max(spec)                      # lookups a byte sum holds
+    nb = -(-spec.N // 32)
     if spec.op == "gemm":
         g4 = -(-spec.K // 4)
-        return dict(G4=g4, NB=-(-spec.N // 32), LR=4, LCH=min(255 // gmax, g4))
+        return dict(G4=g4, NB=nb, LR=4, LCH=min(per_byte, g4))
     g4 = -(-spec.in_shape[0] // 4)
     run = spec.kernel[1] * g4                                    # lookups per kernel row
-    step = min(255 // (4 * (2 ** spec.bits_w - 1) * (2 ** spec.bits_a - 1)), run)
+    step = min(per_byte, run)
     while run % step:                                            # a divisor of the row, so no partial runs
         step -= 1
-    wo, nb = spec.out_hw[1], -(-spec.N // 32)
+    wo = spec.out_hw[1]
     # pixels per register tile: 2 with two channel blocks per step (its 16-bit sums fill the registers), else the
     # fewest computed pixels per output row (a short tile still computes R), ties to the wider tile
     tile = 2 if nb >= 2 else min((4, 3, 2), key=lambda r: (-(-wo // r) * r, -r))
@@ -243,11 +248,10 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         direct = _template("layer_dgemm.c").substitute(common, GMR=gmr, GNR=gnr, OUT_CTYPE_C=out_c)
         lut_call = ""
         if lut and lut_gemm(spec):
-            direct += _template("layer_lgemm.c").substitute(common, **_lut_geometry(spec), K=spec.K,
-                                                            OUT_CTYPE_C=out_c)
+            geo = _lut_geometry(spec)
+            direct += _template("layer_lgemm.c").substitute(common, **geo, K=spec.K, OUT_CTYPE_C=out_c)
             # one row streams every index byte once (2x the packed planes' bytes at W1): when they spill the
             # last-level cache (> 4 MiB) the popcount kernel is faster (measured: W2A2 K=N=4096 M=1 0.33 vs 0.26 ms)
-            geo = _lut_geometry(spec)
             wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
             lut_call = (f"#if defined(QC_X86)\n    if (path == QC_PATH_AVX2 && (batch > 1 || {wl_bytes} <= (4 << 20)))"
                         f" return {cname}_lut(x, y, batch);\n#endif\n")
@@ -306,7 +310,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
              lut: bool = True) -> GeneratedLibrary:
     """The C source, blobs and manifest of one library holding ``specs``. ``layer_avx512``: the BitGemm layers also
     get their own AVX-512 kernel (for an AVX-512 target; without it that path runs the core's kernels). ``lut``:
-    convs that :func:`lut_conv` accepts sum by lookup tables on the x86 AVX2 path (else by popcounts)."""
+    layers that :func:`lut_layer` accepts sum by lookup tables on the x86 AVX2 path (else by popcounts)."""
     if not specs:
         raise ValueError("generate: no layers")
     seen = set()

@@ -143,6 +143,15 @@ QC_INLINE void qc_store_row(const qc_job* j, int64_t m, int64_t n, int nc, int64
 QC_INLINE int qc_pair_lo(int s, int kb) { return s - (kb - 1) > 0 ? s - (kb - 1) : 0; }
 QC_INLINE int qc_pair_hi(int s, int ka) { return s < ka - 1 ? s : ka - 1; }
 
+/* task t of `rows` rows per image split into blocks of `per`: image *b, rows [*r0, *r1) (the direct convs'
+ * row-block tasks) */
+QC_INLINE void qc_row_block(int64_t t, int64_t rows, int64_t per, int64_t* b, int64_t* r0, int64_t* r1) {
+    const int64_t nblk = (rows + per - 1) / per;
+    *b = t / nblk;
+    *r0 = (t - *b * nblk) * per;
+    *r1 = *r0 + per < rows ? *r0 + per : rows;
+}
+
 /* bit t of the result = bit `bit` of byte t of v (a 0x01-per-byte gather by one multiply, no carries) */
 QC_INLINE uint64_t qc_gather8(uint64_t v, int bit) {
     return (((v >> bit) & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;
@@ -181,6 +190,25 @@ __attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_look
 __attribute__((target("avx2"), always_inline)) static inline void qc_lut_widen(__m256i s8, __m256i s16[2]) {
     s16[0] = _mm256_add_epi16(s16[0], _mm256_and_si256(s8, _mm256_set1_epi16(0x00FF)));
     s16[1] = _mm256_add_epi16(s16[1], _mm256_srli_epi16(s8, 8));
+}
+
+/* acc = 2*S - wzero2*rowsum of 8 channels: part h (0..3) of a block's 16-bit sums s16, wz2 at its first channel */
+__attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_acc8(const __m256i s16[2], int h,
+                                                                                 const int32_t* wz2, int32_t rowsum) {
+    const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[h >> 1], 1)
+                                                  : _mm256_castsi256_si128(s16[h >> 1]));
+    const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2 + 8 * h));
+    return _mm256_sub_epi32(_mm256_add_epi32(s, s), _mm256_mullo_epi32(z, _mm256_set1_epi32(rowsum)));
+}
+
+/* threshold codes of 8 channels: #{l : acc >= thr[l][n]} = L - #{l : thr > acc}; thr at the first channel of
+ * level 0, levels `stride` apart (the transposed, padded thresholds of the LUT blobs) */
+__attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_thr8(__m256i a, const int32_t* thr,
+                                                                                 int64_t stride, int L) {
+    __m256i q = _mm256_set1_epi32(L);
+    for (int l = 0; l < L; ++l)
+        q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i*)(thr + l * stride)), a));
+    return q;
 }
 #endif
 

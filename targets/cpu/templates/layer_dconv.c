@@ -179,21 +179,24 @@ QC_INLINE void ${CNAME}_drow(const ${CNAME}_dctx* cx, int64_t t, const int use_s
  * of a 28x28 map), and that false sharing made two threads slower than one. */
 static void ${CNAME}_dpix_task(const void* vctx, int64_t t) {
     const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
-    const int64_t nblk = (${CNAME}_H + cx->pix_rows - 1) / cx->pix_rows, b = t / nblk, r0 = (t - b * nblk) * cx->pix_rows;
-    for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_dpix_row(vctx, b * ${CNAME}_H + r);
+    int64_t b, r0, r1;
+    qc_row_block(t, ${CNAME}_H, cx->pix_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_dpix_row(vctx, b * ${CNAME}_H + r);
 }
 
 #if !defined(QC_X86)
 static void ${CNAME}_drow_generic(const void* vctx, int64_t t) {
     const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
-    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
-    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 0);
+    int64_t b, r0, r1;
+    qc_row_block(t, ${CNAME}_HO, cx->out_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 0);
 }
 #else
 __attribute__((target("avx2,popcnt"))) static void ${CNAME}_drow_popcnt(const void* vctx, int64_t t) {
     const ${CNAME}_dctx* cx = (const ${CNAME}_dctx*)vctx;
-    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
-    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 1);
+    int64_t b, r0, r1;
+    qc_row_block(t, ${CNAME}_HO, cx->out_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_drow(cx, b * ${CNAME}_HO + r, 1);
 }
 #endif
 

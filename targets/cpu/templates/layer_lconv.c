@@ -77,8 +77,9 @@ __attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx,
 
 static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
     ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
-    const int64_t nblk = (${CNAME}_H + cx->pix_rows - 1) / cx->pix_rows, b = t / nblk, r0 = (t - b * nblk) * cx->pix_rows;
-    for (int64_t r = r0; r < r0 + cx->pix_rows && r < ${CNAME}_H; ++r) ${CNAME}_ltab_row(cx, b, r);
+    int64_t b, r0, r1;
+    qc_row_block(t, ${CNAME}_H, cx->pix_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_ltab_row(cx, b, r);
 }
 
 /* S of R output pixels (tables pix[r]) x v = 1 or 2 blocks of 32 channels from block nb, as 16-bit sums
@@ -133,17 +134,8 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
     int32_t acc[R][32] __attribute__((aligned(32)));
     for (int r = 0; r < mr; ++r)
         for (int h = 0; h < 4; ++h) {
-            const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[r][u][h >> 1], 1)
-                                                          : _mm256_castsi256_si128(s16[r][u][h >> 1]));
-            const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2p + n0 + 8 * h));
-            __m256i a = _mm256_sub_epi32(_mm256_add_epi32(s, s), _mm256_mullo_epi32(z, _mm256_set1_epi32(rowsum[r])));
-            if (EPI == QC_EPI_THRESHOLD) {  /* code = #{j : acc >= thr[n][j]} = L - #{j : thr > acc} */
-                __m256i q = _mm256_set1_epi32(L);
-                for (int l = 0; l < L; ++l)
-                    q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(
-                        _mm256_loadu_si256((const __m256i*)(thrt + l * (int64_t)NB * 32 + n0 + 8 * h)), a));
-                a = q;
-            }
+            __m256i a = qc_lut_acc8(s16[r][u], h, wz2p + n0, rowsum[r]);
+            if (EPI == QC_EPI_THRESHOLD) a = qc_lut_thr8(a, thrt + n0 + 8 * h, (int64_t)NB * 32, L);
             _mm256_store_si256((__m256i*)(acc[r] + 8 * h), a);
         }
     if (EPI == QC_EPI_THRESHOLD && mr == R) {  /* codes <= L <= 255: R of them fit one 32-bit word */
@@ -204,8 +196,9 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
 
 static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
     const ${CNAME}_lctx* cx = (const ${CNAME}_lctx*)vctx;
-    const int64_t nblk = (${CNAME}_HO + cx->out_rows - 1) / cx->out_rows, b = t / nblk, r0 = (t - b * nblk) * cx->out_rows;
-    for (int64_t r = r0; r < r0 + cx->out_rows && r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
+    int64_t b, r0, r1;
+    qc_row_block(t, ${CNAME}_HO, cx->out_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_lrow(cx, b, r);
 }
 
 /* one task per image (when the batch gives every thread several): its tables, then its rows, so stage 2 reads
@@ -226,7 +219,6 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
      * one fresh buffer cost page faults and a trip through memory) */
     int64_t chunk = ((int64_t)1 << 20) / (img_bytes + (int64_t)HP * WP * 4);
     if (chunk < 2 * nt) chunk = 2 * nt;
-    if (chunk < 1) chunk = 1;
     if (chunk > batch) chunk = batch;
     ${CNAME}_lctx cx;
     memset(&cx, 0, sizeof cx);

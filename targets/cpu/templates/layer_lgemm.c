@@ -80,17 +80,9 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lgsto
     ${OUT_CTYPE_C}* dst = nc == 32 ? yo : out;
     int32_t q32[32] __attribute__((aligned(32)));
     for (int h = 0; h < 4; ++h) {
-        const __m256i s = _mm256_cvtepu16_epi32(h & 1 ? _mm256_extracti128_si256(s16[h >> 1], 1)
-                                                      : _mm256_castsi256_si128(s16[h >> 1]));
-        const __m256i z = _mm256_loadu_si256((const __m256i*)(wz2p + n0 + 8 * h));
-        const __m256i a = _mm256_sub_epi32(_mm256_add_epi32(s, s),
-                                           _mm256_mullo_epi32(z, _mm256_set1_epi32(cx->rowsum[m])));
-        if (EPI == QC_EPI_THRESHOLD) {  /* code = #{j : acc >= thr[n][j]} = L - #{j : thr > acc} */
-            __m256i q = _mm256_set1_epi32(L);
-            for (int l = 0; l < L; ++l)
-                q = _mm256_add_epi32(q, _mm256_cmpgt_epi32(
-                    _mm256_loadu_si256((const __m256i*)(thrt + l * (int64_t)NB * 32 + n0 + 8 * h)), a));
-            _mm256_store_si256((__m256i*)(q32 + 8 * h), q);
+        const __m256i a = qc_lut_acc8(s16, h, wz2p + n0, cx->rowsum[m]);
+        if (EPI == QC_EPI_THRESHOLD) {
+            _mm256_store_si256((__m256i*)(q32 + 8 * h), qc_lut_thr8(a, thrt + n0 + 8 * h, (int64_t)NB * 32, L));
         } else if (EPI == QC_EPI_FLOAT) {  /* float32(acc) * mult, rounded, then + bias: no fused multiply-add */
             __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(multp + n0 + 8 * h));
             f = _mm256_add_ps(f, _mm256_loadu_ps(biasp + n0 + 8 * h));
