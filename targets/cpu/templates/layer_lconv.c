@@ -9,7 +9,7 @@
  *            overflow a byte), then widen into 16-bit sums (S < 65536, checked by codegen).
  * Index bytes [NB][KH][KW*G4][KB][32]: byte p of a block holds channel (p&1)*16 + (p>>4)*8 + ((p&15)>>1), so the
  * even/odd byte split of the widening yields channels 0..15 and 16..31 in order. Register tile: ${LR} output
- * pixels (consecutive ox) x 64 channels (32 for an odd last block); dw = 1, so a kernel row's KW*G4 tables are contiguous. Tasks: one image
+ * pixels (consecutive ox) x ${LV} block(s) of 32 channels (an odd last block alone); dw = 1, so a kernel row's KW*G4 tables are contiguous. Tasks: one image
  * (its tables, then its rows) when the batch gives every thread several, else blocks of rows per stage. ---- */
 #if defined(QC_X86)
 enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
@@ -84,7 +84,7 @@ static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
 
 /* S of R output pixels (tables pix[r]) x v = 1 or 2 blocks of 32 channels from block nb, as 16-bit sums
  * (s16[r][block][0]: channels 0..15, [1]: 16..31); v is a constant after inlining. Two blocks share each table
- * load: 2 pixels x 2 blocks measured 6-20% faster than 4 x 1 on the bundled CNN's convs. */
+ * load (codegen._lut_geometry says when that pays). */
 __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lmk(
         const uint8_t* const* pix, int64_t nb, const int v, __m256i s16[${LR}][2][2]) {
     enum { G4 = ${CNAME}_G4, WP = ${CNAME}_WP, KH = ${CNAME}_KH, DH = ${CNAME}_DH, KB = ${CNAME}_KB,
@@ -163,7 +163,7 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
 __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* cx, int64_t b, int64_t oy) {
     enum { N = ${CNAME}_N, G4 = ${CNAME}_G4, NB = ${CNAME}_NB, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            KH = ${CNAME}_KH, KW = ${CNAME}_KW, SH = ${CNAME}_SH, SW = ${CNAME}_SW, DH = ${CNAME}_DH,
-           HO = ${CNAME}_HO, WO = ${CNAME}_WO, R = ${CNAME}_LR };
+           HO = ${CNAME}_HO, WO = ${CNAME}_WO, R = ${CNAME}_LR, V = ${LV} };
     const int64_t P = (int64_t)HO * WO;
     const uint8_t* img = cx->tab + b * (int64_t)HP * WP * G4 * 16;
     const int32_t* ps = cx->psum + b * (int64_t)HP * WP;
@@ -182,12 +182,13 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
         }
         __m256i s16[R][2][2];
         int64_t nb = 0;
-        for (; nb + 2 <= NB; nb += 2) {
-            ${CNAME}_lmk(pix, nb, 2, s16);
-            ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
-            ${CNAME}_lepi(yb, ox0, mr, nb * 32 + 32, rowsum, s16, 1);
-        }
-        if (nb < NB) {
+        if (V == 2)
+            for (; nb + 2 <= NB; nb += 2) {
+                ${CNAME}_lmk(pix, nb, 2, s16);
+                ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
+                ${CNAME}_lepi(yb, ox0, mr, nb * 32 + 32, rowsum, s16, 1);
+            }
+        for (; nb < NB; ++nb) {
             ${CNAME}_lmk(pix, nb, 1, s16);
             ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
         }

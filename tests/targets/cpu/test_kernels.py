@@ -99,6 +99,8 @@ def _specs() -> list[LayerSpec]:
         ("lconv_c20_s2_dh2_w3a1", (20, 11, 10), 33, (3, 3), (2, 2), (0, 1, 1, 0), (2, 1), 1, (1, 3), "float",
          False),
         ("lconv_c256_w1a4", (256, 4, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (4, 1), "none", False),
+        # many channels: one 32-channel block per step (4-pixel tile) over three blocks, threshold epilogue
+        ("lconv_c96_n70_thr", (96, 5, 9), 70, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (2, 1), "threshold", False),
     ]
     for name, chw, n, kernel, strides, pads, dil, group, (ba, bw), epi, xor in convs:
         w = rng.integers(0, 1 << bw, size=(n, chw[0] // group, *kernel), dtype=np.uint8)
