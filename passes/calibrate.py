@@ -15,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import CalibrationError
+from qcompile.runtime.inference import ort_threads
 
 BINS = 2048
 
@@ -111,6 +112,7 @@ def _check_batch(batch: dict, inputs: list[ort.NodeArg], source: str) -> dict:
 def session_options() -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3   # onnxruntime warns about harmless things (unused initializers) on stderr
+    so.intra_op_num_threads = ort_threads()
     return so
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def ort_threads(requested: int = 0) -> int:
+    """onnxruntime's intra-op thread count: ``requested`` if set, else the CPUs this process may use when it is
+    pinned to fewer than the machine has (onnxruntime's default counts the whole machine's cores, which
+    oversubscribes a ``taskset``), else 0 (onnxruntime's default)."""
+    if requested or not hasattr(os, "sched_getaffinity"):
+        return requested
+    allowed = len(os.sched_getaffinity(0))
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
+
+
 def _ort_type(dtype: str) -> str:
     return {"float32": "tensor(float)", "uint8": "tensor(uint8)", "int64": "tensor(int64)"}.get(dtype,
                                                                                             f"tensor({dtype})")
@@ -61,7 +72,7 @@ class InferenceSession:
         self._verify_files()
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.intra_op_num_threads = intra_op_num_threads
+        so.intra_op_num_threads = ort_threads(intra_op_num_threads)
         # idle onnxruntime workers must not spin: they would take the cores the bit kernels run on next
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._libraries: dict = {}
