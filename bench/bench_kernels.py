@@ -213,7 +213,7 @@ def _gemm_cases(sizes):
     return [(k, m) for k in sizes for m in (1, 16, 256)] + [(256, 64)]
 
 
-def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
+def _worker(kind: str, sizes: list[int], mtime: float, lut: bool = True) -> dict:
     """Time one library family in this process only (thread pools of different libraries fight otherwise)."""
     rng = np.random.default_rng(0)
     threads = caps.detect().cores
@@ -228,10 +228,10 @@ def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
             specs.append(LayerSpec(f"w{bw}a{ba}_conv", "conv", ba, bw, rng.integers(0, 1 << bw, (n, c, 3, 3), dtype=np.uint8),
                                    np.full(n, (1 << bw) - 1, np.int32), in_shape=(c, h, w), pads=(1, 1, 1, 1)))
         with tempfile.TemporaryDirectory() as tmp:
-            lib = Library(build_library(specs, tmp))
+            lib = Library(build_library(specs, tmp, lut=lut))
             out["path"] = lib.selected_path()
             out["threads"] = lib.num_threads()
-            lut_path = out["path"] == "avx2"  # the LUT kernels serve the AVX2 path only
+            lut_path = out["path"] in ("avx2", "avx512")  # the x86 SIMD paths run the (AVX2) LUT kernels
             out["lut"] = [n for n, v in lib.manifest["layers"].items() if lut_path and v.get("avx2_kernel") == "lut"]
             for ba, bw in BIT_PAIRS:
                 for k, m in _gemm_cases(sizes):
@@ -256,10 +256,11 @@ def _worker(kind: str, sizes: list[int], mtime: float) -> dict:
     return out
 
 
-def _run_worker(kind: str, sizes: list[int], mtime: float) -> dict:
+def _run_worker(kind: str, sizes: list[int], mtime: float, lut: bool = True) -> dict:
     import json
 
-    cmd = [sys.executable, __file__, "--worker", kind, "--sizes", ",".join(map(str, sizes)), "--mtime", str(mtime)]
+    cmd = [sys.executable, __file__, "--worker", kind, "--sizes", ",".join(map(str, sizes)), "--mtime", str(mtime),
+           *([] if lut else ["--popcount"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{proc.stderr}")
@@ -273,12 +274,15 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS}")
     ap.add_argument("--quick", action="store_true", help="K=N=1024 only, shorter timings")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; each entry keeps its best")
+    ap.add_argument("--popcount", action="store_true",
+                    help="build every layer on the popcount kernels (no LUT kernels), to compare the two")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", help=argparse.SUPPRESS)
     ap.add_argument("--mtime", type=float, default=0.5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, [int(v) for v in args.sizes.split(",")], args.mtime)))
+        print(json.dumps(_worker(args.worker, [int(v) for v in args.sizes.split(",")], args.mtime,
+                                 lut=not args.popcount)))
         return 0
 
     c = caps.detect()
@@ -294,7 +298,7 @@ def main(argv=None) -> int:
                 old = peak.get(name, (0.0, 0.0))
                 peak[name] = (max(old[0], one), max(old[1], allc))
         for kind in ("qcompile", "ort-fp32", "ort-int8", "numpy"):
-            got = _run_worker(kind, sizes, mtime)
+            got = _run_worker(kind, sizes, mtime, lut=not args.popcount)
             prev = res.setdefault(kind, got)
             for key, v in got.items():
                 if isinstance(v, float):
@@ -343,11 +347,12 @@ def main(argv=None) -> int:
         peak_lines += (f"\n- {LUT} (the LUT kernels' vpshufb + add step: 4 tables x 2 blocks of 32 channels): "
                        f"{lut_peak[0] / 1e9:.1f} G multiply-adds/s on 1 core, {lut_peak[1] / 1e9:.1f} on {c.cores} cores "
                        f"(reference for LUT rows: {lut_all / 1e9:.0f}); a LUT layer does bits_w lookups' worth per MAC")
-    text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `python bench/bench_kernels.py` on "
+    cmd = "python bench/bench_kernels.py" + (" --popcount" if args.popcount else "")
+    text = (f"{SECTION}\n\nMeasured {datetime.date.today().isoformat()} by `{cmd}` on "
             f"{header}.\n\nPopcount peak (tight L1-resident AND+popcount loop, 4x4 tile). The reference for "
             f"'% of its peak' of a popcount row is the best path's all-core figure or cores x its 1-core figure, "
             f"whichever is larger ({peak_all / 1e9:.0f} G binary MAC/s here); a popcount layer does bits_a*bits_w "
-            f"binary MACs per MAC. LUT rows (the AVX2 path's lookup-table kernels) are measured against the LUT "
+            f"binary MACs per MAC. LUT rows (the x86 SIMD paths' lookup-table kernels) are measured against the LUT "
             f"step's peak:\n"
             f"{peak_lines}\n\n{table}\n\n{goals}\n\n{_caveats(c)}\n")
     publish(SECTION, text, args.write)

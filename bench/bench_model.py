@@ -109,7 +109,7 @@ def step_times(art: Path, batch: int = 64, rounds: int = 5) -> list[tuple[str, f
 def peak_bound(art: Path, steps: list[tuple[str, float]], tmp: Path, batch: int = 64) -> tuple[float, float, float]:
     """(ms, binary MAC/s, LUT MAC/s): the schedule's time at ``batch`` if every bit layer ran at this CPU's
     measured peak for its kernel (bench_kernels.measure_peak: the popcount loop, or the LUT kernels' vpshufb step
-    for layers the AVX2 path runs by lookup tables) and every other step took what it took; tells a kernel
+    for layers the x86 SIMD paths run by lookup tables) and every other step took what it took; tells a kernel
     shortfall from a limit of the machine."""
     import json
 
@@ -131,7 +131,7 @@ def peak_bound(art: Path, steps: list[tuple[str, float]], tmp: Path, batch: int 
             continue
         pixels = int(np.prod(m["out_shape"][1:])) if m["op"] == "conv" else 1
         macs = batch * pixels * m["N"] * m["K"]
-        if c.path == "avx2" and m.get("avx2_kernel") == "lut":
+        if c.path in ("avx2", "avx512") and m.get("avx2_kernel") == "lut":
             ms += macs * m["bits_w"] / lut_peak * 1e3
         else:
             ms += macs * m["bits_a"] * m["bits_w"] / peak * 1e3
@@ -179,7 +179,7 @@ def run(rounds: int) -> str:
         load_after = load_average()
     lines.append(SECTION)
     lines.append("")
-    lines.append(f"`python bench/bench_model.py --write` on {cpu_name()}, {os.cpu_count()} cores (load average "
+    lines.append(f"`python bench/bench_model.py --write` on {cpu_name()}, {len(os.sched_getaffinity(0))} cores (load average "
                  f"{load_before} before, {load_after} after). Times in ms, best of {rounds} interleaved rounds; "
                  "ratios are onnxruntime's time over qcompile's (higher = qcompile faster).")
     lines.append("")

@@ -20,6 +20,9 @@ KERNELS = ("bitserial", "int8", "float")
 POPCOUNT_BITS_PER_CYCLE = {"avx512": 512, "avx2": 128, "generic": 64}
 FLOAT_MACS_PER_CYCLE = {"avx512": 32, "avx2": 16, "generic": 4}
 INT8_MACS_PER_CYCLE = {"amx": 1024, "vnni": 128, None: 32}  # VNNI vpdpbusd; AVX2 vpmaddubsw
+# onnxruntime's ConvInteger has no VNNI/AMX kernel, whatever the CPU: the 3x3 256-channel bench conv measured
+# 15.6 G MAC/s on 2 Sapphire Rapids cores (AMX) and 17.6 on 2 Zen 1 cores, 8x slower than its float Conv
+INT8_CONV_MACS_PER_CYCLE = 8
 # AVX2 vpshufb over 4-channel tables: 32 lookups x 4 multiply-adds per instruction, ~1 per cycle (layer_lconv.c)
 LUT_MACS_PER_CYCLE = 128
 EFFICIENCY = {"bitserial": 0.5, "int8": 0.4, "float": 0.6}
@@ -46,25 +49,28 @@ def layer_macs(spec, batch: int) -> tuple[int, int, int]:
 
 
 def lut_kernel(spec, caps) -> bool:
-    """Whether the layer's bit kernel sums by lookup tables on this target (the AVX2 path's layers that
-    targets.cpu.codegen.lut_layer accepts) rather than by popcounts."""
+    """Whether the layer's bit kernel sums by lookup tables on this target (the x86 SIMD paths' layers that
+    targets.cpu.codegen.lut_layer accepts; the AVX-512 path runs the AVX2 LUT kernels) rather than by popcounts."""
     from qcompile.targets.cpu.codegen import lut_layer
 
-    return caps.path == "avx2" and lut_layer(spec)
+    return caps.path in ("avx2", "avx512") and lut_layer(spec)
 
 
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
     m, n, k = layer_macs(spec, batch)
     hz = caps.ghz * 1e9 * caps.cores
     path = caps.path
+    if path == "avx512" and spec.op == "conv":
+        path = "avx2"  # the AVX-512 path runs BitConv on the AVX2 kernels (templates/common.h, QC_PER_LAYER)
+    int8_rate = INT8_CONV_MACS_PER_CYCLE if spec.op == "conv" else INT8_MACS_PER_CYCLE.get(caps.int8_dot, 32)
     if lut_kernel(spec, caps):  # one table lookup per 4 channels and weight plane, whatever the activation bits
         bit_cycles = m * n * k * spec.bits_w / (LUT_MACS_PER_CYCLE * hz * EFFICIENCY["bitserial"])
     else:                       # one AND+popcount bit per plane pair
         bit_cycles = m * n * k * spec.bits_a * spec.bits_w / (POPCOUNT_BITS_PER_CYCLE[path] * hz * EFFICIENCY["bitserial"])
     est = {
         "bitserial": bit_cycles,
-        "int8": m * n * k / (INT8_MACS_PER_CYCLE.get(caps.int8_dot, 32) * hz * EFFICIENCY["int8"]),
-        "float": m * n * k / (FLOAT_MACS_PER_CYCLE[path] * hz * EFFICIENCY["float"]),
+        "int8": m * n * k / (int8_rate * hz * EFFICIENCY["int8"]),
+        "float": m * n * k / (FLOAT_MACS_PER_CYCLE[caps.path] * hz * EFFICIENCY["float"]),
     }
     return {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
 

@@ -44,6 +44,21 @@ def test_lut_convs_are_estimated_by_lookups_not_popcounts():
     assert planner.estimate_ms(a2, generic, 64)["bitserial"] > planner.estimate_ms(a1, generic, 64)["bitserial"]
 
 
+def test_an_amx_cpu_keeps_convs_off_convinteger():
+    """On an AVX-512 + AMX CPU the estimate must not send convs to onnxruntime's ConvInteger (no AMX/VNNI kernel
+    there: the bundled CNN took 186 ms instead of 39 when it did), while GEMMs may still go to AMX's
+    MatMulInteger; AVX-512 convs are estimated as the AVX2 LUT kernels that run them."""
+    amx = CAPS.__class__(**{**CAPS.__dict__, "path": "avx512", "popcount_bits": 512, "avx512_vpopcntdq": True,
+                            "int8_dot": "amx"})
+    conv = _conv("c", c=64, n=64, bits_a=2, bits_w=1)
+    assert planner.lut_kernel(conv, amx)
+    est = planner.estimate_ms(conv, amx, 64)
+    assert est["int8"] > est["float"] > est["bitserial"]
+    assert planner.choose([conv], amx, 64)["c"].kernel == "bitserial"
+    gemm = _gemm("g", k=1024, n=1024, bits_a=4, bits_w=4)
+    assert planner.estimate_ms(gemm, amx, 64)["int8"] < planner.estimate_ms(gemm, amx, 64)["float"]
+
+
 def test_choice_is_the_fastest_and_says_why():
     specs = [_gemm("big", k=4096, n=4096)]
     c = planner.choose(specs, CAPS, 64)["big"]

@@ -78,6 +78,15 @@ def pack_layer_weights(spec: LayerSpec) -> np.ndarray:
     return packing.kernel_weight_layout(planes, 8)
 
 
+def pack_lane_weights(spec: LayerSpec) -> np.ndarray:
+    """BitGemm weights with channels in lanes for the AVX-512 kernel (layer_dgemm.c): [ceil(N/8), bits_w, Kwp, 8]
+    uint64, word k of plane j of channel 8g + l at [g, j, k, l]; the padded channels are zero."""
+    w = pack_layer_weights(spec)                       # [N, bits_w, Kwp]
+    n = w.shape[0]
+    w = np.pad(w, ((0, packing.round_up(n, 8) - n), (0, 0), (0, 0)))
+    return np.ascontiguousarray(w.reshape(-1, 8, *w.shape[1:]).transpose(0, 2, 3, 1))
+
+
 def direct_conv(spec: LayerSpec) -> bool:
     """Whether a BitConv also gets the direct kernel over packed pixels (generic and AVX2 paths; templates/
     layer_dconv.c): one group and no horizontal dilation, so a kernel row's taps are adjacent pixels."""
@@ -181,26 +190,30 @@ def pack_direct_weights(spec: LayerSpec) -> np.ndarray:
     return np.ascontiguousarray(np.stack(planes, axis=2))
 
 
-def _blob(spec: LayerSpec) -> tuple[bytes, dict[str, int]]:
+def _blob(spec: LayerSpec, layer_avx512: bool = False) -> tuple[bytes, dict[str, int]]:
+    lanes = layer_avx512 and spec.op == "gemm"  # the AVX-512 BitGemm kernel: weights and epilogue by channel lanes
     parts = {
         "W": pack_layer_weights(spec).astype("<u8").tobytes(),
         "WD": pack_direct_weights(spec).astype("<u8").tobytes() if direct_conv(spec) else b"",
+        "W8": pack_lane_weights(spec).astype("<u8").tobytes() if lanes else b"",
         "WZ2": spec.wzero2.astype("<i4").tobytes(),
         "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "THR": (spec.thresholds if spec.L else np.zeros((spec.N, 1), np.int32)).astype("<i4").tobytes(),
         "WL": b"", "WZ2P": b"", "THRT": b"", "MULTP": b"", "BIASP": b"",
     }
-    if lut_layer(spec):  # the LUT kernel's index bytes, and the epilogue's arrays by channel, padded to 32
-        npad = _lut_geometry(spec)["NB"] * 32
+    if lut_layer(spec) or lanes:  # the epilogue's arrays by channel, padded to a multiple of 32
+        npad = packing.round_up(spec.N, 32)
         thr = np.full((npad, max(spec.L, 1)), np.iinfo(np.int32).max, np.int32)
         if spec.L:
             thr[:spec.N] = spec.thresholds
         vec = (lambda a: np.pad(a.astype("<f4"), (0, npad - spec.N)).tobytes()) if spec.epilogue == "float" else \
             (lambda a: b"")
-        parts.update(WL=pack_lut_weights(spec).tobytes(), MULTP=vec(spec.mult), BIASP=vec(spec.bias),
+        parts.update(MULTP=vec(spec.mult), BIASP=vec(spec.bias),
                      WZ2P=np.pad(spec.wzero2.astype("<i4"), (0, npad - spec.N)).tobytes(),
                      THRT=np.ascontiguousarray(thr.T).astype("<i4").tobytes())
+    if lut_layer(spec):  # the LUT kernel's index bytes
+        parts.update(WL=pack_lut_weights(spec).tobytes())
     out, offsets = bytearray(), {}
     for key, data in parts.items():
         out += b"\0" * (packing.round_up(len(out), 64) - len(out))
@@ -257,7 +270,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             # one row streams every index byte once (2x the packed planes' bytes at W1): when they spill the
             # last-level cache (> 4 MiB) the popcount kernel is faster (measured: W2A2 K=N=4096 M=1 0.33 vs 0.26 ms)
             wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
-            lut_call = (f"#if defined(QC_X86)\n    if (path == QC_PATH_AVX2 && (batch > 1 || {wl_bytes} <= (4 << 20)))"
+            lut_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
                         f" return {cname}_lut(x, y, batch);\n#endif\n")
         return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c,
                                                     LUT_CALL=lut_call)
@@ -329,7 +342,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
         blob_name = f"{c_name(i, spec.name)}.bin"
         offsets = {}
         if spec.op != "maxpool":  # a max-pool has no constants
-            blob, offsets = _blob(spec)
+            blob, offsets = _blob(spec, layer_avx512)
             blobs[blob_name] = blob
         parts.append(_layer_source(i, spec, blob_name, offsets, lut))
         layers[spec.name] = {

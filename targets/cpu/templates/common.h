@@ -33,11 +33,17 @@
  * without AVX-512 */
 #include <simde/x86/avx512.h>
 typedef simde__m512i qc_v512;
+typedef simde__m256i qc_v256;
+typedef simde__m256 qc_f256;
 #define QC512(f) simde_mm512_##f
+#define QC256(f) simde_mm256_##f
 #define QC_TGT_AVX512
 #else
 typedef __m512i qc_v512;
+typedef __m256i qc_v256;  /* 256-bit AVX2 operations inside AVX-512 code (the epilogues) */
+typedef __m256 qc_f256;
 #define QC512(f) _mm512_##f
+#define QC256(f) _mm256_##f
 #define QC_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
 #endif
 #define QC_HAVE_SIMD 1
@@ -56,18 +62,21 @@ typedef __m512i qc_v512;
 #define QC_PATH_GENERIC 0
 #define QC_PATH_AVX2 1
 #define QC_PATH_AVX512 2
-/* the path that runs the per-layer kernels (layer_dgemm.c, layer_dconv.c; the others run the core's): on x86 the
- * AVX2 path, with hardware POPCNT; elsewhere the portable path. One variant per layer keeps the C build short. */
+/* the paths that run the per-layer kernels (layer_dconv.c, layer_lconv.c, layer_dgemm.c, layer_lgemm.c; the other
+ * paths run the core's): on x86 the AVX2 path and the AVX-512 path, whose CPUs run the AVX2 kernels too (on a Xeon
+ * with VPOPCNTDQ the core's im2col + AVX-512 GEMM took 28 ms for a BitConv the AVX2 LUT kernel runs in a few);
+ * elsewhere the portable path. One variant per layer keeps the C build short. */
 #if defined(QC_X86)
-#define QC_PER_LAYER(path) ((path) == QC_PATH_AVX2)
+#define QC_PER_LAYER(path) ((path) == QC_PATH_AVX2 || (path) == QC_PATH_AVX512)
 #else
 #define QC_PER_LAYER(path) ((path) == QC_PATH_GENERIC)
 #endif
-/* BitGemm also on the AVX-512 path when the library was generated for an AVX-512 target (QC_LAYER_AVX512) */
+/* BitGemm on the AVX-512 path: the layer's own AVX-512 kernel when the library was generated for an AVX-512 target
+ * (QC_LAYER_AVX512), else the core's AVX-512 kernel (a scalar POPCNT loop is 8x narrower there) */
 #if defined(QC_LAYER_AVX512) && defined(QC_HAVE_SIMD)
-#define QC_PER_LAYER_GEMM(path) (QC_PER_LAYER(path) || (path) == QC_PATH_AVX512)
-#else
 #define QC_PER_LAYER_GEMM(path) QC_PER_LAYER(path)
+#else
+#define QC_PER_LAYER_GEMM(path) (QC_PER_LAYER(path) && (path) != QC_PATH_AVX512)
 #endif
 
 #define QC_CORE_ABI 1

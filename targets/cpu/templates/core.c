@@ -302,7 +302,7 @@ QC_TGT_AVX2 static int64_t qc_pack_u32_avx2(const uint8_t* src, int64_t n, int b
 
 QC_CORE int64_t qc_pack_u32(int path, const uint8_t* src, int64_t n, int bits, uint32_t* dst, int64_t plane_stride) {
 #if defined(QC_HAVE_SIMD)
-    if (path == QC_PATH_AVX2) return qc_pack_u32_avx2(src, n, bits, dst, plane_stride);
+    if (path == QC_PATH_AVX2 || path == QC_PATH_AVX512) return qc_pack_u32_avx2(src, n, bits, dst, plane_stride);
 #endif
     (void)path;
     return qc_pack_u32_generic(src, n, bits, dst, plane_stride);
