@@ -231,8 +231,8 @@ def _worker(kind: str, sizes: list[int], mtime: float, lut: bool = True) -> dict
             lib = Library(build_library(specs, tmp, lut=lut))
             out["path"] = lib.selected_path()
             out["threads"] = lib.num_threads()
-            lut_path = out["path"] in ("avx2", "avx512")  # the x86 SIMD paths run the (AVX2) LUT kernels
-            out["lut"] = [n for n, v in lib.manifest["layers"].items() if lut_path and v.get("avx2_kernel") == "lut"]
+            key = f"{out['path']}_kernel"  # what each x86 SIMD path runs, "lut" or "popcount"
+            out["lut"] = [n for n, v in lib.manifest["layers"].items() if v.get(key) == "lut"]
             for ba, bw in BIT_PAIRS:
                 for k, m in _gemm_cases(sizes):
                     x = rng.integers(0, 1 << ba, (m, k), dtype=np.uint8)
@@ -410,7 +410,8 @@ def _caveats(c: caps.CpuCaps) -> str:
     notes = []
     if not c.avx512_vpopcntdq:
         notes.append("This CPU has no AVX-512 VPOPCNTDQ: the `avx512` kernel path did not run here (its logic is "
-                     "tested bit-exact through SIMDe emulation; its speed is unmeasured).")
+                     "tested bit-exact through SIMDe emulation; for its speed on an AVX-512 + AMX CPU see the section "
+                     "'On an AVX-512 + AMX machine').")
     if c.int8_dot is None:
         notes.append("No VNNI/AMX either, so onnxruntime's int8 GEMM runs on AVX2 (vpmaddubsw) and is a weak baseline "
                      "here; on an AMX machine the int8 goals are much harder.")

@@ -131,7 +131,7 @@ def peak_bound(art: Path, steps: list[tuple[str, float]], tmp: Path, batch: int 
             continue
         pixels = int(np.prod(m["out_shape"][1:])) if m["op"] == "conv" else 1
         macs = batch * pixels * m["N"] * m["K"]
-        if c.path in ("avx2", "avx512") and m.get("avx2_kernel") == "lut":
+        if m.get(f"{c.path}_kernel") == "lut":
             ms += macs * m["bits_w"] / lut_peak * 1e3
         else:
             ms += macs * m["bits_a"] * m["bits_w"] / peak * 1e3

@@ -179,7 +179,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         choice = choices.get(name)
         label = kernel_names[choice.kernel] if choice else "onnxruntime-fp32"
         if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
-            label = f"lut-{caps.path}"
+            label = "lut-avx2"  # the AVX2 LUT kernels, on the AVX-512 path too
         entry = {"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
                  "kernel": label,
                  "why": (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason}

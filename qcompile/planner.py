@@ -49,11 +49,12 @@ def layer_macs(spec, batch: int) -> tuple[int, int, int]:
 
 
 def lut_kernel(spec, caps) -> bool:
-    """Whether the layer's bit kernel sums by lookup tables on this target (the x86 SIMD paths' layers that
-    targets.cpu.codegen.lut_layer accepts; the AVX-512 path runs the AVX2 LUT kernels) rather than by popcounts."""
+    """Whether the layer's bit kernel sums by lookup tables on this target rather than by popcounts: the layers
+    that targets.cpu.codegen.lut_layer accepts on the AVX2 path, and their BitConvs on the AVX-512 path (which runs
+    the AVX2 LUT kernels; its BitGemms have their own AVX-512 popcount kernel, faster there)."""
     from qcompile.targets.cpu.codegen import lut_layer
 
-    return caps.path in ("avx2", "avx512") and lut_layer(spec)
+    return lut_layer(spec) and (caps.path == "avx2" or (caps.path == "avx512" and spec.op == "conv"))
 
 
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:

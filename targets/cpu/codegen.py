@@ -270,7 +270,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             # one row streams every index byte once (2x the packed planes' bytes at W1): when they spill the
             # last-level cache (> 4 MiB) the popcount kernel is faster (measured: W2A2 K=N=4096 M=1 0.33 vs 0.26 ms)
             wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
-            lut_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
+            lut_call = (f"#if defined(QC_X86)\n    if (QC_LUT_GEMM(path) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
                         f" return {cname}_lut(x, y, batch);\n#endif\n")
         return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c,
                                                     LUT_CALL=lut_call)
@@ -323,6 +323,14 @@ def core_source(*, emulate_avx512: bool = False) -> str:
     return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
 
 
+def _x86_kernels(spec: LayerSpec, lut: bool, layer_avx512: bool) -> dict[str, str]:
+    """What sums the layer on each x86 SIMD path, "lut" or "popcount" (the manifest's avx2_kernel/avx512_kernel):
+    the AVX-512 path runs the LUT kernels too, except a BitGemm that has its own AVX-512 kernel (QC_LUT_GEMM)."""
+    on = lut and lut_layer(spec)
+    return {"avx2_kernel": "lut" if on else "popcount",
+            "avx512_kernel": "lut" if on and (spec.op == "conv" or not layer_avx512) else "popcount"}
+
+
 def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False,
              lut: bool = True) -> GeneratedLibrary:
     """The C source, blobs and manifest of one library holding ``specs``. ``layer_avx512``: the BitGemm layers also
@@ -350,7 +358,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
             "bits_w": spec.bits_w, "in_shape": list(spec.in_shape), "out_shape": list(spec.out_shape),
             "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
             "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
-            **({"avx2_kernel": "lut" if lut and lut_layer(spec) else "popcount"} if spec.op != "maxpool" else {}),
+            **(_x86_kernels(spec, lut, layer_avx512) if spec.op != "maxpool" else {}),
         }
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),
