@@ -145,7 +145,10 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
     fused = ir.to_proto(fused_ir)
     specs = layer_specs(fused, result.model)
-    library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq) if specs else None
+    # the "cpu" target's library carries the AVX-512 BitGemm kernels whatever the build machine has: the path is
+    # picked at run time, and an artifact built on an AVX2 box may be deployed on an AVX-512 server
+    library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq or caps.name == "cpu") \
+        if specs else None
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 

@@ -32,7 +32,7 @@ from qcompile import __version__, packing
 from .spec import LayerSpec
 
 __all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights",
-           "lut_conv", "lut_gemm", "lut_layer", "pack_lut_weights"]
+           "lut_acc16", "lut_conv", "lut_gemm", "lut_layer", "pack_lut_weights"]
 
 ABI_VERSION = 1
 PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
@@ -144,6 +144,20 @@ def _lut_geometry(spec: LayerSpec) -> dict[str, int]:
     return dict(G4=g4, NB=nb, LR=tile, LV=blocks, LCH=step)
 
 
+def lut_acc16(spec: LayerSpec) -> bool:
+    """Whether a LUT conv's threshold epilogue runs in 16-bit lanes (16 channels per vector instead of 8): every
+    acc = 2*S - wzero2*rowsum lies strictly inside int16, so wrap-around 16-bit arithmetic gives it exactly and
+    thresholds clamped to int16 compare the same."""
+    if spec.op != "conv" or spec.epilogue != "threshold" or not lut_conv(spec):
+        return False
+    pmax, qmax = 2 ** spec.bits_a - 1, 2 ** spec.bits_w - 1
+    s_max, rs_max = spec.K * qmax * pmax, spec.K * pmax
+    z = spec.wzero2.astype(np.int64)
+    hi = 2 * s_max + max(0, -int(z.min())) * rs_max
+    lo = -max(0, int(z.max())) * rs_max
+    return max(hi, -lo) <= 32766
+
+
 def lut_channel(p: int) -> int:
     """The output channel (within a 32-channel block) that byte ``p`` of a LUT index vector holds: the even/odd
     byte split of the 8 -> 16-bit widening then yields channels 0..15 and 16..31 in order."""
@@ -200,7 +214,7 @@ def _blob(spec: LayerSpec, layer_avx512: bool = False) -> tuple[bytes, dict[str,
         "MULT": (spec.mult if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "BIAS": (spec.bias if spec.epilogue == "float" else np.zeros(spec.N, np.float32)).astype("<f4").tobytes(),
         "THR": (spec.thresholds if spec.L else np.zeros((spec.N, 1), np.int32)).astype("<i4").tobytes(),
-        "WL": b"", "WZ2P": b"", "THRT": b"", "MULTP": b"", "BIASP": b"",
+        "WL": b"", "WZ2P": b"", "THRT": b"", "MULTP": b"", "BIASP": b"", "WZ2P16": b"", "THRT16": b"",
     }
     if lut_layer(spec) or lanes:  # the epilogue's arrays by channel, padded to a multiple of 32
         npad = packing.round_up(spec.N, 32)
@@ -214,6 +228,9 @@ def _blob(spec: LayerSpec, layer_avx512: bool = False) -> tuple[bytes, dict[str,
                      THRT=np.ascontiguousarray(thr.T).astype("<i4").tobytes())
     if lut_layer(spec):  # the LUT kernel's index bytes
         parts.update(WL=pack_lut_weights(spec).tobytes())
+    if lut_acc16(spec):  # its 16-bit threshold epilogue: the same arrays as int16, thresholds clamped
+        parts.update(WZ2P16=np.frombuffer(parts["WZ2P"], "<i4").astype("<i2").tobytes(),
+                     THRT16=np.clip(np.frombuffer(parts["THRT"], "<i4"), -32768, 32767).astype("<i2").tobytes())
     out, offsets = bytearray(), {}
     for key, data in parts.items():
         out += b"\0" * (packing.round_up(len(out), 64) - len(out))
@@ -301,6 +318,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
                       "threshold": "yo[r] = (uint8_t)a;"}[spec.epilogue]
             direct_code += _template("layer_lconv.c").substitute(
                 common, **_direct_geometry(spec), **_lut_geometry(spec), C=c, KW=spec.kernel[1], LSTORE=lstore,
+                ACC16=int(lut_acc16(spec)),
                 OUT_CTYPE_C=out_c)
             # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there)
             direct_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"

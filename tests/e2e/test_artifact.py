@@ -60,6 +60,9 @@ def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
     assert len(kernels) == 4 and "pool2_codes" in kernels and "onnxruntime" in kinds
     for name in ("manifest.json", "graph.onnx", "fakequant.onnx", "report.json", "report.md", "weights.png"):
         assert (out / name).is_file()
+    # the library carries the AVX-512 BitGemm kernels whatever this machine has (the path is picked at run time)
+    lib = next(iter(InferenceSession(out)._libraries.values()))
+    assert lib.manifest["layer_avx512"] is True
 
 
 def test_tampered_kernel_is_refused_before_loading(tiny_model_path, tmp_path):

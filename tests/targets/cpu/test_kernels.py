@@ -23,7 +23,7 @@ from qcompile.errors import QcompileError, ToolchainError
 from qcompile.runtime.kernels import KernelPathError, Library, RuntimeInputError
 from qcompile.targets.cpu import LayerSpec, build_library, caps
 from qcompile.targets.cpu.build import simde_include_dir
-from qcompile.targets.cpu.codegen import lut_conv, lut_layer
+from qcompile.targets.cpu.codegen import lut_acc16, lut_conv, lut_layer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU target builds ELF libraries")
 
@@ -137,6 +137,17 @@ def _specs() -> list[LayerSpec]:
         specs.append(LayerSpec(f"gemm_xor_k{k}_{epi}", "gemm", 1, 1, rng.integers(0, 2, (n, k), dtype=np.uint8),
                                np.ones(n, np.int32), xor_mode=True, epilogue=epi,
                                **_epilogue(rng, n, epi, -k // 2, k // 2)))
+    # thresholds past the int16 range next to ones inside the acc range: the LUT conv's 16-bit threshold epilogue
+    # (codegen.lut_acc16) clamps them to int16, which must not change a code
+    rng = np.random.default_rng(256)
+    n, rows = 40, np.arange(40)[:, None]
+    inside = np.sort(rng.integers(-300, 301, size=(n, 5)), axis=1)
+    low = np.select([rows % 3 == 0, rows % 3 == 1], [-40000, -32769], inside[:, :1])   # one side past int16, the
+    high = np.select([rows % 4 == 0, rows % 4 == 1], [40000, 32768], inside[:, 4:])    # other one, both or none
+    t = np.concatenate([low, inside[:, 1:4], high], axis=1).astype(np.int32)
+    specs.append(LayerSpec("lconv_c32_thr_clamp", "conv", 2, 1, rng.integers(0, 2, size=(n, 32, 3, 3), dtype=np.uint8),
+                           _wzero2(rng, n, 1, asym=False), in_shape=(32, 8, 9), pads=(1, 1, 1, 1),
+                           epilogue="threshold", thresholds=t))
     return specs
 
 
@@ -406,6 +417,11 @@ def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
     for name in ("conv_xor_pad", "dconv_xor_c40", "conv_grouped", "conv_dilated", "dconv_c1_5x5", "gemm_xor_k64",
                  "gemm_a1w1_k1000_n3_float", "gemm_a4w4_k1000_n1_float"):
         assert not lut_layer(BY_NAME[name]), name
+    # the 16-bit threshold epilogue: threshold LUT convs whose acc fits strictly inside int16
+    assert lut_acc16(BY_NAME["lconv_c32_thr_clamp"]) and lut_acc16(BY_NAME["dconv_c64_w2a2_thr_asym"])
+    assert not lut_acc16(BY_NAME["lconv_c256_w1a4"])  # int32 epilogue: not a threshold layer
+    w2a2 = BY_NAME["dconv_c64_w2a2_thr_asym"]
+    assert not lut_acc16(w2a2.replace(w=np.zeros((6, 250, 3, 3), np.uint8), in_shape=(250, 5, 8)))  # 2*S > 32766
     big = BY_NAME["lconv_c256_w1a4"]
     assert not lut_conv(big.replace(w=np.zeros((32, 500, 3, 3), np.uint8), in_shape=(500, 4, 6)))  # S > 65535
     kernels = native_lib.manifest["layers"]
