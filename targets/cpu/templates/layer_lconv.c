@@ -24,52 +24,57 @@ typedef struct {
     _Atomic int err;
 } ${CNAME}_lctx;
 
-/* stage 1, input row (b, yy): NCHW codes -> tables + code sums of the row's pixels */
-__attribute__((target("avx2"))) static void ${CNAME}_ltab_row(${CNAME}_lctx* cx, int64_t b, int64_t yy) {
+/* stage 1, input rows [y0, y1) of image b: NCHW codes -> tables + code sums of their pixels. Rows are consecutive in
+ * an NCHW plane, so the channel interleave runs over chunks of whole rows at once (8 pixels per vector step: a
+ * 7-pixel row alone would have none) */
+__attribute__((target("avx2"))) static void ${CNAME}_ltab_rows(${CNAME}_lctx* cx, int64_t b, int64_t y0, int64_t y1) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, G4 = ${CNAME}_G4, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
-           PT = ${CNAME}_PT, PL = ${CNAME}_PL, LINE = G4 * W };
-    /* line[g][xx]: the 4 codes of group g at pixel xx as one 32-bit word (channels past C read as 0);
-     * sum[xx]: the pixel's code sum (< 65536: codegen bounds C * pmax) */
+           PT = ${CNAME}_PT, PL = ${CNAME}_PL, CHUNK = 8192 / (G4 * W) > 0 ? 8192 / (G4 * W) : 1,
+           LINE = G4 * W * CHUNK };
+    /* line[g][i]: the 4 codes of group g at pixel i of the chunk as one 32-bit word (channels past C read as 0);
+     * sum[i]: the pixel's code sum (< 65536: codegen bounds C * pmax) */
     uint32_t stack_line[LINE <= 8192 ? LINE : 1] __attribute__((aligned(32)));
     uint32_t* line = LINE <= 8192 ? stack_line : (uint32_t*)malloc((size_t)LINE * 4);
     if (!line) { atomic_store(&cx->err, QC_ERR_NOMEM); return; }
-    uint16_t sum[W + 8] __attribute__((aligned(32)));
-    memset(sum, 0, sizeof sum);
+    uint16_t sum[W * CHUNK + 8] __attribute__((aligned(32)));
     const int64_t HW = (int64_t)H * W;
-    const uint8_t* src = cx->x + b * C * HW + yy * W;
     const __m128i ones = _mm_set1_epi8(1);
-    for (int g = 0; g < G4; ++g) {
-        const uint8_t* rows[4];
-        for (int i = 0; i < 4; ++i) rows[i] = 4 * g + i < C ? src + (4 * g + i) * HW : NULL;
-        int64_t xx = 0;
-        for (; xx + 8 <= W; xx += 8) {  /* 4 channel rows x 8 pixels -> 8 words: a byte/word interleave */
-            __m128i r[4];
-            for (int i = 0; i < 4; ++i)
-                r[i] = rows[i] ? _mm_loadl_epi64((const __m128i*)(rows[i] + xx)) : _mm_setzero_si128();
-            const __m128i p01 = _mm_unpacklo_epi8(r[0], r[1]), p23 = _mm_unpacklo_epi8(r[2], r[3]);
-            _mm_storeu_si128((__m128i*)(line + g * W + xx), _mm_unpacklo_epi16(p01, p23));
-            _mm_storeu_si128((__m128i*)(line + g * W + xx + 4), _mm_unpackhi_epi16(p01, p23));
-            const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(p01, ones), _mm_maddubs_epi16(p23, ones));
-            _mm_storeu_si128((__m128i*)(sum + xx), _mm_add_epi16(_mm_loadu_si128((const __m128i*)(sum + xx)), s));
+    for (int64_t yc = y0; yc < y1; yc += CHUNK) {
+        const int64_t n = (y1 - yc < CHUNK ? y1 - yc : CHUNK) * W;  /* pixels in this chunk */
+        const uint8_t* src = cx->x + b * C * HW + yc * W;
+        memset(sum, 0, sizeof sum);
+        for (int g = 0; g < G4; ++g) {
+            const uint8_t* rows[4];
+            for (int i = 0; i < 4; ++i) rows[i] = 4 * g + i < C ? src + (4 * g + i) * HW : NULL;
+            uint32_t* lg = line + g * n;
+            int64_t i0 = 0;
+            for (; i0 + 8 <= n; i0 += 8) {  /* 4 channel rows x 8 pixels -> 8 words: a byte/word interleave */
+                __m128i r[4];
+                for (int i = 0; i < 4; ++i)
+                    r[i] = rows[i] ? _mm_loadl_epi64((const __m128i*)(rows[i] + i0)) : _mm_setzero_si128();
+                const __m128i p01 = _mm_unpacklo_epi8(r[0], r[1]), p23 = _mm_unpacklo_epi8(r[2], r[3]);
+                _mm_storeu_si128((__m128i*)(lg + i0), _mm_unpacklo_epi16(p01, p23));
+                _mm_storeu_si128((__m128i*)(lg + i0 + 4), _mm_unpackhi_epi16(p01, p23));
+                const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(p01, ones), _mm_maddubs_epi16(p23, ones));
+                _mm_storeu_si128((__m128i*)(sum + i0), _mm_add_epi16(_mm_loadu_si128((const __m128i*)(sum + i0)), s));
+            }
+            for (; i0 < n; ++i0) {
+                uint32_t word = 0;
+                for (int i = 0; i < 4; ++i)
+                    if (rows[i]) { word |= (uint32_t)rows[i][i0] << (8 * i); sum[i0] += rows[i][i0]; }
+                lg[i0] = word;
+            }
         }
-        for (; xx < W; ++xx) {
-            uint32_t word = 0;
-            for (int i = 0; i < 4; ++i)
-                if (rows[i]) { word |= (uint32_t)rows[i][xx] << (8 * i); sum[xx] += rows[i][xx]; }
-            line[g * W + xx] = word;
-        }
-    }
-    const int64_t pix0 = (b * HP + yy + PT) * WP + PL;
-    uint8_t* trow = cx->tab + pix0 * G4 * 16;
-    int32_t* srow = cx->psum + pix0;
-    for (int64_t xx = 0; xx < W; ++xx) {
-        uint8_t* t = trow + xx * G4 * 16;
-        srow[xx] = sum[xx];
-        for (int g = 0; g < G4; g += 2) {
-            const uint64_t codes = line[g * W + xx] | (g + 1 < G4 ? (uint64_t)line[(g + 1) * W + xx] << 32 : 0);
-            const __m256i tt = qc_lut_tables2(codes);
-            if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(t + 16 * g), tt);
-            else _mm_storeu_si128((__m128i*)(t + 16 * g), _mm256_castsi256_si128(tt));
+        for (int64_t i0 = 0; i0 < n; ++i0) {
+            const int64_t yy = yc + i0 / W, xx = i0 % W, px = (b * HP + yy + PT) * WP + PL + xx;
+            uint8_t* t = cx->tab + px * G4 * 16;
+            cx->psum[px] = sum[i0];
+            for (int g = 0; g < G4; g += 2) {
+                const uint64_t codes = line[g * n + i0] | (g + 1 < G4 ? (uint64_t)line[(g + 1) * n + i0] << 32 : 0);
+                const __m256i tt = qc_lut_tables2(codes);
+                if (g + 1 < G4) _mm256_storeu_si256((__m256i*)(t + 16 * g), tt);
+                else _mm_storeu_si128((__m128i*)(t + 16 * g), _mm256_castsi256_si128(tt));
+            }
         }
     }
     if (LINE > 8192) free(line);
@@ -79,7 +84,7 @@ static void ${CNAME}_ltab_task(const void* vctx, int64_t t) {
     ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
     int64_t b, r0, r1;
     qc_row_block(t, ${CNAME}_H, cx->pix_rows, &b, &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) ${CNAME}_ltab_row(cx, b, r);
+    ${CNAME}_ltab_rows(cx, b, r0, r1);
 }
 
 /* S of R output pixels (tables pix[r]) x v = 1 or 2 blocks of 32 channels from block nb, as 16-bit sums
@@ -246,7 +251,7 @@ static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
  * the tables from this core's cache and no barrier separates the stages */
 static void ${CNAME}_limage_task(const void* vctx, int64_t b) {
     ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
-    for (int64_t r = 0; r < ${CNAME}_H; ++r) ${CNAME}_ltab_row(cx, b, r);
+    ${CNAME}_ltab_rows(cx, b, 0, ${CNAME}_H);
     for (int64_t r = 0; r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
 }
 

@@ -148,6 +148,12 @@ def _specs() -> list[LayerSpec]:
     specs.append(LayerSpec("lconv_c32_thr_clamp", "conv", 2, 1, rng.integers(0, 2, size=(n, 32, 3, 3), dtype=np.uint8),
                            _wzero2(rng, n, 1, asym=False), in_shape=(32, 8, 9), pads=(1, 1, 1, 1),
                            epilogue="threshold", thresholds=t))
+    # the LUT conv's stage 1 interleaves chunks of whole rows (<= 8192 words): 3 rows per chunk over 7 rows (a short
+    # last chunk), and rows wider than a chunk (one row, on the heap)
+    for name, chw, n in (("lconv_c256_chunks", (256, 7, 40), 33), ("lconv_c1024_wide", (1024, 3, 40), 8)):
+        specs.append(LayerSpec(name, "conv", 2, 1, rng.integers(0, 2, size=(n, chw[0], 3, 3), dtype=np.uint8),
+                               _wzero2(rng, n, 1, asym=False), in_shape=chw, pads=(1, 1, 1, 1), epilogue="threshold",
+                               **_epilogue(rng, n, "threshold", -300, 300)))
     return specs
 
 
@@ -504,7 +510,7 @@ def test_lut_and_popcount_kernels_bit_exact_on_avx2(native_lib, popcount_lib, to
         np.testing.assert_array_equal(top_lib.run(top.name, x), expected(top, x), err_msg=f"{name} top weights")
 
 
-@pytest.mark.parametrize("name", ["dconv_c32_w1a2_thr", "dconv_xor_c64_s2", "conv3x3_pad_c64"])
+@pytest.mark.parametrize("name", ["dconv_c32_w1a2_thr", "dconv_xor_c64_s2", "conv3x3_pad_c64", "lconv_c256_chunks"])
 def test_direct_conv_threads_and_row_blocks_agree(native_lib, monkeypatch, name):
     """Tasks are whole images once the batch gives every thread 4 of them, else blocks of rows: every split
     (threads x batch) gives the reference's output."""
