@@ -49,12 +49,12 @@ def layer_macs(spec, batch: int) -> tuple[int, int, int]:
 
 
 def lut_kernel(spec, caps) -> bool:
-    """Whether the layer's bit kernel sums by lookup tables on this target rather than by popcounts: the layers
-    that targets.cpu.codegen.lut_layer accepts on the AVX2 path, and their BitConvs on the AVX-512 path (which runs
-    the AVX2 LUT kernels; its BitGemms have their own AVX-512 popcount kernel, faster there)."""
-    from qcompile.targets.cpu.codegen import lut_layer
+    """Whether the layer's bit kernel sums by lookup tables on this target rather than by popcounts: what
+    targets.cpu.codegen.x86_kernels says for the target's path (an AVX-512 target's library has the AVX-512 BitGemm
+    kernels, which it keeps its BitGemms on; its BitConvs run the AVX2 LUT kernels)."""
+    from qcompile.targets.cpu.codegen import x86_kernels
 
-    return lut_layer(spec) and (caps.path == "avx2" or (caps.path == "avx512" and spec.op == "conv"))
+    return x86_kernels(spec).get(f"{caps.path}_kernel") == "lut"
 
 
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:

@@ -32,7 +32,7 @@ from qcompile import __version__, packing
 from .spec import LayerSpec
 
 __all__ = ["ABI_VERSION", "PATHS", "GeneratedLibrary", "core_source", "generate", "c_name", "pack_layer_weights",
-           "lut_acc16", "lut_conv", "lut_gemm", "lut_layer", "pack_lut_weights"]
+           "lut_acc16", "lut_conv", "lut_gemm", "lut_layer", "pack_lut_weights", "x86_kernels"]
 
 ABI_VERSION = 1
 PATHS = ("generic", "avx2", "avx512")  # index = the C QC_PATH_* value
@@ -218,19 +218,19 @@ def _blob(spec: LayerSpec, layer_avx512: bool = False) -> tuple[bytes, dict[str,
     }
     if lut_layer(spec) or lanes:  # the epilogue's arrays by channel, padded to a multiple of 32
         npad = packing.round_up(spec.N, 32)
-        thr = np.full((npad, max(spec.L, 1)), np.iinfo(np.int32).max, np.int32)
+        thrt = np.full((max(spec.L, 1), npad), np.iinfo(np.int32).max, np.int32)  # [L][npad]
         if spec.L:
-            thr[:spec.N] = spec.thresholds
+            thrt[:, :spec.N] = spec.thresholds.T
+        wz2p = np.pad(spec.wzero2.astype(np.int32), (0, npad - spec.N))
         vec = (lambda a: np.pad(a.astype("<f4"), (0, npad - spec.N)).tobytes()) if spec.epilogue == "float" else \
             (lambda a: b"")
-        parts.update(MULTP=vec(spec.mult), BIASP=vec(spec.bias),
-                     WZ2P=np.pad(spec.wzero2.astype("<i4"), (0, npad - spec.N)).tobytes(),
-                     THRT=np.ascontiguousarray(thr.T).astype("<i4").tobytes())
+        parts.update(MULTP=vec(spec.mult), BIASP=vec(spec.bias), WZ2P=wz2p.astype("<i4").tobytes(),
+                     THRT=thrt.astype("<i4").tobytes())
+        if lut_acc16(spec):  # the LUT conv's 16-bit threshold epilogue: the same arrays as int16, thresholds clamped
+            parts.update(WZ2P16=wz2p.astype("<i2").tobytes(),
+                         THRT16=np.clip(thrt, -32768, 32767).astype("<i2").tobytes())
     if lut_layer(spec):  # the LUT kernel's index bytes
         parts.update(WL=pack_lut_weights(spec).tobytes())
-    if lut_acc16(spec):  # its 16-bit threshold epilogue: the same arrays as int16, thresholds clamped
-        parts.update(WZ2P16=np.frombuffer(parts["WZ2P"], "<i4").astype("<i2").tobytes(),
-                     THRT16=np.clip(np.frombuffer(parts["THRT"], "<i4"), -32768, 32767).astype("<i2").tobytes())
     out, offsets = bytearray(), {}
     for key, data in parts.items():
         out += b"\0" * (packing.round_up(len(out), 64) - len(out))
@@ -341,9 +341,10 @@ def core_source(*, emulate_avx512: bool = False) -> str:
     return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
 
 
-def _x86_kernels(spec: LayerSpec, lut: bool, layer_avx512: bool) -> dict[str, str]:
-    """What sums the layer on each x86 SIMD path, "lut" or "popcount" (the manifest's avx2_kernel/avx512_kernel):
-    the AVX-512 path runs the LUT kernels too, except a BitGemm that has its own AVX-512 kernel (QC_LUT_GEMM)."""
+def x86_kernels(spec: LayerSpec, *, lut: bool = True, layer_avx512: bool = True) -> dict[str, str]:
+    """What sums the layer on each x86 SIMD path, "lut" or "popcount" (the manifest's avx2_kernel/avx512_kernel;
+    the planner reads the same): the AVX-512 path runs the LUT kernels too, except a BitGemm that has its own
+    AVX-512 kernel (QC_LUT_GEMM, the C side of this rule)."""
     on = lut and lut_layer(spec)
     return {"avx2_kernel": "lut" if on else "popcount",
             "avx512_kernel": "lut" if on and (spec.op == "conv" or not layer_avx512) else "popcount"}
@@ -376,7 +377,7 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
             "bits_w": spec.bits_w, "in_shape": list(spec.in_shape), "out_shape": list(spec.out_shape),
             "out_dtype": str(spec.out_dtype), "epilogue": spec.epilogue, "xor": spec.xor_mode,
             "K": spec.K, "N": spec.N, **({"extra": spec.extra} if spec.extra else {}),
-            **(_x86_kernels(spec, lut, layer_avx512) if spec.op != "maxpool" else {}),
+            **(x86_kernels(spec, lut=lut, layer_avx512=layer_avx512) if spec.op != "maxpool" else {}),
         }
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),

@@ -1,5 +1,5 @@
-/* ---- layer ${LAYER} (${CNAME}): direct BitConv over packed pixels (QC_PER_LAYER: the AVX2 path on x86, the
- *      portable path elsewhere; the other paths keep the im2col above). No im2col: every input pixel's channels are packed once into 32-bit units of bits
+/* ---- layer ${LAYER} (${CNAME}): direct BitConv over packed pixels (QC_PER_LAYER: the AVX2 and AVX-512 paths on
+ *      x86, the portable path elsewhere; the other paths keep the im2col above). No im2col: every input pixel's channels are packed once into 32-bit units of bits
  *      (channels padded to CP = ${CP}), laid out [image][plane][Hp][Wp][CU] with a zero border of the pads, so the
  *      KW taps of one kernel row are ${RW} consecutive (unaligned) 64-bit words: "segment" (ky, plane) of output
  *      pixel (oy, ox) starts at pixel (oy*SH + ky*DH, ox*SW). Weights: [N][KH][KB][RW] words, bit kx*CP + c of a
@@ -226,7 +226,7 @@ __attribute__((unused)) static int ${CNAME}_direct(const uint8_t* x, void* y, in
     cx.psum = (int32_t*)qc_alloc((size_t)(chunk * HP * WP) * 4);
     if (!cx.pix || !cx.psum) { free(cx.pix); free(cx.psum); return QC_ERR_NOMEM; }
 #if defined(QC_X86)
-    const qc_task_fn row_fn = ${CNAME}_drow_popcnt;  /* only the AVX2 path comes here (QC_PER_LAYER) */
+    const qc_task_fn row_fn = ${CNAME}_drow_popcnt;  /* the AVX2 and AVX-512 paths (QC_PER_LAYER) */
 #else
     const qc_task_fn row_fn = ${CNAME}_drow_generic;
 #endif
