@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 import qcompile
 from qcompile.errors import ConfigError
 from qcompile.fileio import sha256_file
-from qcompile.partition import partition
+from qcompile.partition import disabled_optimizers, partition
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 from qcompile.passes.quantize import core_name
 
@@ -152,6 +152,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 
+    calib_batch = _first_calibration_batch(result.ctx.calib)
     types = {i.name: i.type for i in fused.graph.input}
     for spec in specs:
         out_name = next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
@@ -166,7 +167,8 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         else:
             rel = f"partitions/p{index:02d}.onnx"
             onnx.save(step.model, work / rel)
-            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs})
+            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs,
+                             "disabled_optimizers": disabled_optimizers(step.model, calib_batch)})
     onnx.save(fused, work / "graph.onnx")
     onnx.save(result.model, work / "fakequant.onnx")
 
@@ -201,6 +203,16 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
     return manifest
+
+
+def _first_calibration_batch(reader) -> dict | None:
+    """One calibration batch (the reader is rewound before and after), or None when the reader cannot rewind."""
+    if reader is None or not hasattr(reader, "rewind"):
+        return None
+    reader.rewind()
+    batch = reader.get_next()
+    reader.rewind()
+    return batch
 
 
 def _dtype_name(elem: int) -> str:

@@ -48,6 +48,16 @@ def ort_threads(requested: int = 0) -> int:
     return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
+def session_options(intra_op_num_threads: int = 0) -> ort.SessionOptions:
+    """The options every partition session gets (the compiler times partitions with them too)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = ort_threads(intra_op_num_threads)
+    # idle onnxruntime workers must not spin: they would take the cores the bit kernels run on next
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def _ort_type(dtype: str) -> str:
     return {"float32": "tensor(float)", "uint8": "tensor(uint8)", "int64": "tensor(int64)"}.get(dtype,
                                                                                             f"tensor({dtype})")
@@ -70,16 +80,13 @@ class InferenceSession:
                                 f"v{self.manifest.get('schema_version')}, this runtime reads {SCHEMA} "
                                 f"v{SCHEMA_VERSION}; recompile the model")
         self._verify_files()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = ort_threads(intra_op_num_threads)
-        # idle onnxruntime workers must not spin: they would take the cores the bit kernels run on next
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = session_options(intra_op_num_threads)
         self._libraries: dict = {}
         self._steps = []
         for step in self.manifest["schedule"]:
             if step["kind"] == "onnxruntime":
-                sess = ort.InferenceSession(str(self.path / step["model"]), so, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(str(self.path / step["model"]), so, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=step.get("disabled_optimizers") or None)
                 self._steps.append(("ort", sess, step))
             elif step["kind"] == "kernel":
                 lib = self._library(step["library"])

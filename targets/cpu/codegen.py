@@ -158,6 +158,15 @@ def lut_acc16(spec: LayerSpec) -> bool:
     return max(hi, -lo) <= 32766
 
 
+def lut_rowbuf(spec: LayerSpec) -> bool:
+    """Whether a LUT conv gathers an output row's threshold codes pixel-major on the stack (at most 64 KiB) and
+    transposes them to NCHW at the row's end, instead of storing each channel's few codes from the epilogue."""
+    if spec.op != "conv" or spec.epilogue != "threshold":
+        return False
+    geo = _lut_geometry(spec)
+    return max(16, spec.out_hw[1] + geo["LR"]) * geo["NB"] * 32 <= 65536
+
+
 def lut_channel(p: int) -> int:
     """The output channel (within a 32-channel block) that byte ``p`` of a LUT index vector holds: the even/odd
     byte split of the 8 -> 16-bit widening then yields channels 0..15 and 16..31 in order."""
@@ -318,7 +327,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
                       "threshold": "yo[r] = (uint8_t)a;"}[spec.epilogue]
             direct_code += _template("layer_lconv.c").substitute(
                 common, **_direct_geometry(spec), **_lut_geometry(spec), C=c, KW=spec.kernel[1], LSTORE=lstore,
-                ACC16=int(lut_acc16(spec)),
+                ACC16=int(lut_acc16(spec)), ROWBUF=int(lut_rowbuf(spec)),
                 OUT_CTYPE_C=out_c)
             # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there)
             direct_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"

@@ -126,3 +126,26 @@ def test_autotuned_artifact_equals_fakequant(tiny_model_path, tmp_path):
     assert plan and all("measured at batch" in p["why"] for p in plan)
     x = tiny_inputs(4, seed=9)
     np.testing.assert_array_equal(InferenceSession(out).run(None, {"input": x})[0], predict(result.model, x))
+
+
+def test_nchwc_is_turned_off_only_for_same_outputs_and_a_clear_gain():
+    from qcompile.partition import NCHWC, nchwc_choice
+    assert nchwc_choice(True, 2.0, 1.3) == [NCHWC]
+    assert nchwc_choice(False, 2.0, 1.3) == []          # different float bits could flip a code
+    assert nchwc_choice(True, 2.0, 1.85) == []          # within timing noise
+
+
+def test_partition_without_nchwc_runs_and_equals_fakequant(tiny_model_path, tmp_path, monkeypatch):
+    import json
+
+    from qcompile import partition
+    monkeypatch.setattr(partition, "nchwc_choice", lambda same, *_: [partition.NCHWC] if same else [])
+    result, out = _artifact(tiny_model_path, tmp_path, "w1a2", kernel="bitserial")
+    steps = json.loads((out / "manifest.json").read_text())["schedule"]
+    first = steps[0]
+    assert first["kind"] == "onnxruntime" and first["disabled_optimizers"] == [partition.NCHWC]
+    assert all(s["disabled_optimizers"] == [] for s in steps[1:] if s["kind"] == "onnxruntime")  # no Conv there
+    sess = InferenceSession(out)
+    for batch in (1, 7):
+        x = tiny_inputs(batch, seed=10 + batch)
+        np.testing.assert_array_equal(sess.run(None, {"input": x})[0], predict(result.model, x))

@@ -128,16 +128,17 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lmk(
  * vector, no widening to 32 bits; the tile's R codes of a channel go out as one word. On the bundled CNN's first
  * BitConv (K = 288) the 32-bit epilogue took a quarter of the layer's time. */
 __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lthr16(
-        ${OUT_CTYPE_C}* yb, int64_t ox0, int64_t n0, const int32_t* rowsum, __m256i s16[${LR}][2][2], int u) {
+        ${OUT_CTYPE_C}* yb, int64_t ox0, int64_t n0, const int32_t* rowsum, __m256i s16[${LR}][2][2], int u,
+        uint8_t* rowc) {
     enum { N = ${CNAME}_N, NB = ${CNAME}_NB, L = ${CNAME}_L, R = ${CNAME}_LR };
     const int64_t P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
     const int16_t* wz = (const int16_t*)(qc_blob_${CNAME} + ${OFF_WZ2P16}) + n0;
     const int16_t* th = (const int16_t*)(qc_blob_${CNAME} + ${OFF_THRT16}) + n0;
     const int nc = N - n0 < 32 ? (int)(N - n0) : 32;
-    uint32_t packed[32] __attribute__((aligned(32)));
+    __m256i qh[2][4];
     for (int half = 0; half < 2; ++half) {  /* s16[r][u][half]: channels 16*half .. 16*half+15 in order */
         const __m256i z = _mm256_loadu_si256((const __m256i*)(wz + 16 * half));
-        __m256i q[4];
+        __m256i* q = qh[half];
         for (int r = 0; r < 4; ++r) q[r] = _mm256_setzero_si256();
         for (int r = 0; r < R; ++r) {
             const __m256i s = s16[r][u][half];
@@ -149,6 +150,16 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lthr1
                     _mm256_loadu_si256((const __m256i*)(th + (int64_t)l * NB * 32 + 16 * half)), a));
             q[r] = c;
         }
+    }
+    if (${ROWBUF}) {  /* pixel r's 32 codes in channel order: the even/odd 128-bit quarters of the byte pack */
+        for (int r = 0; r < R; ++r)
+            _mm256_storeu_si256((__m256i*)(rowc + (ox0 + r) * (int64_t)NB * 32 + n0),
+                                _mm256_permute4x64_epi64(_mm256_packus_epi16(qh[0][r], qh[1][r]), 0xD8));
+        return;
+    }
+    uint32_t packed[32] __attribute__((aligned(32)));
+    for (int half = 0; half < 2; ++half) {
+        const __m256i* q = qh[half];
         /* channel c's codes of pixels 0..3 as one little-endian word (unpack works within 128-bit lanes) */
         const __m256i lo = _mm256_or_si256(q[0], _mm256_slli_epi16(q[1], 8));
         const __m256i hi = _mm256_or_si256(q[2], _mm256_slli_epi16(q[3], 8));
@@ -163,7 +174,7 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lthr1
  * 8 channels per vector; a full tile's threshold codes of a channel go out in one R-byte store */
 __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
         ${OUT_CTYPE_C}* yb, int64_t ox0, int mr, int64_t n0, const int32_t* rowsum, __m256i s16[${LR}][2][2],
-        int u) {
+        int u, uint8_t* rowc) {
     enum { N = ${CNAME}_N, NB = ${CNAME}_NB, L = ${CNAME}_L, R = ${CNAME}_LR, EPI = ${EPI} };
     const int64_t P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
     const int32_t* wz2p = (const int32_t*)(qc_blob_${CNAME} + ${OFF_WZ2P});
@@ -171,8 +182,9 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
     const float* mult = (const float*)(qc_blob_${CNAME} + ${OFF_MULT});
     const float* bias = (const float*)(qc_blob_${CNAME} + ${OFF_BIAS});
     (void)thrt; (void)mult; (void)bias;
-    if (${ACC16} && EPI == QC_EPI_THRESHOLD && mr == R) {
-        ${CNAME}_lthr16(yb, ox0, n0, rowsum, s16, u);
+    if (${ACC16} && EPI == QC_EPI_THRESHOLD && (mr == R || ${ROWBUF})) {  /* a short tile's extra codes land in
+                                                                            * rowc's spare rows */
+        ${CNAME}_lthr16(yb, ox0, n0, rowsum, s16, u, rowc);
         return;
     }
     const int nc = N - n0 < 32 ? (int)(N - n0) : 32;
@@ -183,6 +195,11 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
             if (EPI == QC_EPI_THRESHOLD) a = qc_lut_thr8(a, thrt + n0 + 8 * h, (int64_t)NB * 32, L);
             _mm256_store_si256((__m256i*)(acc[r] + 8 * h), a);
         }
+    if (${ROWBUF}) {
+        for (int r = 0; r < mr; ++r)
+            for (int c = 0; c < 32; ++c) rowc[(ox0 + r) * (int64_t)NB * 32 + n0 + c] = (uint8_t)acc[r][c];
+        return;
+    }
     if (EPI == QC_EPI_THRESHOLD && mr == R) {  /* codes <= L <= 255: R of them fit one 32-bit word */
         uint32_t packed[32] __attribute__((aligned(32)));
         for (int h = 0; h < 4; ++h) {
@@ -213,6 +230,11 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
     const uint8_t* img = cx->tab + b * (int64_t)HP * WP * G4 * 16;
     const int32_t* ps = cx->psum + b * (int64_t)HP * WP;
     ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;
+    /* with ROWBUF the row's threshold codes gather here pixel-major (one vector store per pixel and 32 channels)
+     * and go out to NCHW at the end of the row; rows past WO take a short tile's extra pixels */
+    enum { ROWS = WO + R > 16 ? WO + R : 16 };
+    uint8_t rowc[${ROWBUF} ? ROWS * NB * 32 : 1] __attribute__((aligned(32)));
+    if (${ROWBUF} && WO < 16) memset(rowc + WO * NB * 32, 0, (size_t)(ROWS - WO) * NB * 32);
     for (int64_t ox0 = 0; ox0 < WO; ox0 += R) {
         const int mr = WO - ox0 < R ? (int)(WO - ox0) : R;
         int32_t rowsum[R];
@@ -230,14 +252,15 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
         if (V == 2)
             for (; nb + 2 <= NB; nb += 2) {
                 ${CNAME}_lmk(pix, nb, 2, s16);
-                ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
-                ${CNAME}_lepi(yb, ox0, mr, nb * 32 + 32, rowsum, s16, 1);
+                ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0, rowc);
+                ${CNAME}_lepi(yb, ox0, mr, nb * 32 + 32, rowsum, s16, 1, rowc);
             }
         for (; nb < NB; ++nb) {
             ${CNAME}_lmk(pix, nb, 1, s16);
-            ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0);
+            ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0, rowc);
         }
     }
+    if (${ROWBUF}) qc_rowc_to_nchw(rowc, NB * 32, (uint8_t*)yb, P, WO, N);
 }
 
 static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
