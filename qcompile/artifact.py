@@ -49,20 +49,38 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto):
-    """One LayerSpec per ai.qcompile node; per-sample input shapes come from the fake-quant model."""
+def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto, *, fold_pools: bool = False):
+    """One LayerSpec per ai.qcompile node; per-sample input shapes come from the fake-quant model.
+
+    ``fold_pools``: a MaxPoolCodes whose window equals its strides (no dilation) and that alone reads a BitConv's
+    codes is folded into that conv's spec (``LayerSpec.pool``) instead of getting its own; the spec's ``extra``
+    then names the pool node and the value it writes (``pool_node``, ``output``)."""
     from qcompile.targets.cpu.spec import LayerSpec
 
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in onnx.shape_inference.infer_shapes(fakequant).graph.value_info}
     core_input = {n.name: n.input[0] for n in fakequant.graph.node if n.input}
     inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in fused.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    graph_outputs = {o.name for o in fused.graph.output}
     specs, produced = [], {}  # output value -> (spec that writes it, bits of its codes)
     for node in fused.graph.node:
         if node.domain != DOMAIN:
             continue
         if node.op_type == "MaxPoolCodes":  # reads the codes of the kernel step before it
             src, bits = produced[node.input[0]]
+            kernel, strides = _attr(node, "kernel_shape"), _attr(node, "strides", [1, 1])
+            if (fold_pools and src.op == "conv" and src.pool is None and list(kernel) == list(strides)
+                    and list(_attr(node, "dilations", [1, 1])) == [1, 1] and readers.get(node.input[0]) == 1
+                    and node.input[0] not in graph_outputs):
+                folded = src.replace(pool=tuple(kernel),
+                                     extra={**src.extra, "pool_node": node.name, "output": node.output[0]})
+                specs[next(i for i, s in enumerate(specs) if s is src)] = folded
+                produced[node.output[0]] = (folded, bits)
+                continue
             specs.append(LayerSpec.maxpool(node.name, src.out_shape, _attr(node, "kernel_shape"),
                                            _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
                                            bits=bits))
@@ -144,7 +162,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     FuseBitKernels({n for n, c in choices.items() if c.kernel == "bitserial"})(fused_ir, result.ctx)
     LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
     fused = ir.to_proto(fused_ir)
-    specs = layer_specs(fused, result.model)
+    specs = layer_specs(fused, result.model, fold_pools=True)
     # the "cpu" target's library carries the AVX-512 BitGemm kernels whatever the build machine has: the path is
     # picked at run time, and an artifact built on an AVX2 box may be deployed on an AVX-512 server
     library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq or caps.name == "cpu") \
@@ -155,13 +173,17 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     calib_batch = _first_calibration_batch(result.ctx.calib)
     types = {i.name: i.type for i in fused.graph.input}
     for spec in specs:
-        out_name = next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
+        out_name = spec.extra.get("output") or \
+            next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
         elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
             {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
         types[out_name] = _tensor_type(elem, spec.out_shape)
     schedule = []
+    folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
     for index, step in enumerate(partition(fused, types)):
-        if step.kind == "kernel":
+        if step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
+            next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
+        elif step.kind == "kernel":
             schedule.append({"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
                              "inputs": step.inputs[:1], "outputs": step.outputs})
         else:

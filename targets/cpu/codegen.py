@@ -28,6 +28,7 @@ from string import Template
 import numpy as np
 
 from qcompile import __version__, packing
+from qcompile.reference import conv_output_shape
 
 from .spec import LayerSpec
 
@@ -167,6 +168,12 @@ def lut_rowbuf(spec: LayerSpec) -> bool:
     return max(16, spec.out_hw[1] + geo["LR"]) * geo["NB"] * 32 <= 65536
 
 
+def lut_pool_fused(spec: LayerSpec) -> bool:
+    """Whether a conv's folded pool runs inside its LUT kernel (on the row buffer: pooled pixel-major, then one
+    transpose); otherwise the conv writes a scratch buffer and the max-pool kernel reads it."""
+    return spec.pool is not None and lut_conv(spec) and lut_rowbuf(spec)
+
+
 def lut_channel(p: int) -> int:
     """The output channel (within a 32-channel block) that byte ``p`` of a LUT index vector holds: the even/odd
     byte split of the 8 -> 16-bit widening then yields channels 0..15 and 16..31 in order."""
@@ -303,11 +310,9 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
     c, h, w = spec.in_shape
     ho, wo = spec.out_hw
     if spec.op == "maxpool":
-        return _template("layer_maxpool.c").substitute(
-            LAYER=spec.name, CNAME=cname, C=c, H=h, W=w, HO=ho, WO=wo, KH=spec.kernel[0], KW=spec.kernel[1],
-            SH=spec.strides[0], SW=spec.strides[1], DH=spec.dilations[0], DW=spec.dilations[1],
-            PPT=max(1, 16384 // (h * w)))
+        return _maxpool_source(spec.name, cname, (c, h, w), spec.kernel, spec.strides, spec.dilations)
     direct_code = direct_call = ""
+    lut_pool = lut and lut_pool_fused(spec)
     if direct_conv(spec):
         store = {
             "none": "yo[r] = a;",
@@ -325,19 +330,41 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             lstore = {"none": "yo[r] = a;",
                       "float": "float f = (float)a; f = f * mult[n]; f = f + bias[n]; yo[r] = f;",
                       "threshold": "yo[r] = (uint8_t)a;"}[spec.epilogue]
+            pkh, pkw = spec.pool if lut_pool else (1, 1)
+            pho, pwo = spec.pooled_hw if lut_pool else (ho, wo)
             direct_code += _template("layer_lconv.c").substitute(
                 common, **_direct_geometry(spec), **_lut_geometry(spec), C=c, KW=spec.kernel[1], LSTORE=lstore,
-                ACC16=int(lut_acc16(spec)), ROWBUF=int(lut_rowbuf(spec)),
-                OUT_CTYPE_C=out_c)
-            # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there)
-            direct_call = (f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
-                           f"#else\n{direct_call}#endif\n")
+                ACC16=int(lut_acc16(spec)), ROWBUF=int(lut_rowbuf(spec)), POOL=int(lut_pool), PKH=pkh, PKW=pkw,
+                PHO=pho, PWO=pwo, OUT_CTYPE_C=out_c)
+            # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there); with
+            # the pool folded into it, the pooling wrapper below calls it
+            lut_call = "" if lut_pool else f"    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
+            direct_call = f"#if defined(QC_X86)\n{lut_call}#else\n{direct_call}#endif\n"
+    if spec.pool is None:
+        export, pooling = f"QC_EXPORT int qc_layer_{cname}", ""
+    else:  # the conv writes NCHW codes into a scratch buffer that a max-pool reads, unless the LUT kernel pools
+        export = f"static int {cname}_conv"
+        pooling = _maxpool_source(spec.name, f"{cname}_p", (spec.N, ho, wo), spec.pool, spec.pool, (1, 1),
+                                  export=f"static int {cname}_p_run")
+        pooling += _template("layer_pool_wrap.c").substitute(
+            LAYER=spec.name, CNAME=cname, N=spec.N, HO=ho, WO=wo, PHO=spec.pooled_hw[0], PWO=spec.pooled_hw[1],
+            LUT_CALL=f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n#endif\n"
+            if lut_pool else "")
     return _template("layer_conv.c").substitute(
-        common, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
+        common, EXPORT=export, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
         KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
         PT=spec.pads[0], PL=spec.pads[1], PB=spec.pads[2], PR=spec.pads[3],
         DH=spec.dilations[0], DW=spec.dilations[1], HO=ho, WO=wo,
-        CGW=packing.n_words(c // spec.group), A_PLANES=2 if _mode(spec) == "QC_XORM" else spec.bits_a)
+        CGW=packing.n_words(c // spec.group), A_PLANES=2 if _mode(spec) == "QC_XORM" else spec.bits_a) + pooling
+
+
+def _maxpool_source(name: str, cname: str, in_shape, kernel, strides, dilations, *, export: str = "") -> str:
+    c, h, w = in_shape
+    ho, wo = conv_output_shape((h, w), kernel, strides, (0, 0, 0, 0), dilations)
+    return _template("layer_maxpool.c").substitute(
+        LAYER=name, CNAME=cname, C=c, H=h, W=w, HO=ho, WO=wo, KH=kernel[0], KW=kernel[1],
+        SH=strides[0], SW=strides[1], DH=dilations[0], DW=dilations[1],
+        PPT=max(1, 16384 // (h * w)), EXPORT=export or f"QC_EXPORT int qc_layer_{cname}")
 
 
 def _c_string(text: str) -> str:
@@ -391,6 +418,8 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
         if spec.op in ("conv", "maxpool"):
             layers[spec.name].update(kernel=list(spec.kernel), strides=list(spec.strides), pads=list(spec.pads),
                                      dilations=list(spec.dilations), group=spec.group)
+        if spec.pool is not None:
+            layers[spec.name]["pool"] = list(spec.pool)
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512,
                 "layer_avx512": layer_avx512, "layers": layers}
     parts.append(_template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),

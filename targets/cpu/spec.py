@@ -42,6 +42,8 @@ class LayerSpec:
     epilogue "none" -> int32 acc; "float" -> float32 ``acc*mult[n] + bias[n]``; "threshold" -> uint8 code
     ``#{j: acc >= thresholds[n, j]}``. ``xor_mode``: 1-bit activations and weights both read as ±1
     (acc = K - 2*popcount(a XOR w); padded conv taps contribute 0).
+    ``pool`` (conv with the threshold epilogue): (ph, pw), a MaxPoolCodes with window = strides = (ph, pw) folded
+    into the layer; its output is the pooled codes [N, Ho // ph, Wo // pw] (``out_hw`` stays the conv's).
     """
 
     name: str
@@ -60,6 +62,7 @@ class LayerSpec:
     bias: np.ndarray | None = None
     thresholds: np.ndarray | None = None
     xor_mode: bool = False
+    pool: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest (e.g. the ONNX node name)
 
     def __post_init__(self) -> None:
@@ -133,6 +136,12 @@ class LayerSpec:
             if t.dtype.kind not in "ui" or (t.size and (t.min() < -(2**31) or t.max() > 2**31 - 1)):
                 raise ValueError(f"layer {self.name!r}: thresholds must be int32")
             self.thresholds = np.ascontiguousarray(t, dtype=np.int32)
+        if self.pool is not None:
+            self.pool = _tuple(self.pool, 2, "pool")
+            if self.op != "conv" or self.epilogue != "threshold":
+                raise ValueError(f"layer {self.name!r}: only a conv with the threshold epilogue takes a pool")
+            if min(self.pool) < 1 or any(p > o for p, o in zip(self.pool, self.out_hw)):
+                raise ValueError(f"layer {self.name!r}: pool window {self.pool} for a {self.out_hw} output")
 
     # ---- derived shapes ----
     @property
@@ -157,9 +166,15 @@ class LayerSpec:
         return conv_output_shape(self.in_shape[1:], self.kernel, self.strides, self.pads, self.dilations)
 
     @property
+    def pooled_hw(self) -> tuple[int, int]:
+        """The layer's output H, W: the conv's, or after the folded pool."""
+        ho, wo = self.out_hw
+        return (ho, wo) if self.pool is None else (ho // self.pool[0], wo // self.pool[1])
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
-        """Per-sample output shape: (N,) for gemm, (N, Ho, Wo) for conv and maxpool (N = C)."""
-        return (self.N,) if self.op == "gemm" else (self.N, *self.out_hw)
+        """Per-sample output shape: (N,) for gemm, (N, Ho, Wo) for conv (pooled when ``pool``) and maxpool."""
+        return (self.N,) if self.op == "gemm" else (self.N, *self.pooled_hw)
 
     @property
     def out_dtype(self) -> np.dtype:

@@ -425,6 +425,8 @@ class TvmLayer:
     def __init__(self, spec: LayerSpec, target: dict | None = None, popcount: str = "auto"):
         if spec.op not in ("gemm", "conv"):
             raise ValueError(f"layer {spec.name!r}: the TVM generator builds BitGemm/BitConv layers, not {spec.op!r}")
+        if spec.pool is not None:
+            raise ValueError(f"layer {spec.name!r}: the TVM generator has no folded pool; build the conv alone")
         self.spec = spec
         self.target = dict(target) if target is not None else system_target()
         self.style = _style(self.target, popcount)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from graphs import tiny_inputs
@@ -56,13 +57,17 @@ def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
     assert any(f.endswith(".so") for f in m["files"]) and "graph.onnx" in m["files"]
     kinds = [s["kind"] for s in m["schedule"]]
     kernels = [s["layer"] for s in m["schedule"] if s["kind"] == "kernel"]
-    # three fused layers and the MaxPool after conv2, which runs on codes as a MaxPoolCodes kernel step
-    assert len(kernels) == 4 and "pool2_codes" in kernels and "onnxruntime" in kinds
+    # three fused layers; the 2x2/2 MaxPool after conv2 (a MaxPoolCodes node of graph.onnx) is folded into conv2's
+    # kernel step, which writes the pool's output
+    assert kernels == ["conv2", "conv3", "fc1"] and "onnxruntime" in kinds
+    pool = next(n for n in onnx.load(out / "graph.onnx").graph.node if n.op_type == "MaxPoolCodes")
+    assert next(s for s in m["schedule"] if s.get("layer") == "conv2")["outputs"] == list(pool.output)
     for name in ("manifest.json", "graph.onnx", "fakequant.onnx", "report.json", "report.md", "weights.png"):
         assert (out / name).is_file()
     # the library carries the AVX-512 BitGemm kernels whatever this machine has (the path is picked at run time)
     lib = next(iter(InferenceSession(out)._libraries.values()))
     assert lib.manifest["layer_avx512"] is True
+    assert lib.manifest["layers"]["conv2"]["pool"] == [2, 2] and "pool2_codes" not in lib.manifest["layers"]
 
 
 def test_tampered_kernel_is_refused_before_loading(tiny_model_path, tmp_path):

@@ -75,7 +75,7 @@ static void ${CNAME}_col_task(const void* vctx, int64_t t) {
     }
 }
 
-${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${DIRECT_CODE}${EXPORT}(const uint8_t* x, void* y, int64_t batch) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, G = ${CNAME}_G, NG = ${CNAME}_NG,
            KA = ${CNAME}_KA, KB = ${CNAME}_KB, KWP = ${CNAME}_KWP, CGW = ${CNAME}_CGW, APL = ${CNAME}_APL,
            L = ${CNAME}_L, MODE = ${CNAME}_MODE };

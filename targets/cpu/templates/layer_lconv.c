@@ -13,7 +13,9 @@
  * (its tables, then its rows) when the batch gives every thread several, else blocks of rows per stage. ---- */
 #if defined(QC_X86)
 enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
-       ${CNAME}_RL = ${KW} * ${G4} };
+       ${CNAME}_RL = ${KW} * ${G4},
+       /* the output's rows and columns (pooled with POOL = ${POOL}) and the conv columns computed */
+       ${CNAME}_OHO = ${PHO}, ${CNAME}_OWO = ${PWO}, ${CNAME}_WC = ${POOL} ? ${PWO} * ${PKW} : ${CNAME}_WO };
 
 typedef struct {
     const uint8_t* x;      /* this chunk's first image (NCHW codes) */
@@ -221,22 +223,20 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lepi(
     }
 }
 
-/* stage 2, output row (b, oy) of every channel: blocks of 32 channels in pairs, an odd last one alone */
-__attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* cx, int64_t b, int64_t oy) {
+/* stage 2, conv row (b, oy) of every channel: blocks of 32 channels in pairs, an odd last one alone. With ROWBUF
+ * the threshold codes of its first WC pixels go to `rowc` pixel-major (one vector store per pixel and 32 channels;
+ * rows past WC take a short tile's extra pixels), else straight into the NCHW output. */
+__attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* cx, int64_t b, int64_t oy,
+                                                          uint8_t* rowc) {
     enum { N = ${CNAME}_N, G4 = ${CNAME}_G4, NB = ${CNAME}_NB, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            KH = ${CNAME}_KH, KW = ${CNAME}_KW, SH = ${CNAME}_SH, SW = ${CNAME}_SW, DH = ${CNAME}_DH,
-           HO = ${CNAME}_HO, WO = ${CNAME}_WO, R = ${CNAME}_LR, V = ${LV} };
+           HO = ${CNAME}_HO, WO = ${CNAME}_WO, R = ${CNAME}_LR, V = ${LV}, WC = ${CNAME}_WC };
     const int64_t P = (int64_t)HO * WO;
     const uint8_t* img = cx->tab + b * (int64_t)HP * WP * G4 * 16;
     const int32_t* ps = cx->psum + b * (int64_t)HP * WP;
-    ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;
-    /* with ROWBUF the row's threshold codes gather here pixel-major (one vector store per pixel and 32 channels)
-     * and go out to NCHW at the end of the row; rows past WO take a short tile's extra pixels */
-    enum { ROWS = WO + R > 16 ? WO + R : 16 };
-    uint8_t rowc[${ROWBUF} ? ROWS * NB * 32 : 1] __attribute__((aligned(32)));
-    if (${ROWBUF} && WO < 16) memset(rowc + WO * NB * 32, 0, (size_t)(ROWS - WO) * NB * 32);
-    for (int64_t ox0 = 0; ox0 < WO; ox0 += R) {
-        const int mr = WO - ox0 < R ? (int)(WO - ox0) : R;
+    ${OUT_CTYPE_C}* yb = (${OUT_CTYPE_C}*)cx->y + b * (int64_t)N * P + oy * WO;  /* unused with ROWBUF */
+    for (int64_t ox0 = 0; ox0 < WC; ox0 += R) {
+        const int mr = WC - ox0 < R ? (int)(WC - ox0) : R;
         int32_t rowsum[R];
         const uint8_t* pix[R];  /* pixel r's first table row; a short tile repeats pixel 0 (results unused) */
         for (int r = 0; r < R; ++r) {
@@ -260,14 +260,46 @@ __attribute__((target("avx2"))) static void ${CNAME}_lrow(const ${CNAME}_lctx* c
             ${CNAME}_lepi(yb, ox0, mr, nb * 32, rowsum, s16, 0, rowc);
         }
     }
-    if (${ROWBUF}) qc_rowc_to_nchw(rowc, NB * 32, (uint8_t*)yb, P, WO, N);
+}
+
+/* output row r of image b: one conv row, or with the folded pool (window = strides = PKH x PKW) the max of PKH
+ * conv rows and of PKW neighbouring pixels, taken on the pixel-major codes (32 channels per vpmaxub) before the one
+ * transpose to NCHW; conv rows and columns past the last whole window are never computed */
+__attribute__((target("avx2"))) static void ${CNAME}_orow(const ${CNAME}_lctx* cx, int64_t b, int64_t r) {
+    enum { N = ${CNAME}_N, NB = ${CNAME}_NB, R = ${CNAME}_LR, WC = ${CNAME}_WC, OWO = ${CNAME}_OWO,
+           PKH = ${PKH}, PKW = ${PKW}, NP = ${CNAME}_NB * 32 };
+    const int64_t OP = (int64_t)${CNAME}_OHO * OWO;
+    if (!${ROWBUF}) { ${CNAME}_lrow(cx, b, r, NULL); return; }
+    enum { ROWS = WC + R > 16 ? WC + R : 16, PROWS = OWO > 16 ? OWO : 16 };
+    uint8_t rowc[${ROWBUF} ? ROWS * NP : 1] __attribute__((aligned(32)));
+    uint8_t* out = (uint8_t*)cx->y + b * (int64_t)N * OP + r * OWO;
+    if (!${POOL}) {
+        if (WC < 16) memset(rowc + WC * NP, 0, (size_t)(ROWS - WC) * NP);
+        ${CNAME}_lrow(cx, b, r, rowc);
+        qc_rowc_to_nchw(rowc, NP, out, OP, OWO, N);
+        return;
+    }
+    uint8_t pooled[${POOL} ? PROWS * NP : 1] __attribute__((aligned(32)));
+    if (OWO < 16) memset(pooled + OWO * NP, 0, (size_t)(PROWS - OWO) * NP);
+    for (int i = 0; i < PKH; ++i) {
+        ${CNAME}_lrow(cx, b, r * PKH + i, rowc);
+        for (int px = 0; px < OWO; ++px)
+            for (int n0 = 0; n0 < NP; n0 += 32) {
+                __m256i m = _mm256_load_si256((const __m256i*)(rowc + px * PKW * NP + n0));
+                for (int j = 1; j < PKW; ++j)
+                    m = _mm256_max_epu8(m, _mm256_load_si256((const __m256i*)(rowc + (px * PKW + j) * NP + n0)));
+                __m256i* dst = (__m256i*)(pooled + px * NP + n0);
+                _mm256_store_si256(dst, i ? _mm256_max_epu8(_mm256_load_si256(dst), m) : m);
+            }
+    }
+    qc_rowc_to_nchw(pooled, NP, out, OP, OWO, N);
 }
 
 static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
     const ${CNAME}_lctx* cx = (const ${CNAME}_lctx*)vctx;
     int64_t b, r0, r1;
-    qc_row_block(t, ${CNAME}_HO, cx->out_rows, &b, &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) ${CNAME}_lrow(cx, b, r);
+    qc_row_block(t, ${CNAME}_OHO, cx->out_rows, &b, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) ${CNAME}_orow(cx, b, r);
 }
 
 /* one task per image (when the batch gives every thread several): its tables, then its rows, so stage 2 reads
@@ -275,13 +307,14 @@ static void ${CNAME}_lrow_task(const void* vctx, int64_t t) {
 static void ${CNAME}_limage_task(const void* vctx, int64_t b) {
     ${CNAME}_lctx* cx = (${CNAME}_lctx*)vctx;
     ${CNAME}_ltab_rows(cx, b, 0, ${CNAME}_H);
-    for (int64_t r = 0; r < ${CNAME}_HO; ++r) ${CNAME}_lrow(cx, b, r);
+    for (int64_t r = 0; r < ${CNAME}_OHO; ++r) ${CNAME}_orow(cx, b, r);
 }
 
 static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            G4 = ${CNAME}_G4, KTAP = ${CNAME}_KH * ${CNAME}_KW * ${CNAME}_C };
     const int64_t HW = (int64_t)H * W, P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
+    const int64_t OHO = ${CNAME}_OHO, OP = OHO * ${CNAME}_OWO;  /* the output's rows and plane (pooled or not) */
     const int64_t img_bytes = (int64_t)HP * WP * G4 * 16;
     const int nt = qc_num_threads();
     /* images per round: ~1 MiB of tables, so stage 2 reads them back from cache (a whole batch's tables in
@@ -298,16 +331,16 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     for (int64_t b0 = 0; b0 < batch && !cx.err; b0 += chunk) {
         const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;
         cx.x = x + b0 * C * HW;
-        cx.y = (uint8_t*)y + b0 * (int64_t)N * P * (int64_t)sizeof(${OUT_CTYPE_C});
+        cx.y = (uint8_t*)y + b0 * (int64_t)N * OP * (int64_t)sizeof(${OUT_CTYPE_C});
         cx.pix_rows = ${CNAME}_rows_per_task(H, bc, nt);
-        cx.out_rows = ${CNAME}_rows_per_task(${CNAME}_HO, bc, nt);
-        if (cx.pix_rows == H && cx.out_rows == ${CNAME}_HO) {  /* whole images per task */
+        cx.out_rows = ${CNAME}_rows_per_task(OHO, bc, nt);
+        if (cx.pix_rows == H && cx.out_rows == OHO) {  /* whole images per task */
             qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc, ${CNAME}_limage_task, &cx);
             continue;
         }
         qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_ltab_task, &cx);
         if (cx.err) break;
-        qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((${CNAME}_HO + cx.out_rows - 1) / cx.out_rows),
+        qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((OHO + cx.out_rows - 1) / cx.out_rows),
                     ${CNAME}_lrow_task, &cx);
     }
     free(cx.tab); free(cx.psum);

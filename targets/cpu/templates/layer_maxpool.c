@@ -63,7 +63,7 @@ static void ${CNAME}_task(const void* vctx, int64_t t) {
     }
 }
 
-QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${EXPORT}(const uint8_t* x, void* y, int64_t batch) {
     if (!x || !y || batch < 0) return QC_ERR_ARG;
     if (batch == 0) return QC_OK;
     if (qc_select_path() < 0) return QC_ERR_PATH;

@@ -154,6 +154,24 @@ def _specs() -> list[LayerSpec]:
         specs.append(LayerSpec(name, "conv", 2, 1, rng.integers(0, 2, size=(n, chw[0], 3, 3), dtype=np.uint8),
                                _wzero2(rng, n, 1, asym=False), in_shape=chw, pads=(1, 1, 1, 1), epilogue="threshold",
                                **_epilogue(rng, n, "threshold", -300, 300)))
+    # a MaxPoolCodes folded into the conv (LayerSpec.pool): in the LUT kernel on its pixel-major rows (Wo >= 16
+    # and not a multiple of 16, an odd window with rows and columns left over, Wo < 16 with N past a block, a
+    # 32-bit epilogue), and through scratch + the max-pool kernel (the popcount convs, every generic path)
+    rng = np.random.default_rng(257)
+    pooled = [  # name, (C, H, W), N, pads, (ba, bw), xor, pool
+        ("lconv_pool2_c32", (32, 28, 22), 64, (1, 1, 1, 1), (2, 1), False, (2, 2)),
+        ("lconv_pool32_c20", (20, 11, 13), 70, (1, 1, 1, 1), (2, 1), False, (3, 2)),
+        ("lconv_pool2_c128_wo7", (128, 7, 7), 40, (1, 1, 1, 1), (2, 1), False, (2, 2)),
+        ("lconv_pool2_w2a4_acc32", (64, 6, 9), 33, (0, 0, 0, 0), (4, 2), False, (2, 2)),
+        ("dconv_pool2_xor", (64, 9, 9), 40, (1, 1, 1, 1), (1, 1), True, (2, 2)),
+        ("conv_pool1x3_c5", (5, 6, 10), 6, (1, 1, 1, 1), (2, 2), False, (1, 3)),
+    ]
+    for name, chw, n, pads, (ba, bw), xor, pool in pooled:
+        bound = chw[0] * 9 * ((1 << ba) - 1) * (1 << bw)
+        z2 = np.ones(n, np.int32) if xor else _wzero2(rng, n, bw, asym=bw > 1)
+        specs.append(LayerSpec(name, "conv", ba, bw, rng.integers(0, 1 << bw, size=(n, chw[0], 3, 3), dtype=np.uint8),
+                               z2, in_shape=chw, pads=pads, epilogue="threshold", xor_mode=xor, pool=pool,
+                               **_epilogue(rng, n, "threshold", -bound // 4, bound // 4)))
     return specs
 
 
@@ -172,7 +190,8 @@ def expected(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
     if spec.epilogue == "float":
         return ref.epilogue_float(acc, spec.mult, spec.bias)
     if spec.epilogue == "threshold":
-        return ref.epilogue_threshold(acc, spec.thresholds)
+        codes = ref.epilogue_threshold(acc, spec.thresholds)
+        return codes if spec.pool is None else ref.max_pool_codes(codes, spec.pool, spec.pool, (1, 1))
     return acc
 
 
@@ -326,6 +345,13 @@ def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="group"):
         LayerSpec("x", "conv", 1, 1, np.zeros((3, 2, 1, 1), np.uint8), np.ones(3, np.int32), in_shape=(4, 2, 2),
                   group=2)
+    conv = dict(w=np.zeros((3, 4, 1, 1), np.uint8), wzero2=np.ones(3, np.int32), in_shape=(4, 2, 3))
+    with pytest.raises(ValueError, match="threshold epilogue takes a pool"):
+        LayerSpec("x", "conv", 1, 1, **conv, pool=(2, 2))
+    with pytest.raises(ValueError, match="pool window"):
+        LayerSpec("x", "conv", 1, 1, **conv, epilogue="threshold", thresholds=np.zeros((3, 1), np.int32), pool=(3, 1))
+    ok = LayerSpec("x", "conv", 1, 1, **conv, epilogue="threshold", thresholds=np.zeros((3, 1), np.int32), pool=(2, 3))
+    assert ok.out_hw == (2, 3) and ok.out_shape == (3, 1, 1)
 
 
 def test_from_node_attributes():
@@ -475,6 +501,8 @@ def _random_lut_specs(count: int = 24, seed: int = 7) -> list[LayerSpec]:
                              rng.integers(0, 1 << bw, (n, c, kh, kw), dtype=np.uint8), z2, in_shape=(c, h, w),
                              strides=tuple(int(v) for v in rng.integers(1, 3, 2)), pads=pads, dilations=(dh, 1),
                              epilogue=epi, **_epilogue(rng, n, epi, -bound // 4, bound // 4))
+            if epi == "threshold" and len(specs) % 2:  # a folded pool, up to the whole output
+                spec = spec.replace(pool=tuple(int(rng.integers(1, o + 1)) for o in spec.out_hw))
         if lut_layer(spec):
             specs.append(spec)
     return specs
