@@ -129,7 +129,8 @@ def peak_bound(art: Path, steps: list[tuple[str, float]], tmp: Path, batch: int 
         if m is None or m["op"] == "maxpool":
             ms += t
             continue
-        pixels = int(np.prod(m["out_shape"][1:])) if m["op"] == "conv" else 1
+        # a conv with a folded pool computes the pooled pixels' whole windows
+        pixels = int(np.prod(m["out_shape"][1:]) * np.prod(m.get("pool", [1]))) if m["op"] == "conv" else 1
         macs = batch * pixels * m["N"] * m["K"]
         if m.get(f"{c.path}_kernel") == "lut":
             ms += macs * m["bits_w"] / lut_peak * 1e3

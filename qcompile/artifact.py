@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 import qcompile
 from qcompile.errors import ConfigError
 from qcompile.fileio import sha256_file
+from qcompile.input_quant import fold_input_quantizers
 from qcompile.partition import disabled_optimizers, partition
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 from qcompile.passes.quantize import core_name
@@ -163,6 +164,8 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
     fused = ir.to_proto(fused_ir)
     specs = layer_specs(fused, result.model, fold_pools=True)
+    # the float layer before a BitConv hands it floats: the conv quantizes them itself (qcompile.input_quant)
+    to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
     # the "cpu" target's library carries the AVX-512 BitGemm kernels whatever the build machine has: the path is
     # picked at run time, and an artifact built on an AVX2 box may be deployed on an AVX-512 server
     library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq or caps.name == "cpu") \
@@ -180,7 +183,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         types[out_name] = _tensor_type(elem, spec.out_shape)
     schedule = []
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
-    for index, step in enumerate(partition(fused, types)):
+    for index, step in enumerate(partition(to_partition, types)):
         if step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
             next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
         elif step.kind == "kernel":

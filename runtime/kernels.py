@@ -56,6 +56,7 @@ class LayerInfo:
     bits_a: int
     bits_w: int
     epilogue: str
+    in_dtype: np.dtype = np.dtype(np.uint8)  # float32 when the layer quantizes its input itself
 
 
 class Library:
@@ -82,14 +83,16 @@ class Library:
         for name, m in self.manifest["layers"].items():
             info = LayerInfo(name=name, symbol=m["symbol"], op=m["op"], in_shape=tuple(m["in_shape"]),
                              out_shape=tuple(m["out_shape"]), out_dtype=np.dtype(m["out_dtype"]),
-                             bits_a=m["bits_a"], bits_w=m["bits_w"], epilogue=m["epilogue"])
+                             bits_a=m["bits_a"], bits_w=m["bits_w"], epilogue=m["epilogue"],
+                             in_dtype=np.dtype(m.get("in_dtype", "uint8")))
             try:
                 fn = self._fn(info.symbol, ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
             except AttributeError as e:
                 raise ArtifactError(f"{self.path}: layer {name!r} has no function {info.symbol}") from e
             self.layers[name] = info
             # what run()'s fast path needs, in one lookup: (info, fn, input ndim, per-sample input/output shape)
-            self._fast[name] = (info, fn, len(info.in_shape) + 1, info.in_shape, info.out_shape, info.out_dtype)
+            self._fast[name] = (info, fn, len(info.in_shape) + 1, info.in_shape, info.out_shape, info.out_dtype,
+                                info.in_dtype)
         self._selected = self._fn("qc_selected_path", ctypes.c_int, [])
         self._available = self._fn("qc_path_available", ctypes.c_int, [ctypes.c_int])
         self._threads = self._fn("qc_threads", ctypes.c_int, [])
@@ -123,7 +126,11 @@ class Library:
         expect = (int(batch), *info.in_shape)
         if x.size != int(np.prod(expect)) or (x.ndim == len(expect) and x.shape != expect):
             raise RuntimeInputError(f"layer {info.name!r}: input shape {x.shape}, expected {expect}")
-        if x.dtype != np.uint8:
+        if info.in_dtype != np.uint8:
+            if x.dtype.kind != "f":
+                raise RuntimeInputError(f"layer {info.name!r}: input must be {info.in_dtype} values, got {x.dtype}")
+            x = x.astype(info.in_dtype)
+        elif x.dtype != np.uint8:
             if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
                 raise RuntimeInputError(f"layer {info.name!r}: input must be uint8 codes, got {x.dtype}")
             x = x.astype(np.uint8)
@@ -131,7 +138,8 @@ class Library:
 
     def run(self, layer: str, x: np.ndarray, batch: int | None = None, *, check: bool = True,
             out: np.ndarray | None = None) -> np.ndarray:
-        """Run ``layer`` on activation codes ``x`` (uint8; [batch, K] or NCHW [batch, C, H, W]).
+        """Run ``layer`` on activation codes ``x`` (uint8; [batch, K] or NCHW [batch, C, H, W]), or on float32 values
+        for a layer that quantizes its input itself (``LayerInfo.in_dtype``).
 
         Returns int32 acc, float32 or uint8 codes by the layer's epilogue, shaped [batch, *out_shape].
         ``check`` verifies every code is below 2^bits_a (the kernels would silently drop higher bits).
@@ -139,13 +147,14 @@ class Library:
         fast = self._fast.get(layer)
         if fast is None:
             raise RuntimeInputError(f"no layer {layer!r} in {self.path.name}; it has {', '.join(self.layers)}")
-        info, fn, ndim, in_shape, out_shape, out_dtype = fast
-        # the fast path (a few us matter for a one-row call): uint8, C-contiguous, [batch, *in_shape]
-        if not (type(x) is np.ndarray and x.dtype == np.uint8 and x.ndim == ndim and x.shape[1:] == in_shape
+        info, fn, ndim, in_shape, out_shape, out_dtype, in_dtype = fast
+        # the fast path (a few us matter for a one-row call): uint8 (or the layer's float), C-contiguous,
+        # [batch, *in_shape]
+        if not (type(x) is np.ndarray and x.dtype == in_dtype and x.ndim == ndim and x.shape[1:] == in_shape
                 and x.flags.c_contiguous and (batch is None or batch == x.shape[0])):
             x, batch = self._coerce(info, x, batch)  # the slow path: reshape, cast, complain
         batch = x.shape[0]
-        if check and x.size and int(x.max()) >= 1 << info.bits_a:
+        if check and x.size and in_dtype == np.uint8 and int(x.max()) >= 1 << info.bits_a:
             raise RuntimeInputError(f"layer {layer!r}: input codes exceed {info.bits_a} bits (max {int(x.max())})")
         if out is None:
             out = np.empty((batch, *out_shape), dtype=out_dtype)

@@ -313,6 +313,9 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         return _maxpool_source(spec.name, cname, (c, h, w), spec.kernel, spec.strides, spec.dilations)
     direct_code = direct_call = ""
     lut_pool = lut and lut_pool_fused(spec)
+    # the LUT kernel reads the float input itself (stage 1 compares) unless it would have to leave a pool to scratch
+    lut_float = lut and lut_conv(spec) and direct_conv(spec) and spec.in_thresholds is not None and \
+        (spec.pool is None or lut_pool)
     if direct_conv(spec):
         store = {
             "none": "yo[r] = a;",
@@ -332,30 +335,59 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
                       "threshold": "yo[r] = (uint8_t)a;"}[spec.epilogue]
             pkh, pkw = spec.pool if lut_pool else (1, 1)
             pho, pwo = spec.pooled_hw if lut_pool else (ho, wo)
+            qthr = spec.in_thresholds if lut_float else np.zeros(1, np.float32)
             direct_code += _template("layer_lconv.c").substitute(
                 common, **_direct_geometry(spec), **_lut_geometry(spec), C=c, KW=spec.kernel[1], LSTORE=lstore,
                 ACC16=int(lut_acc16(spec)), ROWBUF=int(lut_rowbuf(spec)), POOL=int(lut_pool), PKH=pkh, PKW=pkw,
-                PHO=pho, PWO=pwo, OUT_CTYPE_C=out_c)
+                PHO=pho, PWO=pwo, OUT_CTYPE_C=out_c, IN_FLOAT=int(lut_float), IN_T="float" if lut_float else "uint8_t",
+                QL=qthr.size, LQTHR_DECL=f"static const float {cname}_lqthr[{qthr.size}] = "
+                                         f"{{{', '.join(_c_float(v) for v in qthr)}}};" if lut_float else "")
             # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there); with
             # the pool folded into it, the pooling wrapper below calls it
-            lut_call = "" if lut_pool else f"    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
+            lut_call = "" if lut_pool or lut_float else \
+                f"    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
             direct_call = f"#if defined(QC_X86)\n{lut_call}#else\n{direct_call}#endif\n"
-    if spec.pool is None:
-        export, pooling = f"QC_EXPORT int qc_layer_{cname}", ""
-    else:  # the conv writes NCHW codes into a scratch buffer that a max-pool reads, unless the LUT kernel pools
-        export = f"static int {cname}_conv"
+    # the exported qc_layer_<cname> is the outermost of: input quantizer -> pooling wrapper -> conv
+    quantizing = spec.in_thresholds is not None
+    wrapped = spec.pool is not None or quantizing
+    export, pooling = (f"static int {cname}_conv" if wrapped else f"QC_EXPORT int qc_layer_{cname}"), ""
+    if spec.pool is not None:  # the conv writes NCHW codes into a scratch buffer that a max-pool reads, unless the
+        # LUT kernel pools
         pooling = _maxpool_source(spec.name, f"{cname}_p", (spec.N, ho, wo), spec.pool, spec.pool, (1, 1),
                                   export=f"static int {cname}_p_run")
         pooling += _template("layer_pool_wrap.c").substitute(
             LAYER=spec.name, CNAME=cname, N=spec.N, HO=ho, WO=wo, PHO=spec.pooled_hw[0], PWO=spec.pooled_hw[1],
-            LUT_CALL=f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n#endif\n"
-            if lut_pool else "")
+            EXPORT=f"static int {cname}_pooled" if quantizing else f"QC_EXPORT int qc_layer_{cname}",
+            LUT_CALL=_lut_call(cname) if lut_pool and not lut_float else "")
     return _template("layer_conv.c").substitute(
         common, EXPORT=export, DIRECT_CODE=direct_code, DIRECT_CALL=direct_call, C=c, H=h, W=w, G=spec.group, CG=c // spec.group, NG=spec.N // spec.group,
         KH=spec.kernel[0], KW=spec.kernel[1], SH=spec.strides[0], SW=spec.strides[1],
         PT=spec.pads[0], PL=spec.pads[1], PB=spec.pads[2], PR=spec.pads[3],
         DH=spec.dilations[0], DW=spec.dilations[1], HO=ho, WO=wo,
-        CGW=packing.n_words(c // spec.group), A_PLANES=2 if _mode(spec) == "QC_XORM" else spec.bits_a) + pooling
+        CGW=packing.n_words(c // spec.group), A_PLANES=2 if _mode(spec) == "QC_XORM" else spec.bits_a) + pooling \
+        + (_in_quant_source(spec, cname, _lut_call(cname) if lut_float else "") if quantizing else "")
+
+
+def _lut_call(cname: str) -> str:
+    return f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n#endif\n"
+
+
+def _c_float(v: float) -> str:
+    """An exact C float literal (hex), or the NaN / infinity builtins."""
+    if np.isnan(v):
+        return "__builtin_nanf(\"\")"
+    if np.isinf(v):
+        return "__builtin_inff()" if v > 0 else "-__builtin_inff()"
+    return float(np.float32(v)).hex() + "f"
+
+
+def _in_quant_source(spec: LayerSpec, cname: str, lut_call: str) -> str:
+    out_bytes = int(np.prod(spec.out_shape)) * spec.out_dtype.itemsize
+    return _template("layer_in_quant.c").substitute(
+        LAYER=spec.name, CNAME=cname, C=spec.in_shape[0], H=spec.in_shape[1], W=spec.in_shape[2],
+        QL=spec.in_thresholds.size, QTHR=", ".join(_c_float(v) for v in spec.in_thresholds),
+        OUT_IMG_BYTES=out_bytes, INNER=f"{cname}_pooled" if spec.pool is not None else f"{cname}_conv",
+        LUT_CALL=lut_call)
 
 
 def _maxpool_source(name: str, cname: str, in_shape, kernel, strides, dilations, *, export: str = "") -> str:
@@ -420,6 +452,8 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
                                      dilations=list(spec.dilations), group=spec.group)
         if spec.pool is not None:
             layers[spec.name]["pool"] = list(spec.pool)
+        if spec.in_thresholds is not None:
+            layers[spec.name]["in_dtype"] = "float32"
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512,
                 "layer_avx512": layer_avx512, "layers": layers}
     parts.append(_template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),

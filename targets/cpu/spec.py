@@ -44,6 +44,8 @@ class LayerSpec:
     (acc = K - 2*popcount(a XOR w); padded conv taps contribute 0).
     ``pool`` (conv with the threshold epilogue): (ph, pw), a MaxPoolCodes with window = strides = (ph, pw) folded
     into the layer; its output is the pooled codes [N, Ho // ph, Wo // pw] (``out_hw`` stays the conv's).
+    ``in_thresholds`` (conv): float32 [2^bits_a - 1], non-decreasing; the input is then float32 NCHW and its codes
+    are ``#{k : x >= in_thresholds[k]}`` (a folded Clip -> QuantizeLinear, qcompile.input_quant; NaN = never).
     """
 
     name: str
@@ -63,6 +65,7 @@ class LayerSpec:
     thresholds: np.ndarray | None = None
     xor_mode: bool = False
     pool: tuple[int, int] | None = None
+    in_thresholds: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest (e.g. the ONNX node name)
 
     def __post_init__(self) -> None:
@@ -136,6 +139,14 @@ class LayerSpec:
             if t.dtype.kind not in "ui" or (t.size and (t.min() < -(2**31) or t.max() > 2**31 - 1)):
                 raise ValueError(f"layer {self.name!r}: thresholds must be int32")
             self.thresholds = np.ascontiguousarray(t, dtype=np.int32)
+        if self.in_thresholds is not None:
+            t = np.ascontiguousarray(np.asarray(self.in_thresholds, np.float32).reshape(-1))
+            reached = t[~np.isnan(t)]
+            if self.op != "conv" or t.size != 2**self.bits_a - 1 or np.any(np.diff(reached) < 0) or \
+                    np.any(np.isnan(t[:reached.size])):
+                raise ValueError(f"layer {self.name!r}: in_thresholds must be {2**self.bits_a - 1} non-decreasing "
+                                 "float32 values (NaN only at the end) of a conv")
+            self.in_thresholds = t
         if self.pool is not None:
             self.pool = _tuple(self.pool, 2, "pool")
             if self.op != "conv" or self.epilogue != "threshold":
@@ -175,6 +186,10 @@ class LayerSpec:
     def out_shape(self) -> tuple[int, ...]:
         """Per-sample output shape: (N,) for gemm, (N, Ho, Wo) for conv (pooled when ``pool``) and maxpool."""
         return (self.N,) if self.op == "gemm" else (self.N, *self.pooled_hw)
+
+    @property
+    def in_dtype(self) -> np.dtype:
+        return np.dtype(np.float32 if self.in_thresholds is not None else np.uint8)
 
     @property
     def out_dtype(self) -> np.dtype:

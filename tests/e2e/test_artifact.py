@@ -68,6 +68,12 @@ def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
     lib = next(iter(InferenceSession(out)._libraries.values()))
     assert lib.manifest["layer_avx512"] is True
     assert lib.manifest["layers"]["conv2"]["pool"] == [2, 2] and "pool2_codes" not in lib.manifest["layers"]
+    # conv1 stays float; its Clip -> QuantizeLinear is folded into conv2, which reads conv1's floats
+    assert lib.manifest["layers"]["conv2"]["in_dtype"] == "float32"
+    first = m["schedule"][0]
+    assert first["kind"] == "onnxruntime" and next(s for s in m["schedule"] if s.get("layer") == "conv2")["inputs"] \
+        == first["outputs"]
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(out / first["model"]).graph.node)
 
 
 def test_tampered_kernel_is_refused_before_loading(tiny_model_path, tmp_path):

@@ -17,8 +17,33 @@ enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_L
        /* the output's rows and columns (pooled with POOL = ${POOL}) and the conv columns computed */
        ${CNAME}_OHO = ${PHO}, ${CNAME}_OWO = ${PWO}, ${CNAME}_WC = ${POOL} ? ${PWO} * ${PKW} : ${CNAME}_WO };
 
+${LQTHR_DECL}
+/* 8 input values (NCHW row) -> their codes in the low 8 bytes; floats: #{k : x >= T[k]} (NaN: 0) */
+__attribute__((target("avx2"), always_inline)) static inline __m128i ${CNAME}_load8(const ${IN_T}* p) {
+#if ${IN_FLOAT}
+    const __m256 v = _mm256_loadu_ps((const float*)p);
+    __m256i q = _mm256_setzero_si256();
+    for (int k = 0; k < ${QL}; ++k)
+        q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(${CNAME}_lqthr[k]), _CMP_GE_OQ)));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    return _mm_packus_epi16(w, w);
+#else
+    return _mm_loadl_epi64((const __m128i*)p);
+#endif
+}
+
+static inline uint8_t ${CNAME}_code1(${IN_T} v) {
+#if ${IN_FLOAT}
+    int q = 0;
+    for (int k = 0; k < ${QL}; ++k) q += v >= ${CNAME}_lqthr[k];
+    return (uint8_t)q;
+#else
+    return v;
+#endif
+}
+
 typedef struct {
-    const uint8_t* x;      /* this chunk's first image (NCHW codes) */
+    const ${IN_T}* x;      /* this chunk's first image (NCHW codes, or floats it quantizes: IN_FLOAT = ${IN_FLOAT}) */
     uint8_t* tab;          /* [b][HP][WP][G4][16] */
     int32_t* psum;         /* [b][HP][WP] code sums (0 on the border) */
     void* y;               /* this chunk's first output image */
@@ -43,17 +68,17 @@ __attribute__((target("avx2"))) static void ${CNAME}_ltab_rows(${CNAME}_lctx* cx
     const __m128i ones = _mm_set1_epi8(1);
     for (int64_t yc = y0; yc < y1; yc += CHUNK) {
         const int64_t n = (y1 - yc < CHUNK ? y1 - yc : CHUNK) * W;  /* pixels in this chunk */
-        const uint8_t* src = cx->x + b * C * HW + yc * W;
+        const ${IN_T}* src = cx->x + b * C * HW + yc * W;
         memset(sum, 0, sizeof sum);
         for (int g = 0; g < G4; ++g) {
-            const uint8_t* rows[4];
+            const ${IN_T}* rows[4];
             for (int i = 0; i < 4; ++i) rows[i] = 4 * g + i < C ? src + (4 * g + i) * HW : NULL;
             uint32_t* lg = line + g * n;
             int64_t i0 = 0;
             for (; i0 + 8 <= n; i0 += 8) {  /* 4 channel rows x 8 pixels -> 8 words: a byte/word interleave */
                 __m128i r[4];
                 for (int i = 0; i < 4; ++i)
-                    r[i] = rows[i] ? _mm_loadl_epi64((const __m128i*)(rows[i] + i0)) : _mm_setzero_si128();
+                    r[i] = rows[i] ? ${CNAME}_load8(rows[i] + i0) : _mm_setzero_si128();
                 const __m128i p01 = _mm_unpacklo_epi8(r[0], r[1]), p23 = _mm_unpacklo_epi8(r[2], r[3]);
                 _mm_storeu_si128((__m128i*)(lg + i0), _mm_unpacklo_epi16(p01, p23));
                 _mm_storeu_si128((__m128i*)(lg + i0 + 4), _mm_unpackhi_epi16(p01, p23));
@@ -63,7 +88,11 @@ __attribute__((target("avx2"))) static void ${CNAME}_ltab_rows(${CNAME}_lctx* cx
             for (; i0 < n; ++i0) {
                 uint32_t word = 0;
                 for (int i = 0; i < 4; ++i)
-                    if (rows[i]) { word |= (uint32_t)rows[i][i0] << (8 * i); sum[i0] += rows[i][i0]; }
+                    if (rows[i]) {
+                        const uint8_t v = ${CNAME}_code1(rows[i][i0]);
+                        word |= (uint32_t)v << (8 * i);
+                        sum[i0] += v;
+                    }
                 lg[i0] = word;
             }
         }
@@ -330,7 +359,7 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     if (!cx.tab || !cx.psum) { free(cx.tab); free(cx.psum); return QC_ERR_NOMEM; }
     for (int64_t b0 = 0; b0 < batch && !cx.err; b0 += chunk) {
         const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;
-        cx.x = x + b0 * C * HW;
+        cx.x = (const ${IN_T}*)x + b0 * C * HW;
         cx.y = (uint8_t*)y + b0 * (int64_t)N * OP * (int64_t)sizeof(${OUT_CTYPE_C});
         cx.pix_rows = ${CNAME}_rows_per_task(H, bc, nt);
         cx.out_rows = ${CNAME}_rows_per_task(OHO, bc, nt);

@@ -1,7 +1,7 @@
 /* ---- layer ${LAYER} (${CNAME}): the BitConv with its MaxPoolCodes folded in (LayerSpec.pool). The x86 SIMD
  * paths run the LUT kernel when it pools its rows itself (codegen.lut_pool_fused); every other path writes the
  * conv's codes [batch, ${N}, ${HO}, ${WO}] into scratch, in chunks of images, and max-pools them from there. ---- */
-QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${EXPORT}(const uint8_t* x, void* y, int64_t batch) {
     if (!x || !y || batch < 0) return QC_ERR_ARG;
     if (batch == 0) return QC_OK;
     const int path = qc_select_path();

@@ -172,6 +172,23 @@ def _specs() -> list[LayerSpec]:
         specs.append(LayerSpec(name, "conv", ba, bw, rng.integers(0, 1 << bw, size=(n, chw[0], 3, 3), dtype=np.uint8),
                                z2, in_shape=chw, pads=pads, epilogue="threshold", xor_mode=xor, pool=pool,
                                **_epilogue(rng, n, "threshold", -bound // 4, bound // 4)))
+    # float input quantized by the layer (LayerSpec.in_thresholds): in the LUT kernel's stage 1 (with and without
+    # a pool, a level no float reaches = NaN), through scratch codes (the popcount conv: xor mode; every generic
+    # path), with the float epilogue
+    rng = np.random.default_rng(258)
+    floats = [  # name, (C, H, W), N, (ba, bw), xor, pool, epilogue, thresholds
+        ("lconv_fin_pool2", (32, 12, 18), 40, (2, 1), False, (2, 2), "threshold", [-0.5, 0.0, 0.75]),
+        ("lconv_fin_c3_nan", (3, 5, 9), 33, (2, 1), False, None, "threshold", [-1.0, 1.5, np.nan]),
+        ("lconv_fin_float", (8, 6, 6), 5, (2, 2), False, None, "float", [0.1, 0.2, 0.3]),
+        ("dconv_fin_xor_pool", (64, 7, 7), 9, (1, 1), True, (2, 2), "threshold", [0.0]),
+    ]
+    for name, chw, n, (ba, bw), xor, pool, epi, thr in floats:
+        bound = chw[0] * 9 * ((1 << ba) - 1) * (1 << bw)
+        z2 = np.ones(n, np.int32) if xor else _wzero2(rng, n, bw, asym=False)
+        specs.append(LayerSpec(name, "conv", ba, bw, rng.integers(0, 1 << bw, size=(n, chw[0], 3, 3), dtype=np.uint8),
+                               z2, in_shape=chw, pads=(1, 1, 1, 1), epilogue=epi, xor_mode=xor, pool=pool,
+                               in_thresholds=np.array(thr, np.float32),
+                               **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
     return specs
 
 
@@ -180,6 +197,8 @@ BY_NAME = {s.name: s for s in SPECS}
 
 
 def expected(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
+    if spec.in_thresholds is not None:  # the layer's own input quantizer (NaN compares false: code 0)
+        x = (x[..., None] >= spec.in_thresholds).sum(axis=-1).astype(np.uint8)
     if spec.op == "maxpool":
         return ref.max_pool_codes(x, spec.kernel, spec.strides, spec.dilations)
     geo = dict(strides=spec.strides, pads=spec.pads, dilations=spec.dilations, group=spec.group)
@@ -197,6 +216,12 @@ def expected(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
 
 def make_input(spec: LayerSpec, batch: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
+    if spec.in_thresholds is not None:  # floats around the thresholds, the thresholds themselves, inf, NaN
+        x = rng.normal(0.0, 1.0, (batch, *spec.in_shape)).astype(np.float32)
+        t = spec.in_thresholds[np.isfinite(spec.in_thresholds)]
+        special = np.concatenate([t, np.nextafter(t, -np.inf), [np.inf, -np.inf, np.nan, -0.0]]).astype(np.float32)
+        x.flat[rng.choice(x.size, min(x.size, 4 * special.size), replace=False)] = np.resize(special, min(x.size, 4 * special.size))
+        return x
     return rng.integers(0, 1 << spec.bits_a, size=(batch, *spec.in_shape), dtype=np.uint8)
 
 
@@ -531,7 +556,9 @@ def test_lut_and_popcount_kernels_bit_exact_on_avx2(native_lib, popcount_lib, to
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx2")
     spec, top = BY_NAME[name], _top(BY_NAME[name])
-    xs = [make_input(spec, 3, 5), np.full((2, *spec.in_shape), (1 << spec.bits_a) - 1, np.uint8)]
+    top_x = np.full((2, *spec.in_shape), np.inf, np.float32) if spec.in_thresholds is not None else \
+        np.full((2, *spec.in_shape), (1 << spec.bits_a) - 1, np.uint8)
+    xs = [make_input(spec, 3, 5), top_x]
     for x in xs:
         for lib in (native_lib, popcount_lib):
             np.testing.assert_array_equal(lib.run(name, x), expected(spec, x), err_msg=name)
