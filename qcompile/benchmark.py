@@ -14,7 +14,19 @@ from qcompile.errors import ArtifactError
 from qcompile.evaluate import session
 
 
+# onnxruntime's worker threads spin for tens of ms after a run (its default) and take a core from whatever runs
+# next: interleaved with onnxruntime fp32, the bundled CNN's artifact timed 14.4 ms instead of 11.2-12.1 on 2 cores
+# (onnxruntime's own times did not change without the spin). Each engine's timing starts after this pause.
+SETTLE_S = 0.15
+
+
+def settle() -> None:
+    """Let the previous engine's spinning threads go idle before timing the next one."""
+    time.sleep(SETTLE_S)
+
+
 def _time(fn, runs: int, warmup: int = 3) -> np.ndarray:
+    settle()
     for _ in range(warmup):
         fn()
     times = []
