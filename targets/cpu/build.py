@@ -223,20 +223,26 @@ def build_library(
             raise ToolchainError("emulate_avx512 needs SIMDe headers; install libsimde-dev (apt-get install libsimde-dev)")
         flags += [f"-I{inc}", "-Wno-psabi"]
     (out / f"{name}_core.c").write_text(lib.core_source)
-    c_file, so_file = out / f"{name}.c", out / f"{name}.so"
-    c_file.write_text(lib.source)
+    so_file = out / f"{name}.so"
+    c_files = [out / (f"{name}.c" if i == 0 else f"{name}_{i}.c") for i in range(len(lib.sources))]
+    for c_file, text in zip(c_files, lib.sources):
+        c_file.write_text(text)
     for fname, data in lib.blobs.items():
         (out / fname).write_bytes(data)
     (out / f"{name}.json").write_text(json.dumps(lib.manifest, indent=1, sort_keys=True))
-    obj = out / f"{name}.o"
-    with ThreadPoolExecutor(2) as pool:  # the core (when not cached) and the layers compile side by side
+    objs = [c.with_suffix(".o") for c in c_files]
+    # the core (when not cached) and the layer files compile side by side
+    with ThreadPoolExecutor(max(2, min(len(c_files) + 1, os.cpu_count() or 1))) as pool:
         core = pool.submit(_core_object, argv, flags, lib.core_source, out, name, timeout)
-        layers = pool.submit(_run, [*argv, *flags, "-c", "-o", obj.name, c_file.name], out, timeout, str(c_file))
+        layers = [pool.submit(_run, [*argv, *flags, "-c", "-o", o.name, c.name], out, timeout, str(c))
+                  for c, o in zip(c_files, objs)]
         core_obj = core.result()
-        layers.result()
+        for job in layers:
+            job.result()
     tmp = out / f".{name}.{os.getpid()}.so"
     try:
-        _run([*argv, *LDFLAGS, "-o", tmp.name, str(core_obj), obj.name], out, timeout, f"linking {so_file}")
+        _run([*argv, *LDFLAGS, "-o", tmp.name, str(core_obj), *(o.name for o in objs)], out, timeout,
+             f"linking {so_file}")
     except ToolchainError:
         tmp.unlink(missing_ok=True)
         raise
