@@ -210,9 +210,14 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         label = kernel_names[choice.kernel] if choice else "onnxruntime-fp32"
         if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
             label = "lut-avx2"  # the AVX2 LUT kernels, on the AVX-512 path too
+        why = (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason
+        spec = spec_of.get(name)
+        if spec is not None and spec.pool is not None:
+            why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs inside this kernel"
+        if spec is not None and spec.in_thresholds is not None:
+            why += "; quantizes its float input itself (the Clip -> QuantizeLinear before it folded in)"
         entry = {"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
-                 "kernel": label,
-                 "why": (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason}
+                 "kernel": label, "why": why}
         if choice:
             entry["estimate_ms"] = {k: round(v, 4) for k, v in choice.estimate_ms.items()}
             entry["measured_ms"] = {k: round(v, 4) for k, v in choice.measured_ms.items()}

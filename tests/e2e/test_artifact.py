@@ -70,6 +70,8 @@ def test_manifest_describes_the_artifact(tiny_model_path, tmp_path):
     assert lib.manifest["layers"]["conv2"]["pool"] == [2, 2] and "pool2_codes" not in lib.manifest["layers"]
     # conv1 stays float; its Clip -> QuantizeLinear is folded into conv2, which reads conv1's floats
     assert lib.manifest["layers"]["conv2"]["in_dtype"] == "float32"
+    why = next(p["why"] for p in m["plan"] if p["node"] == "conv2")
+    assert "MaxPool runs inside this kernel" in why and "quantizes its float input itself" in why
     first = m["schedule"][0]
     assert first["kind"] == "onnxruntime" and next(s for s in m["schedule"] if s.get("layer") == "conv2")["inputs"] \
         == first["outputs"]
