@@ -339,6 +339,13 @@ def test_run_checks_inputs(native_lib):
     with pytest.raises(RuntimeInputError, match="no layer"):
         native_lib.run("nope", np.zeros(3, np.uint8))
     assert native_lib.run("conv1x1", np.zeros((0, *spec.in_shape), np.uint8)).shape == (0, *spec.out_shape)
+    # a layer that quantizes its input takes floats (float64 is converted), not codes
+    fin = BY_NAME["lconv_fin_c3_nan"]
+    assert native_lib.layers[fin.name].in_dtype == np.float32
+    with pytest.raises(RuntimeInputError, match="float32 values"):
+        native_lib.run(fin.name, np.zeros((1, *fin.in_shape), np.uint8))
+    x = make_input(fin, 2, 3)
+    np.testing.assert_array_equal(native_lib.run(fin.name, x.astype(np.float64)), expected(fin, x))
 
 
 def test_manifest_describes_layers(native_lib):
