@@ -468,10 +468,15 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
                             blobs=blobs, manifest=manifest)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a ``taskset`` counts, unlike ``os.cpu_count``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _balanced_groups(parts: list[str]) -> list[list[str]]:
     """The layers' C in as many groups as this machine has cores (at most 8), balanced by length: each group is one
     translation unit, and they compile side by side (one file of the bundled CNN's layers took 5.5 s of gcc)."""
-    n = max(1, min(len(parts), os.cpu_count() or 1, 8))
+    n = max(1, min(len(parts), usable_cpus(), 8))
     groups: list[list[str]] = [[] for _ in range(n)]
     sizes = [0] * n
     for part in sorted(parts, key=len, reverse=True):
