@@ -228,6 +228,15 @@ __attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_thr8
     return q;
 }
 
+/* the same for 16 channels of 16-bit accs (the LUT convs' 16-bit epilogue, codegen.lut_acc16) */
+__attribute__((target("avx2"), always_inline)) static inline __m256i qc_lut_thr16(__m256i a, const int16_t* thr,
+                                                                                  int64_t stride, int L) {
+    __m256i q = _mm256_set1_epi16((short)L);
+    for (int l = 0; l < L; ++l)
+        q = _mm256_add_epi16(q, _mm256_cmpgt_epi16(_mm256_loadu_si256((const __m256i*)(thr + l * stride)), a));
+    return q;
+}
+
 /* a row's codes, pixel-major in `rowc` ([pixel][ld channels], >= 16 pixel rows readable) -> NCHW: channel n's wo
  * codes at y + n*plane. 16 pixels x 32 channels per step, two in-lane 16x16 byte transposes (4 unpack stages); a
  * row of 16+ pixels ends with an overlapping block, a shorter one stores wo bytes per channel. Scattering each

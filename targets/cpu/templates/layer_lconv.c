@@ -15,7 +15,9 @@
 enum { ${CNAME}_G4 = ${G4}, ${CNAME}_NB = ${NB}, ${CNAME}_LR = ${LR}, ${CNAME}_LCH = ${LCH},
        ${CNAME}_RL = ${KW} * ${G4},
        /* the output's rows and columns (pooled with POOL = ${POOL}) and the conv columns computed */
-       ${CNAME}_OHO = ${PHO}, ${CNAME}_OWO = ${PWO}, ${CNAME}_WC = ${POOL} ? ${PWO} * ${PKW} : ${CNAME}_WO };
+       ${CNAME}_OHO = ${PHO}, ${CNAME}_OWO = ${PWO}, ${CNAME}_WC = ${POOL} ? ${PWO} * ${PKW} : ${CNAME}_WO,
+       /* pooling with the 16-bit epilogue: the max of the 16-bit accs, then one threshold pass per pooled pixel */
+       ${CNAME}_POOLACC = ${POOL} && ${ACC16} };
 
 ${LQTHR_DECL}
 /* 8 input values (NCHW row) -> their codes in the low 8 bytes; floats: #{k : x >= T[k]} (NaN: 0) */
@@ -161,7 +163,7 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lmk(
 __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lthr16(
         ${OUT_CTYPE_C}* yb, int64_t ox0, int64_t n0, const int32_t* rowsum, __m256i s16[${LR}][2][2], int u,
         uint8_t* rowc) {
-    enum { N = ${CNAME}_N, NB = ${CNAME}_NB, L = ${CNAME}_L, R = ${CNAME}_LR };
+    enum { N = ${CNAME}_N, NB = ${CNAME}_NB, L = ${CNAME}_L, R = ${CNAME}_LR, POOLACC = ${CNAME}_POOLACC };
     const int64_t P = (int64_t)${CNAME}_HO * ${CNAME}_WO;
     const int16_t* wz = (const int16_t*)(qc_blob_${CNAME} + ${OFF_WZ2P16}) + n0;
     const int16_t* th = (const int16_t*)(qc_blob_${CNAME} + ${OFF_THRT16}) + n0;
@@ -175,13 +177,14 @@ __attribute__((target("avx2"), always_inline)) static inline void ${CNAME}_lthr1
             const __m256i s = s16[r][u][half];
             const __m256i a = _mm256_sub_epi16(_mm256_add_epi16(s, s),
                                                _mm256_mullo_epi16(z, _mm256_set1_epi16((short)rowsum[r])));
-            __m256i c = _mm256_set1_epi16(L);  /* L - #{l : T[l] > acc} */
-            for (int l = 0; l < L; ++l)
-                c = _mm256_add_epi16(c, _mm256_cmpgt_epi16(
-                    _mm256_loadu_si256((const __m256i*)(th + (int64_t)l * NB * 32 + 16 * half)), a));
-            q[r] = c;
+            if (POOLACC) {  /* the pool takes the max of the accs first (the codes are monotone in acc) */
+                _mm256_storeu_si256((__m256i*)((int16_t*)rowc + (ox0 + r) * (int64_t)NB * 32 + n0 + 16 * half), a);
+                continue;
+            }
+            q[r] = qc_lut_thr16(a, th + 16 * half, (int64_t)NB * 32, L);
         }
     }
+    if (POOLACC) return;
     if (${ROWBUF}) {  /* pixel r's 32 codes in channel order: the even/odd 128-bit quarters of the byte pack */
         for (int r = 0; r < R; ++r)
             _mm256_storeu_si256((__m256i*)(rowc + (ox0 + r) * (int64_t)NB * 32 + n0),
@@ -310,6 +313,34 @@ __attribute__((target("avx2"))) static void ${CNAME}_orow(const ${CNAME}_lctx* c
     }
     uint8_t pooled[${POOL} ? PROWS * NP : 1] __attribute__((aligned(32)));
     if (OWO < 16) memset(pooled + OWO * NP, 0, (size_t)(PROWS - OWO) * NP);
+    if (${CNAME}_POOLACC) {
+        enum { NB = ${CNAME}_NB, L = ${CNAME}_L };
+        int16_t racc[${CNAME}_POOLACC ? ROWS * NP : 1] __attribute__((aligned(32)));  /* a conv row's accs */
+        int16_t pacc[${CNAME}_POOLACC ? OWO * NP : 1] __attribute__((aligned(32)));   /* their pooled max */
+        for (int i = 0; i < PKH; ++i) {
+            ${CNAME}_lrow(cx, b, r * PKH + i, (uint8_t*)racc);
+            for (int px = 0; px < OWO; ++px)
+                for (int n0 = 0; n0 < NP; n0 += 16) {
+                    __m256i m = _mm256_load_si256((const __m256i*)(racc + px * PKW * NP + n0));
+                    for (int j = 1; j < PKW; ++j)
+                        m = _mm256_max_epi16(m, _mm256_load_si256((const __m256i*)(racc + (px * PKW + j) * NP + n0)));
+                    __m256i* dst = (__m256i*)(pacc + px * NP + n0);
+                    _mm256_store_si256(dst, i ? _mm256_max_epi16(_mm256_load_si256(dst), m) : m);
+                }
+        }
+        const int16_t* th = (const int16_t*)(qc_blob_${CNAME} + ${OFF_THRT16});
+        for (int px = 0; px < OWO; ++px)
+            for (int n0 = 0; n0 < NP; n0 += 32) {
+                __m256i q[2];
+                for (int h = 0; h < 2; ++h)
+                    q[h] = qc_lut_thr16(_mm256_load_si256((const __m256i*)(pacc + px * NP + n0 + 16 * h)),
+                                        th + n0 + 16 * h, (int64_t)NB * 32, L);
+                _mm256_store_si256((__m256i*)(pooled + px * NP + n0),
+                                   _mm256_permute4x64_epi64(_mm256_packus_epi16(q[0], q[1]), 0xD8));
+            }
+        qc_rowc_to_nchw(pooled, NP, out, OP, OWO, N);
+        return;
+    }
     for (int i = 0; i < PKH; ++i) {
         ${CNAME}_lrow(cx, b, r * PKH + i, rowc);
         for (int px = 0; px < OWO; ++px)
