@@ -259,10 +259,24 @@ def _blob(spec: LayerSpec, layer_avx512: bool = False) -> tuple[bytes, dict[str,
 @dataclass
 class GeneratedLibrary:
     core_source: str            # the kernel core (identical for every library of this version and mode)
-    sources: list[str]          # C files: the layers in groups that compile side by side; [0] also holds the
-                                # entry points (manifest)
+    head: str                   # what every layer file starts with (defines, common.h)
+    layer_parts: list[str]      # one layer's C each
+    footer: str                 # the entry points (manifest)
     blobs: dict[str, bytes]     # file name (relative to the build dir) -> contents, embedded by .incbin
     manifest: dict              # what qc_manifest() returns, as a dict
+
+    def sources(self, files: int = 1) -> list[str]:
+        """The layers' C as ``files`` files (fewer if there are fewer layers), balanced by length; the first also
+        holds the entry points. Files compile side by side: one file of the bundled CNN's layers took 5.5 s of gcc
+        on one core, two took 2.8 + 3.5 s (each file parses the headers again, ~0.6 s)."""
+        n = max(1, min(len(self.layer_parts), files))
+        groups: list[list[str]] = [[] for _ in range(n)]
+        sizes = [0] * n
+        for part in sorted(self.layer_parts, key=len, reverse=True):
+            i = sizes.index(min(sizes))
+            groups[i].append(part)
+            sizes[i] += len(part)
+        return [self.head + "".join(g) + (self.footer if i == 0 else "") for i, g in enumerate(groups) if g]
 
 
 def _path_code() -> str:
@@ -462,25 +476,10 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
                                               ABI=ABI_VERSION)
     head = ("#define QC_EMULATE_AVX512 1\n" if emulate_avx512 else "") + \
         ("#define QC_LAYER_AVX512 1\n" if layer_avx512 else "") + common
-    return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512),
-                            sources=[head + "".join(g) + (footer if i == 0 else "")
-                                     for i, g in enumerate(_balanced_groups(parts))],
-                            blobs=blobs, manifest=manifest)
+    return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), head=head, layer_parts=parts,
+                            footer=footer, blobs=blobs, manifest=manifest)
 
 
 def usable_cpus() -> int:
     """The CPUs this process may run on (a ``taskset`` counts, unlike ``os.cpu_count``)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _balanced_groups(parts: list[str]) -> list[list[str]]:
-    """The layers' C in as many groups as this machine has cores (at most 8), balanced by length: each group is one
-    translation unit, and they compile side by side (one file of the bundled CNN's layers took 5.5 s of gcc)."""
-    n = max(1, min(len(parts), usable_cpus(), 8))
-    groups: list[list[str]] = [[] for _ in range(n)]
-    sizes = [0] * n
-    for part in sorted(parts, key=len, reverse=True):
-        i = sizes.index(min(sizes))
-        groups[i].append(part)
-        sizes[i] += len(part)
-    return [g for g in groups if g]
