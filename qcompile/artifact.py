@@ -27,7 +27,7 @@ import qcompile
 from qcompile.errors import ConfigError
 from qcompile.fileio import sha256_file
 from qcompile.input_quant import fold_input_quantizers
-from qcompile.partition import disabled_optimizers, partition
+from qcompile.partition import disabled_optimizers, partition, reader_counts
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 from qcompile.passes.quantize import core_name
 
@@ -62,10 +62,7 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto, *, fold_pool
               for vi in onnx.shape_inference.infer_shapes(fakequant).graph.value_info}
     core_input = {n.name: n.input[0] for n in fakequant.graph.node if n.input}
     inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
-    readers: dict[str, int] = {}
-    for n in fused.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = reader_counts(fused.graph)
     graph_outputs = {o.name for o in fused.graph.output}
     specs, produced = [], {}  # output value -> (spec that writes it, bits of its codes)
     for node in fused.graph.node:

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qcompile.partition import reader_counts
+
 _ORDER_MASK = np.int64(0x7FFFFFFF)
 
 
@@ -93,10 +95,7 @@ def fold_input_quantizers(fused: onnx.ModelProto, specs: list, domain: str):
     of ``fused`` without those nodes (the conv reads their float input) and the spec with ``in_thresholds``.
     Returns (model to partition, specs); a quantizer whose boundaries do not check out stays as it was."""
     producer = {o: n for n in fused.graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in fused.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = reader_counts(fused.graph)
     outputs = {o.name for o in fused.graph.output}
     inits = {i.name: i for i in fused.graph.initializer}
     nodes = {n.name: n for n in fused.graph.node if n.domain == domain}

@@ -70,6 +70,15 @@ def partition(model: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> list[
     return steps
 
 
+def reader_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs read each value."""
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    return readers
+
+
 def _submodel(model, nodes, inputs, outputs, inits, types) -> onnx.ModelProto:
     used = {i for n in nodes for i in n.input}
     g = helper.make_graph(
@@ -133,9 +142,7 @@ def disabled_optimizers(model: onnx.ModelProto, calib_batch: dict | None = None,
     ref, alt = with_nchwc.run(None, feeds), without.run(None, feeds)
     if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(ref, alt)):
         return []
-    t_with = min(_best_ms(with_nchwc, feeds, reps), _best_ms(with_nchwc, feeds, reps))
-    t_without = min(_best_ms(without, feeds, reps), _best_ms(without, feeds, reps))
-    return nchwc_choice(True, t_with, t_without)
+    return nchwc_choice(True, _best_ms(with_nchwc, feeds, 2 * reps), _best_ms(without, feeds, 2 * reps))
 
 
 def nchwc_choice(same_outputs: bool, ms_with: float, ms_without: float) -> list[str]:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from qcompile.errors import ToolchainError
 
-from .codegen import core_source, generate, usable_cpus
+from .caps import usable_cpus
+from .codegen import core_source, generate
 from .spec import LayerSpec
 
 __all__ = ["CFLAGS", "compiler_command", "build_library", "prebuild_core", "simde_include_dir"]
@@ -241,7 +242,7 @@ def build_library(
     (out / f"{name}.json").write_text(json.dumps(lib.manifest, indent=1, sort_keys=True))
     objs = [c.with_suffix(".o") for c in c_files]
     # the core (when not cached) and the layer files compile side by side
-    with ThreadPoolExecutor(max(2, min(len(c_files) + 1, usable_cpus()))) as pool:
+    with ThreadPoolExecutor(max(2, min(len(c_files) + 1, cpus))) as pool:
         core = pool.submit(_core_object, argv, flags, lib.core_source, out, name, timeout)
         layers = [pool.submit(_run, [*argv, *flags, "-c", "-o", o.name, c.name], out, timeout, str(c))
                   for c, o in zip(c_files, objs)]

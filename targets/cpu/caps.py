@@ -86,13 +86,17 @@ def detect(name: str = "cpu", cpuinfo: str | None = None) -> CpuCaps:
         except OSError:
             cpuinfo = ""
     flags, mhz = parse_cpuinfo(cpuinfo)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return _caps(name, flags, mhz, cores, _l1d_bytes())
+    return _caps(name, flags, mhz, usable_cpus(), _l1d_bytes())
 
 
 def variant(name: str) -> CpuCaps:
     """The named target on this machine: "cpu", "cpu:avx2" or "cpu:generic"."""
     return detect(name)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a ``taskset`` counts, unlike ``os.cpu_count``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def with_cores(caps: CpuCaps, cores: int) -> CpuCaps:

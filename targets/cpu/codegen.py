@@ -20,7 +20,6 @@ the assembler embeds with ``.incbin``, so the shared library is self-contained a
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -330,8 +329,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
     direct_code = direct_call = ""
     lut_pool = lut and lut_pool_fused(spec)
     # the LUT kernel reads the float input itself (stage 1 compares) unless it would have to leave a pool to scratch
-    lut_float = lut and lut_conv(spec) and direct_conv(spec) and spec.in_thresholds is not None and \
-        (spec.pool is None or lut_pool)
+    lut_float = lut and lut_conv(spec) and spec.in_thresholds is not None and (spec.pool is None or lut_pool)
     if direct_conv(spec):
         store = {
             "none": "yo[r] = a;",
@@ -360,8 +358,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
                                          f"{{{', '.join(_c_float(v) for v in qthr)}}};" if lut_float else "")
             # x86: the AVX2 path runs the LUT kernel (the popcount direct conv then serves no path there); with
             # the pool folded into it, the pooling wrapper below calls it
-            lut_call = "" if lut_pool or lut_float else \
-                f"    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
+            lut_call = "" if lut_pool or lut_float else _lut_line(cname)
             direct_call = f"#if defined(QC_X86)\n{lut_call}#else\n{direct_call}#endif\n"
     # the exported qc_layer_<cname> is the outermost of: input quantizer -> pooling wrapper -> conv
     quantizing = spec.in_thresholds is not None
@@ -384,8 +381,13 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         + (_in_quant_source(spec, cname, _lut_call(cname) if lut_float else "") if quantizing else "")
 
 
+def _lut_line(cname: str) -> str:
+    """The x86 SIMD paths' call of a layer's LUT kernel (inside a function that has x, y, batch and path)."""
+    return f"    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n"
+
+
 def _lut_call(cname: str) -> str:
-    return f"#if defined(QC_X86)\n    if (QC_PER_LAYER(path)) return {cname}_lut(x, y, batch);\n#endif\n"
+    return f"#if defined(QC_X86)\n{_lut_line(cname)}#endif\n"
 
 
 def _c_float(v: float) -> str:
@@ -478,8 +480,3 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
         ("#define QC_LAYER_AVX512 1\n" if layer_avx512 else "") + common
     return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), head=head, layer_parts=parts,
                             footer=footer, blobs=blobs, manifest=manifest)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a ``taskset`` counts, unlike ``os.cpu_count``)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
