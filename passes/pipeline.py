@@ -45,6 +45,8 @@ class CompileContext:
     act_ranges: dict[str, Any] = field(default_factory=dict)  # value name -> passes.calibrate.ActivationStats
     layers: dict[str, Any] = field(default_factory=dict)      # node name -> passes.quantize.QuantizedLayer
     fuse_notes: dict[str, str] = field(default_factory=dict)  # node name -> how it was lowered, or why not
+    trained_clips: dict[str, float] = field(default_factory=dict)  # node name -> fine-tuned activation clip
+    trained_biases: dict[str, Any] = field(default_factory=dict)   # node name -> fine-tuned bias [N]
     float_model: onnx.ModelProto | None = None          # canonical float model (for calibration and eval)
     records: list[PassRecord] = field(default_factory=list)
     progress: Callable[[str], None] | None = None       # called with each pass name before it runs

@@ -134,9 +134,14 @@ class QuantizeLayers:
             bias = np.zeros(n_out, np.float32) if bias is None else bias.astype(np.float32).reshape(n_out)
 
             stats = ctx.act_ranges.get(plan.activation)
-            if cfg.bias_correction and stats is not None and stats.channel_mean is not None:
+            trained = ctx.trained_clips.get(name)
+            if cfg.bias_correction and stats is not None and stats.channel_mean is not None and trained is None:
                 bias = bias + weight_bias_correction(w_nk, qw.dequantize(), stats.channel_mean)
-            if stats is not None:
+            if name in ctx.trained_biases:
+                bias = np.asarray(ctx.trained_biases[name], np.float32).reshape(n_out)
+            if trained is not None:  # fine-tuned: the clip and bias were trained with the quantizer in the loop
+                clip, clip_source = np.float32(trained), "fine-tuned"
+            elif stats is not None:
                 clip, clip_source = stats.clip(cfg.act_clip, plan.bits_a), f"calibration ({cfg.act_clip})"
             else:
                 clip, clip_source = DOREFA_DEFAULT_CLIP, "DoReFa default [0,1] (no calibration data)"

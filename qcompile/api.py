@@ -17,6 +17,8 @@ from qcompile.config import Config, resolve_config
 from qcompile.fileio import atomic_dir, sha256_file
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.import_fakequant import (CONFIG_KEY, ImportFakeQuant, is_fake_quant, layer_metadata, metadata,
+                                              set_metadata)
 from qcompile.passes.load import check_weights_finite, load_model
 from qcompile.passes.pipeline import CompileContext, run_pipeline
 from qcompile.passes.plan import PlanBits
@@ -108,10 +110,20 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
 
         prebuild_core()  # the kernel core does not depend on the model: its C build overlaps the passes below
     ctx = CompileContext(config=cfg, source=str(model), calib=as_reader(calib), target=target, progress=progress)
-    run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
-    ctx.float_model = ir.to_proto(irm)
-    run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
-    result = CompileResult(str(model), cfg, ctx.float_model, ir.to_proto(irm), ctx)
+    if is_fake_quant(proto):
+        # qcompile's own fake-quant model (a compile or a fine-tune): keep its quantizer parameters as they are
+        cfg = ctx.config = _imported_config(proto, cfg)
+        float_proto = _sibling_float(model)
+        run_pipeline(irm, [ImportFakeQuant(proto, _initializers(float_proto))], ctx, verify_each=verify,
+                     dump_dir=dump_dir)
+        ctx.float_model = float_proto if float_proto is not None else proto
+    else:
+        run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
+        ctx.float_model = ir.to_proto(irm)
+        run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
+    quantized = ir.to_proto(irm)
+    set_metadata(quantized, {**layer_metadata(ctx.layers), CONFIG_KEY: json.dumps(cfg.to_dict())})
+    result = CompileResult(str(model), cfg, ctx.float_model, quantized, ctx)
     result.report = report_mod.build_report(result, sha256_file(model))
     if target is not None:
         from qcompile import artifact
@@ -123,6 +135,36 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
         result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
         result.report["plan"] = result.lowered.manifest["plan"]
     return result
+
+
+def _imported_config(proto: onnx.ModelProto, fallback: Config) -> Config:
+    """The Config a fake-quant model was written with (its metadata), else the caller's."""
+    data = metadata(proto, CONFIG_KEY)
+    if not data:
+        return fallback
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return Config(**data)
+
+
+def _sibling_float(model) -> onnx.ModelProto | None:
+    """float.onnx next to a fake-quant model.onnx (compile and finetune write both): the float reference."""
+    if not isinstance(model, (str, Path)):
+        return None
+    path = Path(model).with_name("float.onnx")
+    if path == Path(model) or not path.is_file():
+        return None
+    try:
+        return load_model(path)
+    except Exception:  # noqa: BLE001 - the float reference is optional; the compile proceeds without it
+        return None
+
+
+def _initializers(proto: onnx.ModelProto | None) -> dict:
+    from onnx import numpy_helper
+
+    if proto is None:
+        return {}
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
 def inspect(model: str | Path, *, config: str | Config | None = "w2a2", **overrides) -> list[dict]:

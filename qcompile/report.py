@@ -31,7 +31,7 @@ def build_report(result, source_sha256: str) -> dict:
     quant_packed = sum(x["bytes_packed"] for x in layers)
     after = weight_bytes - quant_float + quant_packed
     warnings = []
-    if ctx.calib is None and layers:
+    if ctx.calib is None and any(q.clip_source.startswith("DoReFa default") for q in ctx.layers.values()):
         warnings.append("no calibration data: activations clipped to DoReFa's [0,1]; pass --calib for a "
                         "float-trained model")
     return {
