@@ -5,7 +5,7 @@ only numpy and onnxruntime installed.
 """
 
 __version__ = "0.1.0"
-__all__ = ["compile", "inspect", "__version__"]
+__all__ = ["compile", "inspect", "finetune", "__version__"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from qcompile import api
 
         return getattr(api, name)
+    if name == "finetune":  # the package, callable as qcompile.finetune(model, ...)
+        import importlib
+
+        return importlib.import_module("qcompile.finetune")
     raise AttributeError(f"module 'qcompile' has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""The fine-tuning report: Markdown and a PNG of the loss and accuracy curves."""
+
+from __future__ import annotations
+
+import io
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def to_markdown(report: dict) -> str:
+    cfg = report["config"]
+    opts = report["options"]
+    lines = [
+        f"# Fine-tuning report: {report['source']}", "",
+        f"W{cfg['bits_w']}A{cfg['bits_a']}, quantizer `{cfg['quantizer']}`, {report['steps']} steps "
+        f"({report['epochs']} epochs) of batch {opts['batch']}, lr {opts['lr']:g}"
+        + (f", {opts['gbits']}-bit gradients" if opts.get("gbits") else "")
+        + (", distillation" if opts.get("distill") else "") + f"; CPU: {report.get('cpu', '?')}", "",
+        f"Training data: {report['train_data']} ({report['train_n']} samples); validation: "
+        f"{report['val_data'] or 'none'} ({report['val_n']} samples).", "",
+        "| model | validation top-1 |", "|---|---:|",
+        f"| float | {_pct(report['float_val_acc'])} |",
+        f"| post-training quantized | {_pct(report['ptq_val_acc'])} |",
+        f"| fine-tuned quantized | {_pct(report['finetuned_val_acc'])} |", "",
+        "## Epochs", "", "| epoch | steps | loss | train top-1 | val top-1 | images/s | seconds | lr |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report["history"]["epochs"]:
+        lines.append(f"| {e['epoch']} | {e['steps']} | {e['loss']:.4f} | {_pct(e['train_acc'])} | "
+                     f"{_pct(e['val_acc'])} | {e['images_per_s']:,.0f} | {e['seconds']:.1f} | {e['lr']:.2e} |")
+    chk = report["export_check"]
+    lines += ["", "## Export", "",
+              f"model.onnx (fake-quant) against the trained torch model on {chk['n']} inputs: max |difference| "
+              f"{chk['max_abs_diff']:.3g}, same top-1 class {_pct(chk['argmax_agreement'])}. "
+              "Compile it with `qcompile compile model.onnx --target cpu`: the trained parameters are kept.", "",
+              "| layer | op | bits | entropy (bits) | act clip |", "|---|---|---|---:|---:|"]
+    for r in report["layers"]:
+        lines.append(f"| {r['node']} | {r['op']} | W{r['bits_w']}A{r['bits_a']} | {r['entropy_bits']} | "
+                     f"{r['act_clip']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_png(report: dict) -> bytes:
+    """Loss per step (and its running mean) and validation accuracy per epoch against float and post-training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    hist = report["history"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss = np.asarray(hist["step_loss"], float)
+    if loss.size:
+        ax1.plot(np.arange(1, loss.size + 1), loss, lw=0.6, alpha=0.4, label="step")
+        k = max(1, loss.size // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax1.plot(np.arange(k, loss.size + 1), smooth, lw=1.5, label=f"mean of {k}")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss")
+    ax1.set_yscale("log")
+    ax1.legend()
+    epochs = [e["epoch"] for e in hist["epochs"]]
+    val = [e["val_acc"] for e in hist["epochs"]]
+    if any(v is not None for v in val):
+        ax2.plot([0] + epochs, [report["ptq_val_acc"]] + val, "o-", label="quantized (epoch 0: post-training)")
+        if report["float_val_acc"] is not None:
+            ax2.axhline(report["float_val_acc"], color="k", ls="--", lw=1, label="float")
+        ax2.set_ylabel("validation top-1")
+        ax2.legend(loc="lower right")
+    ax2.set_xlabel("epoch")
+    cfg = report["config"]
+    fig.suptitle(f"{report['source']}: W{cfg['bits_w']}A{cfg['bits_a']} {cfg['quantizer']}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
