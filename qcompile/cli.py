@@ -239,7 +239,10 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, data, val,
                                   progress=progress, **_overrides(quantizer, keep_float, force, per_tensor))
         result.save(out)
     except QcompileError as exc:
-        _fail(exc)
+        from qcompile.finetune.loop import Interrupted
+
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(130 if isinstance(exc, Interrupted) else 1)
     except KeyboardInterrupt:  # a second Ctrl-C while saving
         click.echo("error: interrupted", err=True)
         sys.exit(130)

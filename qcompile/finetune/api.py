@@ -30,7 +30,7 @@ from onnx import numpy_helper
 from qcompile.config import Config, resolve_config
 from qcompile.errors import QcompileError
 from qcompile.finetune.data import Dataset, check_against_model, open_data
-from qcompile.finetune.loop import CHECKPOINT_FORMAT, Trainer, TrainingError, TrainOptions, atomic_torch_save
+from qcompile.finetune.loop import CHECKPOINT_FORMAT, Interrupted, Trainer, TrainOptions, atomic_torch_save
 from qcompile.finetune.qat import QuantLayer, quant_layers, replace_module
 
 CHECKPOINT = "checkpoint.pt"
@@ -327,10 +327,10 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
             trainer.fit(on_epoch_end, stop_after_steps=_stop_after_steps)
     except KeyboardInterrupt:
         if ckpt_path is None:
-            raise TrainingError(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
+            raise Interrupted(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint(), ckpt_path)
-        raise TrainingError(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
+        raise Interrupted(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
                             f"{ckpt_path}; continue with --resume") from None
     train_seconds = time.perf_counter() - start
 

@@ -27,6 +27,10 @@ class TrainingError(QcompileError):
     """Training cannot go on: a NaN loss, a checkpoint that does not match, an interrupted run."""
 
 
+class Interrupted(TrainingError):
+    """Ctrl-C or SIGTERM: the checkpoint is saved; the CLI exits with 130 like any interrupted command."""
+
+
 @dataclass
 class TrainOptions:
     epochs: int = 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -221,3 +223,45 @@ def test_compiling_a_fine_tuned_model_keeps_its_parameters_and_is_bit_exact(tmp_
     deployed = InferenceSession(tmp_path / "art").run(None, {"input": xs})[0]
     fake = ort.InferenceSession(str(tmp_path / "ft" / "model.onnx")).run(None, {"input": xs})[0]
     np.testing.assert_array_equal(deployed, fake)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from qcompile.finetune import loop
+
+    x, y = _small_data(160)
+    real, calls = loop.label_loss, {"n": 0}
+
+    def poisoned(out, yb, probabilities):
+        calls["n"] += 1
+        loss = real(out, yb, probabilities)
+        return loss * float("nan") if calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(loop, "label_loss", poisoned)
+    with pytest.raises(QcompileError, match=r"step 6 \(epoch 2\): the loss is nan") as info:
+        qcompile.finetune(MLP, config="w2a2", data=(x[:128], y[:128]), val=(x[128:], y[128:]), epochs=3, batch=32,
+                          out=tmp_path / "ft", log=lambda s: None)
+    assert "\n" not in str(info.value)
+    saved = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] == 4 and saved["state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["state"]["student"].values() if v.is_floating_point())
+
+
+def test_cli_finetune_writes_the_folder_and_fails_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from qcompile.cli import main
+
+    x, y = _small_data(200)
+    np.savez(tmp_path / "d.npz", x=(x * 255).astype(np.uint8), y=y)
+    np.savez(tmp_path / "bad.npz", x=(x * 255).astype(np.uint8), y=y + 20)
+    runner = CliRunner()
+    bad = runner.invoke(main, ["finetune", str(MLP), "--data", str(tmp_path / "bad.npz"), "--steps", "2",
+                               "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "out of range" in bad.output and bad.output.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    ok = runner.invoke(main, ["finetune", str(MLP), "--config", "w2a2", "--data", str(tmp_path / "d.npz"),
+                              "--steps", "3", "--batch", "32", "--gbits", "8", "-o", str(tmp_path / "ft")])
+    assert ok.exit_code == 0, ok.output
+    assert "fine-tuned" in ok.output and "epoch 1/1" in ok.output
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["options"]["gbits"] == 8 and report["steps"] == 3
