@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 from pathlib import Path
 
@@ -11,13 +10,9 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from qcompile.targets.cpu.caps import model_name
+
+    return model_name()
 
 
 def load_average() -> str:

@@ -60,7 +60,8 @@ def training_speed(model: str, train, batch: int = 64, steps: int = 30) -> dict:
     """Images/s of one training step: plain float against each quantizer, same batches, same process."""
     import torch
 
-    from qcompile.finetune.api import build_student, usable_cpus
+    from qcompile.finetune.api import build_student
+    from qcompile.targets.cpu.caps import usable_cpus
     from qcompile.finetune.convert import to_torch
 
     torch.set_num_threads(usable_cpus())

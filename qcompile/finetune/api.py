@@ -32,16 +32,10 @@ from qcompile.errors import QcompileError
 from qcompile.finetune.data import Dataset, check_against_model, open_data
 from qcompile.finetune.loop import CHECKPOINT_FORMAT, Interrupted, Trainer, TrainOptions, atomic_torch_save
 from qcompile.finetune.qat import QuantLayer, quant_layers, replace_module
+from qcompile.targets.cpu.caps import usable_cpus
 
 CHECKPOINT = "checkpoint.pt"
 CALIB_SAMPLES = 512
-
-
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _sha256(path) -> str:
@@ -418,10 +412,6 @@ def _epoch_line(rec, epochs: int, float_acc) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from qcompile.targets.cpu.caps import model_name
+
+    return model_name()

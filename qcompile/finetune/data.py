@@ -433,17 +433,7 @@ def check_against_model(ds: Dataset, *, input_shape, num_classes: int | None, re
             raise DataError(f"{where}: has no labels; training needs class labels "
                             "(an .npz array 'y', class subfolders, or (x, y) pairs)")
         return
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{where}: labels have shape {_shape(y.shape)} for {len(x)} inputs; "
-                        f"need one class index per input ([{len(x)}])")
-    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise DataError(f"{where}: labels have dtype {y.dtype}; expected integer class indices")
-    if np.issubdtype(y.dtype, np.floating):
-        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"{where}: label {y[i]!r} at index {i} is not an integer class index")
+    y = _as_labels(y, where, len(x))   # shape, length, dtype and integer values (ds.y may have been replaced)
     lo = np.flatnonzero(y < 0)
     if lo.size:
         i = int(lo[0])

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuCaps", "VARIANTS", "detect", "variant", "parse_cpuinfo"]
+__all__ = ["CpuCaps", "VARIANTS", "detect", "variant", "parse_cpuinfo", "model_name", "usable_cpus"]
 
 VARIANTS = ("cpu", "cpu:avx2", "cpu:generic")
 
@@ -92,6 +92,17 @@ def detect(name: str = "cpu", cpuinfo: str | None = None) -> CpuCaps:
 def variant(name: str) -> CpuCaps:
     """The named target on this machine: "cpu", "cpu:avx2" or "cpu:generic"."""
     return detect(name)
+
+
+def model_name() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (recorded next to every measured figure)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def usable_cpus() -> int:

@@ -378,7 +378,7 @@ def test_check_labels():
     ds.y = np.array([0.0, 1.5, 2.0, 1.0])                   # set after construction: still caught
     _one_line_error(lambda: check_against_model(ds, **ok), "1.5", "index 1", "integer")
     ds.y = np.array([0, 1, 2])
-    _one_line_error(lambda: check_against_model(ds, **ok), "[3]", "4 inputs")
+    _one_line_error(lambda: check_against_model(ds, **ok), "3 labels", "4 inputs")
     ds.y = None
     check_against_model(ds, **ok)
     _one_line_error(lambda: check_against_model(ds, **ok, require_labels=True), "no labels")

@@ -265,3 +265,26 @@ def test_cli_finetune_writes_the_folder_and_fails_in_one_line(tmp_path):
     assert "fine-tuned" in ok.output and "epoch 1/1" in ok.output
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["options"]["gbits"] == 8 and report["steps"] == 3
+
+
+def test_an_op_the_trainer_cannot_convert_is_named(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in (("w1", (16, 32)), ("w2", (32, 32)), ("w3", (32, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Softsign", ["h2"], ["s2"], name="odd_activation"),
+             helper.make_node("MatMul", ["s2", "w3"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    path = tmp_path / "softsign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.random((64, 16), dtype=np.float32)
+    y = rng.integers(0, 4, 64)
+    with pytest.raises(QcompileError, match="odd_activation.*Softsign") as info:
+        qcompile.finetune(path, config="w2a2", data=(x, y), steps=2, batch=16, out=tmp_path / "o", log=lambda s: None)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
