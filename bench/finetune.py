@@ -33,7 +33,7 @@ def entropy(report_layers) -> float:
     return float(np.mean([r["entropy_bits"] for r in report_layers])) if report_layers else float("nan")
 
 
-def run_case(model: str, preset: str, quantizer: str, epochs: int, test, train, gbits=None, lr=1e-3, **kw) -> dict:
+def run_case(model: str, preset: str, quantizer: str, epochs: int, test, train, gbits=None, lr=3e-4, **kw) -> dict:
     from qcompile.finetune.api import finetune
 
     path = datasets.bundled_model(model)
@@ -151,7 +151,13 @@ def main() -> None:
     parser.add_argument("--no-gradients", action="store_true", help="skip the DoReFa gradient-bits rows")
     parser.add_argument("--json", default="bench/finetune_results.json")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--from-json", action="store_true", help="re-render the table from --json without training")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.json).read_text())
+        text = markdown(saved["rows"], saved["speed"], saved["rows"][0]["epochs"])
+        publish(text.splitlines()[0], text, args.write)
+        return
     train = open_data("fashion-mnist:train")
     test = open_data("fashion-mnist:test", name="val")
     rows = []

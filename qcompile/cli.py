@@ -207,7 +207,7 @@ def bench(artifact, batch, runs, as_json):
 @click.option("--epochs", type=int, help="Passes over the training data (default 2).")
 @click.option("--steps", type=int, help="Optimizer steps in all (instead of --epochs).")
 @click.option("--batch", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("--lr", default=3e-4, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--gbits", type=click.IntRange(1, 8), help="DoReFa stochastic gradient quantization to G bits.")
 @click.option("--distill/--no-distill", default=None,
               help="Train against the float model's outputs (the default when the data has no labels).")

@@ -204,7 +204,7 @@ class FinetuneResult:
 # --------------------------------------------------------------------------------------------- entry point
 def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: Any = "fashion-mnist",
              val: Any = None, epochs: int | None = None, steps: int | None = None, batch: int = 64,
-             lr: float = 1e-3, gbits: int | None = None, distill: bool | None = None, seed: int = 0,
+             lr: float = 3e-4, gbits: int | None = None, distill: bool | None = None, seed: int = 0,
              learn_clip: bool = False, resume: bool = False, out: str | Path | None = None,
              log: Callable[[str], None] = print, progress=None, _stop_after_steps: int | None = None,
              **overrides) -> FinetuneResult:
@@ -331,7 +331,8 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
     compiled, trained_float = export(ptq.float_model, student, cfg, source, source_sha)
     check_x = (val_ds or train_ds).x[:256]
     agreement = check_export(compiled.model, student, check_x)
-    final_acc = trainer.evaluate(val_ds)
+    last = trainer.history.epochs[-1] if trainer.history.epochs else None
+    final_acc = last.val_acc if last is not None and last.steps == trainer.step else trainer.evaluate(val_ds)
     report = {
         "source": source, "source_sha256": source_sha, "config": cfg.to_dict(),
         "options": opts.fingerprint(), "train_data": train_ds.describe, "train_n": len(train_ds),

@@ -36,7 +36,7 @@ class TrainOptions:
     epochs: int = 2
     steps: int | None = None          # total optimizer steps; overrides epochs when given
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4                  # fine-tuning from a trained model: 1e-3 made 1-bit weights churn (loss rose)
     weight_decay: float = 0.0
     seed: int = 0
     distill: bool = False             # train against the float model's outputs (always when there are no labels)
