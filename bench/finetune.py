@@ -123,7 +123,8 @@ def markdown(rows: list[dict], speed: dict, epochs: int) -> str:
                          + ("**met**" if gap <= goal else "**not met**"))
     extra = [r for r in rows if r["gbits"] is not None or r["options"]]
     if extra:
-        lines += ["", "| model | preset | quantizer | gradients | options | post | tuned |", "|---|---|---|---|---|---:|---:|"]
+        lines += ["", "| model | preset | quantizer | gradients | options | post | tuned |",
+                  "|---|---|---|---|---|---:|---:|"]
         for r in extra:
             grads = f"{r['gbits']}-bit" if r["gbits"] else "float"
             lines.append(f"| {r['model']} | {r['preset']} | {r['quantizer']} | {grads} | {r['options'] or ''} | "

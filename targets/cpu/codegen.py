@@ -62,6 +62,11 @@ def c_name(index: int, name: str) -> str:
     return f"L{index}_" + re.sub(r"[^0-9A-Za-z_]", "_", name)[:48]
 
 
+def comment_text(name: str) -> str:
+    """An ONNX node name as it may appear inside a C comment: printable ASCII, never closing the comment."""
+    return re.sub(r"[^\x20-\x7e]", "?", name).replace("*/", "*_/")[:120]
+
+
 def _mode(spec: LayerSpec) -> str:
     if not spec.xor_mode:
         return "QC_AND"
@@ -303,7 +308,7 @@ def _path_code() -> str:
 def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str, int], lut: bool) -> str:
     cname = c_name(index, spec.name)
     kwp = _kwp(spec)
-    common = dict(LAYER=spec.name, CNAME=cname, BLOB=blob_name, KA=spec.bits_a, KB=spec.bits_w, KWP=kwp,
+    common = dict(LAYER=comment_text(spec.name), CNAME=cname, BLOB=blob_name, KA=spec.bits_a, KB=spec.bits_w, KWP=kwp,
                   MODE=_mode(spec), EPI=EPI_C[spec.epilogue], OUT_CTYPE=OUT_CTYPE[spec.epilogue],
                   L=max(spec.L, 1), N=spec.N, KWORDS=packing.n_words(spec.K),
                   **{f"OFF_{k}": v for k, v in offsets.items()})
@@ -369,7 +374,8 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
         pooling = _maxpool_source(spec.name, f"{cname}_p", (spec.N, ho, wo), spec.pool, spec.pool, (1, 1),
                                   export=f"static int {cname}_p_run")
         pooling += _template("layer_pool_wrap.c").substitute(
-            LAYER=spec.name, CNAME=cname, N=spec.N, HO=ho, WO=wo, PHO=spec.pooled_hw[0], PWO=spec.pooled_hw[1],
+            LAYER=comment_text(spec.name), CNAME=cname, N=spec.N, HO=ho, WO=wo, PHO=spec.pooled_hw[0],
+            PWO=spec.pooled_hw[1],
             EXPORT=f"static int {cname}_pooled" if quantizing else f"QC_EXPORT int qc_layer_{cname}",
             LUT_CALL=_lut_call(cname) if lut_pool and not lut_float else "")
     return _template("layer_conv.c").substitute(
@@ -402,7 +408,7 @@ def _c_float(v: float) -> str:
 def _in_quant_source(spec: LayerSpec, cname: str, lut_call: str) -> str:
     out_bytes = int(np.prod(spec.out_shape)) * spec.out_dtype.itemsize
     return _template("layer_in_quant.c").substitute(
-        LAYER=spec.name, CNAME=cname, C=spec.in_shape[0], H=spec.in_shape[1], W=spec.in_shape[2],
+        LAYER=comment_text(spec.name), CNAME=cname, C=spec.in_shape[0], H=spec.in_shape[1], W=spec.in_shape[2],
         QL=spec.in_thresholds.size, QTHR=", ".join(_c_float(v) for v in spec.in_thresholds),
         OUT_IMG_BYTES=out_bytes, INNER=f"{cname}_pooled" if spec.pool is not None else f"{cname}_conv",
         LUT_CALL=lut_call)
@@ -412,7 +418,7 @@ def _maxpool_source(name: str, cname: str, in_shape, kernel, strides, dilations,
     c, h, w = in_shape
     ho, wo = conv_output_shape((h, w), kernel, strides, (0, 0, 0, 0), dilations)
     return _template("layer_maxpool.c").substitute(
-        LAYER=name, CNAME=cname, C=c, H=h, W=w, HO=ho, WO=wo, KH=kernel[0], KW=kernel[1],
+        LAYER=comment_text(name), CNAME=cname, C=c, H=h, W=w, HO=ho, WO=wo, KH=kernel[0], KW=kernel[1],
         SH=strides[0], SW=strides[1], DH=dilations[0], DW=dilations[1],
         PPT=max(1, 16384 // (h * w)), EXPORT=export or f"QC_EXPORT int qc_layer_{cname}")
 

@@ -8,7 +8,6 @@ batch is a run-time argument of the generated function.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -71,8 +70,8 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"layer {self.name!r}: op must be one of {OPS}, got {self.op!r}")
-        if not re.fullmatch(r"[\w.:/\-]+", self.name):
-            raise ValueError(f"layer name {self.name!r}: use letters, digits and _ . : / -")
+        if not self.name or "\0" in self.name:  # any ONNX node name: C code uses codegen.c_name / comment_text
+            raise ValueError(f"layer name {self.name!r}: must be a non-empty string without NUL")
         for what, b in (("bits_a", self.bits_a), ("bits_w", self.bits_w)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise QuantizationError(f"layer {self.name!r}: {what}={b} must be an integer in 1..8")

@@ -162,3 +162,21 @@ def test_partition_without_nchwc_runs_and_equals_fakequant(tiny_model_path, tmp_
     for batch in (1, 7):
         x = tiny_inputs(batch, seed=10 + batch)
         np.testing.assert_array_equal(sess.run(None, {"input": x})[0], predict(result.model, x))
+
+
+def test_any_node_name_compiles_and_runs(tmp_path):
+    """ONNX allows any node name; generated C must not care (identifiers from codegen.c_name, comments escaped)."""
+    from graphs import tiny_cnn
+
+    model = tiny_cnn()
+    odd = {"conv2": "Conv@2", "conv3": "conv3 */ #include <evil.h>", "fc1": "блок/fc:1\nnext"}
+    for node in model.graph.node:
+        node.name = odd.get(node.name, node.name)
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, path)
+    result = api.compile(path, config="w2a2", calib=tiny_inputs(32), target="cpu")
+    assert {"Conv@2", "conv3 */ #include <evil.h>", "блок/fc:1\nnext"} <= set(result.ctx.layers)
+    result.save(tmp_path / "art")
+    x = tiny_inputs(5, seed=9)
+    np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
+                                  predict(result.model, x))
