@@ -25,9 +25,37 @@ def _progress():
                     transient=True, disable=not sys.stderr.isatty())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Any exception that is not a QcompileError is a bug: one line saying so, not a traceback (--debug shows it)."""
+
+    def invoke(self, ctx):
+        # click >= 8.2 keeps the subcommand and its arguments in _protected_args (protected_args is deprecated)
+        head = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+        argv = [*head, *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except QcompileError as exc:  # a command that let one through: still one line
+            if ctx.params.get("debug"):
+                raise
+            _fail(exc)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if ctx.params.get("debug"):
+                raise
+            command = ctx.invoked_subcommand or (argv[0] if argv else "")
+            where = next((a for a in argv[1:] if not a.startswith("-")), "")
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            click.echo(f"error: internal error in `qcompile {command}`{f' on {where}' if where else ''}: "
+                       f"{type(exc).__name__}: {first} (rerun with --debug for the traceback, and please report it)",
+                       err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qcompile", prog_name="qcompile")
-def main():
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+def main(debug):
     """qcompile: quantize ONNX models to 1-4 bits and compile them to bitwise kernels."""
 
 

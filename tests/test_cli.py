@@ -121,3 +121,22 @@ def test_missing_c_compiler_is_one_clear_line(tmp_path, files, monkeypatch):
     assert res.exit_code == 1
     assert "C compiler" in res.output and "not found" in res.output and "install" in res.output
     assert not (tmp_path / "art").exists()
+
+
+def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(tmp_path, files, monkeypatch):
+    """A bug is still one line (exit 2) naming the command and file; --debug re-raises it."""
+    from qcompile import api
+
+    model, calib, _ = files
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range\nsecond line")
+
+    monkeypatch.setattr(api, "compile", broken)
+    args = ["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and "internal error in `qcompile compile`" in res.output
+    assert str(model) in res.output and "IndexError" in res.output and "--debug" in res.output
+    res = CliRunner().invoke(main, ["--debug", *args])
+    assert isinstance(res.exception, IndexError)
