@@ -181,7 +181,7 @@ def run(rounds: int) -> str:
             if model not in int8:
                 d = tmp / f"int8-{model}"
                 d.mkdir()
-                int8[model] = int8_model(art / "float.onnx", "input", (64, 1, 28, 28), d)
+                int8[model] = int8_model(art / "float.onnx", {"input": np.zeros((64, 1, 28, 28), np.float32)}, d)
             t = _isolated(time_artifact, art, int8[model], rounds)
             if (model, config, kernel) == ("cnn", "w1a2", "bitserial"):
                 steps = _isolated(step_times, art)

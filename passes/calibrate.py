@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompile.calibration import ArrayReader
 from qcompile.errors import CalibrationError
 from qcompile.runtime.inference import ort_threads
 
@@ -86,6 +87,13 @@ class ActivationStats:
         return self.mse_clip(bits)
 
 
+#: onnxruntime's input type strings -> numpy dtypes a calibration batch is fed as
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+             "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+
+
 def _check_batch(batch: dict, inputs: list[ort.NodeArg], source: str) -> dict:
     names = {i.name for i in inputs}
     if not isinstance(batch, dict) or set(batch) != names:
@@ -94,16 +102,24 @@ def _check_batch(batch: dict, inputs: list[ort.NodeArg], source: str) -> dict:
     out = {}
     for arg in inputs:
         arr = np.asarray(batch[arg.name])
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise CalibrationError(f"{source}: input '{arg.name}' is {arr.dtype}; the model expects float32")
-        arr = arr.astype(np.float32, copy=False)
+        want = ORT_TYPES.get(arg.type)
+        if want is None:
+            raise CalibrationError(f"{source}: input '{arg.name}' has type {arg.type}, which calibration cannot feed")
+        if np.issubdtype(want, np.floating) != np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_ and \
+                want != np.bool_:
+            raise CalibrationError(f"{source}: input '{arg.name}' is {arr.dtype}; the model expects "
+                                   f"{np.dtype(want).name}")
+        if np.issubdtype(want, np.integer) and arr.size and (arr.min() < np.iinfo(want).min
+                                                             or arr.max() > np.iinfo(want).max):
+            raise CalibrationError(f"{source}: input '{arg.name}' has values outside {np.dtype(want).name}")
+        arr = arr.astype(want, copy=False)  # ids, masks and rates are fed as they are, in the model's type
         shape = arg.shape
         ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
         if not ok:
             want = "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
             raise CalibrationError(f"{source}: input '{arg.name}' has shape {list(arr.shape)}, "
                                    f"the model expects [{want}]")
-        if not np.all(np.isfinite(arr)):
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise CalibrationError(f"{source}: input '{arg.name}' contains NaN/Inf")
         out[arg.name] = arr
     return out
@@ -126,8 +142,9 @@ def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: 
             proto.graph.output.add().name = name
     sess = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     inputs = sess.get_inputs()
-    if hasattr(reader, "bind") and len(inputs) == 1:
-        reader.bind(inputs[0].name)
+    if hasattr(reader, "bind"):
+        reader.bind([i.name for i in inputs] if isinstance(reader, ArrayReader) or len(inputs) != 1
+                    else inputs[0].name)
     source = getattr(reader, "source", "calibration reader")
     stats = {name: ActivationStats() for name in value_names}
     batches = 0

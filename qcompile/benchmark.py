@@ -37,16 +37,36 @@ def _time(fn, runs: int, warmup: int = 3) -> np.ndarray:
     return np.array(times) * 1e3
 
 
-def int8_model(float_model: Path, input_name: str, shape, out_dir: Path, seed: int = 0) -> Path:
+def synthetic_feeds(inputs, batch: int, seed: int = 0) -> dict:
+    """Timing inputs for a session's inputs: floats uniform in [0, 1), integer inputs (ids, masks) ones;
+    symbolic sizes other than the batch become 1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in inputs:
+        shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape[1:]]
+        if arg.type in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+            dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}.get(arg.type, np.float16)
+            feeds[arg.name] = rng.random(shape).astype(dtype)
+        else:
+            from qcompile.passes.calibrate import ORT_TYPES
+
+            if arg.type not in ORT_TYPES:
+                raise ArtifactError(f"input '{arg.name}' has type {arg.type}; bench cannot make inputs for it")
+            feeds[arg.name] = np.ones(shape, ORT_TYPES[arg.type])
+    return feeds
+
+
+def int8_model(float_model: Path, feeds: dict, out_dir: Path, seed: int = 0) -> Path:
     """onnxruntime's own static int8 quantization (QDQ, per-channel weights) of the float model.
 
-    Calibrated on random inputs in [0, 1): this model is only timed, never used for accuracy."""
+    Calibrated on inputs like `feeds` (random floats): this model is only timed, never used for accuracy."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             rng = np.random.default_rng(seed)
-            self.batches = iter([{input_name: rng.random(shape, dtype=np.float32)} for _ in range(4)])
+            self.batches = iter([{k: (rng.random(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+                                  for k, v in feeds.items()} for _ in range(4)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -70,21 +90,16 @@ def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30) -> 
 
     artifact = Path(artifact)
     sess = InferenceSession(artifact)
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise ArtifactError(f"{artifact}: bench supports one input, the model has {len(inputs)}")
-    arg = inputs[0]
-    shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape[1:]]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    feeds = synthetic_feeds(sess.get_inputs(), batch)
     float_path = artifact / "float.onnx"
-    engines = {"qcompile (artifact)": lambda: sess.run(None, {arg.name: x})}
+    engines = {"qcompile (artifact)": lambda: sess.run(None, feeds)}
     fp32 = session(float_path)
-    engines["onnxruntime fp32"] = lambda: fp32.run(None, {arg.name: x})
+    engines["onnxruntime fp32"] = lambda: fp32.run(None, feeds)
     with tempfile.TemporaryDirectory() as tmp:
-        i8 = session(int8_model(float_path, arg.name, shape, Path(tmp)))
-    engines["onnxruntime int8 (quantize_static)"] = lambda: i8.run(None, {arg.name: x})
+        i8 = session(int8_model(float_path, feeds, Path(tmp)))
+    engines["onnxruntime int8 (quantize_static)"] = lambda: i8.run(None, feeds)
     fq = session(artifact / "fakequant.onnx")
-    engines["onnxruntime fake-quant"] = lambda: fq.run(None, {arg.name: x})
+    engines["onnxruntime fake-quant"] = lambda: fq.run(None, feeds)
     rows = []
     for name, fn in engines.items():
         t = _time(fn, runs)

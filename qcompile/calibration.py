@@ -10,45 +10,79 @@ from qcompile.errors import CalibrationError
 
 
 class ArrayReader:
-    """Yields {input_name: batch} from an in-memory array, `batch_size` rows at a time."""
+    """Yields {input_name: batch} from in-memory arrays, `batch_size` rows at a time.
 
-    def __init__(self, array: np.ndarray, input_name: str | None = None, batch_size: int = 64, source: str = "array"):
-        self.array, self.input_name, self.batch_size, self.source = array, input_name, batch_size, source
+    `arrays` is one array (a one-input model; its name comes from `input_name` or from `bind`) or a dict with one
+    array per model input name (`x` also stands for the only input of a one-input model)."""
+
+    def __init__(self, arrays, input_name: str | None = None, batch_size: int = 64, source: str = "array"):
+        self.arrays = dict(arrays) if isinstance(arrays, dict) else None
+        self.array = None if self.arrays is not None else arrays
+        self.input_name, self.batch_size, self.source = input_name, batch_size, source
         self._pos = 0
+        if self.arrays is not None:
+            sizes = {k: len(v) for k, v in self.arrays.items()}
+            if len(set(sizes.values())) > 1:
+                raise CalibrationError(f"{source}: arrays have different numbers of samples {sizes}; "
+                                       "give every input the same number")
 
-    def bind(self, input_name: str) -> None:
-        """The pipeline tells a reader with no input name which model input it feeds."""
-        if self.input_name is None:
-            self.input_name = input_name
+    def __len__(self) -> int:
+        return len(self.array) if self.arrays is None else len(next(iter(self.arrays.values()), []))
+
+    def bind(self, input_names) -> None:
+        """The pipeline tells the reader the model's input names; a one-array reader takes the only one, a dict
+        must name every input exactly (missing and extra names are one error naming both)."""
+        names = [input_names] if isinstance(input_names, str) else list(input_names)
+        if self.arrays is None:
+            if self.input_name is None:
+                if len(names) != 1:
+                    raise CalibrationError(f"{self.source}: the model has inputs {names}; give one array per input "
+                                           "name (an .npz with those names, or a dict)")
+                self.input_name = names[0]
+            return
+        if len(names) == 1 and set(self.arrays) == {"x"}:
+            self.arrays = {names[0]: self.arrays["x"]}
+        missing, extra = sorted(set(names) - set(self.arrays)), sorted(set(self.arrays) - set(names))
+        if missing or extra:
+            parts = ([f"missing {missing}"] if missing else []) + ([f"not model inputs {extra}"] if extra else [])
+            raise CalibrationError(f"{self.source}: {'; '.join(parts)}; the model's inputs are {names}")
 
     def get_next(self) -> dict | None:
-        if self._pos >= len(self.array):
+        if self._pos >= len(self):
             return None
-        batch = self.array[self._pos:self._pos + self.batch_size]
+        sl = slice(self._pos, self._pos + self.batch_size)
         self._pos += self.batch_size
-        return {self.input_name: batch}
+        if self.arrays is None:
+            return {self.input_name: self.array[sl]}
+        return {k: v[sl] for k, v in self.arrays.items()}
 
     def rewind(self) -> None:
         self._pos = 0
 
 
+def _scaled(array: np.ndarray) -> np.ndarray:
+    """uint8 images are scaled to [0, 1]; other dtypes (float inputs, integer ids and masks) are kept."""
+    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
+
+
 def npz_reader(path: str | Path, batch_size: int = 64) -> ArrayReader:
-    """Calibration data from an .npz: the array named `x` (or the only array). uint8 images are scaled by 1/255."""
+    """Calibration data from an .npz: the array `x` (or the only array) for a one-input model, else one array per
+    model input name. uint8 images are scaled by 1/255."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     try:
         with np.load(path) as data:
-            keys = list(data.keys())
-            key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise CalibrationError(f"{path}: holds {keys}; name the input array 'x'")
-            array = data[key]
+            arrays = {k: data[k] for k in data.keys()}
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    return ArrayReader(array, None, batch_size, source=str(path))
+    if not arrays:
+        raise CalibrationError(f"{path}: holds no arrays")
+    if len(arrays) == 1:
+        return ArrayReader(_scaled(next(iter(arrays.values()))), None, batch_size, source=str(path))
+    if "x" in arrays and "y" in arrays and len(arrays) == 2:  # an evaluation file (x, y): calibrate on x
+        return ArrayReader(_scaled(arrays["x"]), None, batch_size, source=str(path))
+    return ArrayReader({k: _scaled(v) for k, v in arrays.items()}, None, batch_size, source=str(path))
 
 
 def as_reader(calib, batch_size: int = 64):
@@ -59,4 +93,6 @@ def as_reader(calib, batch_size: int = 64):
         return npz_reader(calib, batch_size)
     if isinstance(calib, np.ndarray):
         return ArrayReader(calib, None, batch_size)
-    raise CalibrationError(f"calibration data of type {type(calib).__name__}: pass a .npz path, an array or a reader")
+    if isinstance(calib, dict):
+        return ArrayReader(calib, None, batch_size, source="calibration dict")
+    raise CalibrationError(f"calibration data of type {type(calib).__name__}: pass a .npz path, an array, a dict of arrays or a reader")

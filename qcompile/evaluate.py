@@ -12,19 +12,43 @@ from qcompile.errors import CalibrationError, ModelLoadError
 from qcompile.passes.calibrate import session_options
 
 
-def load_labelled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An .npz with `x` (uint8 images are scaled by 1/255) and `y` (integer labels)."""
+def load_labelled(path: str | Path):
+    """An .npz with `y` (integer labels) and the inputs: `x` for a one-input model (uint8 images are scaled by 1/255),
+    else one array per model input name. Returns (x or {name: array}, y)."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: data file not found")
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise CalibrationError(f"{path}: needs arrays 'x' and 'y', found {sorted(data.keys())}")
-        x, y = data["x"], data["y"].astype(np.int64)
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    if len(x) != len(y):
-        raise CalibrationError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.keys()}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
+    if "y" not in arrays or len(arrays) < 2:
+        raise CalibrationError(f"{path}: needs 'y' and the inputs ('x', or one array per input name), found "
+                               f"{sorted(arrays)}")
+    y = arrays.pop("y").astype(np.int64)
+    scale = {k: (v.astype(np.float32) / 255.0 if v.dtype == np.uint8 else v) for k, v in arrays.items()}
+    x = scale["x"] if set(scale) == {"x"} else scale
+    for name, v in scale.items():
+        if len(v) != len(y):
+            raise CalibrationError(f"{path}: {len(v)} samples of '{name}' but {len(y)} labels")
     return x, y
+
+
+def feeds_for(inputs, x, where: str) -> list[dict]:
+    """Name the arrays for a session's inputs: one array for a one-input model, else a dict with every name."""
+    names = [i.name for i in inputs]
+    if not isinstance(x, dict):
+        if len(names) != 1:
+            raise CalibrationError(f"{where}: the model has inputs {names}; give one array per input name")
+        return {names[0]: x}
+    if len(names) == 1 and set(x) == {"x"}:
+        return {names[0]: x["x"]}
+    missing, extra = sorted(set(names) - set(x)), sorted(set(x) - set(names))
+    if missing or extra:
+        parts = ([f"missing {missing}"] if missing else []) + ([f"not model inputs {extra}"] if extra else [])
+        raise CalibrationError(f"{where}: {'; '.join(parts)}; the model's inputs are {names}")
+    return {n: x[n] for n in names}
 
 
 def session(model: str | Path | onnx.ModelProto) -> ort.InferenceSession:
@@ -45,8 +69,9 @@ def predict(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
         sess = InferenceSession(model)
     else:
         sess = session(model)
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
+    feeds = feeds_for(sess.get_inputs(), x, str(model) if isinstance(model, (str, Path)) else "model")
+    n = len(next(iter(feeds.values())))
+    outs = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
     return np.concatenate(outs)
 
 
