@@ -95,6 +95,29 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto, *, fold_pool
     return specs
 
 
+def symbolic_layers(fakequant: onnx.ModelProto, layers) -> dict[str, str]:
+    """Quantized layers whose input has a symbolic size other than the batch -> why they stay on onnxruntime.
+
+    The bit kernels are generated for fixed shapes; such a layer keeps its fake-quant form (same outputs), so an
+    image of any size runs correctly."""
+    inferred = onnx.shape_inference.infer_shapes(fakequant)
+    dims = {vi.name: vi.type.tensor_type.shape.dim for vi in
+            [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    core_input = {n.name: n.input[0] for n in fakequant.graph.node if n.input}
+    out = {}
+    for name in layers:
+        shape = dims.get(core_input.get(core_name(name), ""))
+        if shape is None:
+            out[name] = "its input shape is unknown after shape inference; kept as fake-quant on onnxruntime"
+            continue
+        sizes = [str(d.dim_value) if d.HasField("dim_value") else
+                 (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else "?") for d in shape]
+        if any(not d.HasField("dim_value") for d in list(shape)[1:]):
+            out[name] = (f"input shape [batch, {', '.join(sizes[1:])}] has symbolic sizes and bit kernels are built "
+                         "for fixed sizes; kept as fake-quant on onnxruntime (any size runs)")
+    return out
+
+
 def _tensor_type(elem: int, shape) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem, ["batch", *shape])
 
@@ -145,8 +168,9 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     (work / "kernels").mkdir()
     (work / "partitions").mkdir()
 
-    candidates = ir.from_proto(result.model)            # every quantized layer as a bit kernel: the candidates
-    FuseBitKernels()(candidates, result.ctx)
+    symbolic = symbolic_layers(result.model, result.ctx.layers)
+    candidates = ir.from_proto(result.model)            # every fixed-size quantized layer as a bit kernel
+    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(candidates, result.ctx)
     all_specs = layer_specs(ir.to_proto(candidates), result.model)
     measured = None
     if autotune and all_specs:
@@ -207,7 +231,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         label = kernel_names[choice.kernel] if choice else "onnxruntime-fp32"
         if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
             label = "lut-avx2"  # the AVX2 LUT kernels, on the AVX-512 path too
-        why = (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else p.reason
+        why = (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else symbolic.get(name, p.reason)
         spec = spec_of.get(name)
         if spec is not None and spec.pool is not None:
             why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs inside this kernel"

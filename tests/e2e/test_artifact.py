@@ -180,3 +180,23 @@ def test_any_node_name_compiles_and_runs(tmp_path):
     x = tiny_inputs(5, seed=9)
     np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
                                   predict(result.model, x))
+
+
+def test_symbolic_spatial_sizes_stay_on_onnxruntime_with_the_reason(tmp_path):
+    """A conv whose height and width are symbolic cannot get a fixed-shape kernel: it stays fake-quant, says why,
+    and the artifact still equals the fake-quant model."""
+    from graphs import tiny_cnn
+
+    model = tiny_cnn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = tmp_path / "dyn.onnx"
+    onnx.save(model, path)
+    result = api.compile(path, config="w2a2", calib=tiny_inputs(32), target="cpu")
+    plan = {p["node"]: p for p in result.manifest["plan"]}
+    assert plan["conv2"]["kernel"] == "onnxruntime-fp32" and "symbolic" in plan["conv2"]["why"]
+    assert "[batch, 8, ?, ?]" in plan["conv2"]["why"]
+    result.save(tmp_path / "art")
+    x = tiny_inputs(3, seed=4)
+    np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
+                                  predict(result.model, x))
