@@ -71,6 +71,18 @@ def weight_layout(node: ir.Node) -> tuple[ir.Value | None, int, str | None]:
     return None, 0, "not a Conv/Gemm/MatMul"
 
 
+def subgraph_nodes(graph: ir.Graph, owner: ir.Node | None = None):
+    """(top-level If/Loop/Scan node, node) for every node inside a subgraph, at any depth."""
+    for node in graph:
+        if owner is not None:
+            yield owner, node
+        for attr in node.attributes.values():
+            graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else \
+                [attr.value] if attr.type == ir.AttributeType.GRAPH else []
+            for sub in graphs:
+                yield from subgraph_nodes(sub, owner or node)
+
+
 class PlanBits:
     """Choose bits and quantizer for each weighted layer (see module docstring)."""
 
@@ -101,6 +113,16 @@ class PlanBits:
             if plan.quantize:
                 plan.bits_w, plan.bits_a, plan.quantizer = cfg.bits_w, cfg.bits_a, cfg.quantizer
             ctx.plan[name] = plan
+        for owner, node in subgraph_nodes(model.graph):
+            if node.op_type not in WEIGHTED_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            name = node_label(node)
+            w, axis, _ = weight_layout(node)
+            ctx.plan.setdefault(name, LayerPlan(
+                name, node.op_type, False,
+                f"inside the {owner.op_type} node '{node_label(owner)}' (a subgraph): subgraphs are not quantized "
+                "yet, it stays float", weight=w.name if w is not None else "", weight_axis=axis,
+                activation=node.inputs[0].name if node.inputs and node.inputs[0] is not None else ""))
         return False  # planning annotates; the graph is unchanged
 
 
@@ -116,4 +138,8 @@ def op_table(model: ir.Model, plan: dict[str, LayerPlan]) -> list[dict]:
         else:
             rows.append({"node": name, "op": node.op_type, "status": "float",
                          "why": "no weights: runs as is in onnxruntime"})
+    for owner, node in subgraph_nodes(model.graph):  # layers in If/Loop/Scan bodies are listed, never skipped
+        p = plan.get(node_label(node))
+        rows.append({"node": node_label(node), "op": node.op_type, "status": "float",
+                     "why": p.reason if p is not None else f"inside the {owner.op_type} node '{node_label(owner)}'"})
     return rows

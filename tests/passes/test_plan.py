@@ -29,3 +29,30 @@ def test_unknown_preset_and_quantizer():
         api.inspect("x.onnx", config="w9a9")
     with pytest.raises(ConfigError, match="unknown quantizer"):
         api.inspect("x.onnx", config="w2a2", quantizer="magic")
+
+
+def test_layers_inside_if_branches_are_listed_as_float_with_the_reason():
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompile.config import resolve_config
+    from qcompile.passes.pipeline import CompileContext
+    from qcompile.passes.plan import PlanBits
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name,
+                                 [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 4])])
+
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="choose", then_branch=branch("then"),
+                              else_branch=branch("else"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    ctx = CompileContext(config=resolve_config("w2a2"))
+    PlanBits()(model, ctx)
+    for name in ("then_mm", "else_mm"):
+        assert not ctx.plan[name].quantize and "inside the If node 'choose'" in ctx.plan[name].reason
