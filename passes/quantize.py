@@ -96,10 +96,13 @@ def _weights_nk(arr: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _int_tensor(values: np.ndarray) -> tuple[np.ndarray, ir.DataType]:
-    """The exact small integers 2q - zero2, in INT4 when they fit (true 4-bit storage), else INT8."""
+    """The exact small integers 2q - zero2, in INT4 when they fit (true 4-bit storage), INT8, or INT16 for 8-bit
+    weights (2q - zero2 spans [-255, 255] there; DequantizeLinear takes int16 from opset 21)."""
     if values.min() >= -8 and values.max() <= 7:
         return values.astype(np.int8), ir.DataType.INT4
-    return values.astype(np.int8), ir.DataType.INT8
+    if values.min() >= -128 and values.max() <= 127:
+        return values.astype(np.int8), ir.DataType.INT8
+    return values.astype(np.int16), ir.DataType.INT16
 
 
 class QuantizeLayers:

@@ -64,6 +64,11 @@ PRESETS: dict[str, Config] = {
     "w1a2": Config(bits_w=1, bits_a=2, name="w1a2"),
     "w2a2": Config(bits_w=2, bits_a=2, name="w2a2"),
     "w4a4": Config(bits_w=4, bits_a=4, name="w4a4"),
+    # 8-bit: what most users try first; min-max uniform weights (256 balanced bins buy nothing at 8 bits)
+    "w8a8": Config(bits_w=8, bits_a=8, quantizer="uniform", name="w8a8"),
+    "w8a4": Config(bits_w=8, bits_a=4, quantizer="uniform", name="w8a4"),
+    "w4a8": Config(bits_w=4, bits_a=8, name="w4a8"),
+    "w2a8": Config(bits_w=2, bits_a=8, name="w2a8"),
 }
 
 

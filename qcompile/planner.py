@@ -57,6 +57,17 @@ def lut_kernel(spec, caps) -> bool:
     return x86_kernels(spec).get(f"{caps.path}_kernel") == "lut"
 
 
+def weight_ints(spec) -> np.ndarray:
+    """The integers 2q - zero2 a fake-quant layer multiplies by (int16: 8-bit weights need 9 bits)."""
+    return 2 * spec.w.astype(np.int16) - spec.wzero2.reshape((-1,) + (1,) * (spec.w.ndim - 1)).astype(np.int16)
+
+
+def int8_fits(spec) -> bool:
+    """onnxruntime's ConvInteger/MatMulInteger take int8 weights: 2q - zero2 must lie in [-128, 127]."""
+    ints = weight_ints(spec)
+    return not ints.size or (int(ints.min()) >= -128 and int(ints.max()) <= 127)
+
+
 def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
     m, n, k = layer_macs(spec, batch)
     hz = caps.ghz * 1e9 * caps.cores
@@ -73,6 +84,8 @@ def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
         "int8": m * n * k / (int8_rate * hz * EFFICIENCY["int8"]),
         "float": m * n * k / (FLOAT_MACS_PER_CYCLE[caps.path] * hz * EFFICIENCY["float"]),
     }
+    if not int8_fits(spec):
+        del est["int8"]
     return {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
 
 
@@ -90,19 +103,25 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
         basis = meas or est
         basis_of[spec.name] = basis
         kernel = force or min(basis, key=basis.get)
+        unfit = force == "int8" and not int8_fits(spec)
+        if unfit:  # 8-bit weights: 2q - zero2 needs 9 bits, which onnxruntime's int8 ops cannot hold
+            kernel = "float"
         how = "measured" if meas else "estimated"
         bit_name = "lut" if lut_kernel(spec, caps) else "bitserial"  # what the report calls the bit kernel
         others = ", ".join(f"{bit_name if k == 'bitserial' else k} {v:.3f} ms"
                            for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
         why = f"{how} at batch {batch}: {others}"
-        if force:
+        if unfit:
+            why = "--kernel int8 asked, but its weight integers need 9 bits: float (fake-quant) instead; " + why
+        elif force:
             why = f"forced by --kernel {force}; " + why
         elif kernel != "bitserial":
             why = f"the W{spec.bits_w}A{spec.bits_a} bit kernel ({bit_name}) would be slower here; " + why
         choices[spec.name] = KernelChoice(spec.name, kernel, est, meas, why)
     if not force:
         for run in _bitserial_runs(specs, choices):
-            best_ort = {s.name: min((k for k in KERNELS if k != "bitserial"), key=basis_of[s.name].get) for s in run}
+            best_ort = {s.name: min((k for k in KERNELS if k != "bitserial" and k in basis_of[s.name]),
+                                    key=basis_of[s.name].get) for s in run}
             saved = sum(basis_of[s.name][best_ort[s.name]] - basis_of[s.name]["bitserial"] for s in run)
             if saved >= PARTITION_SWITCH_MS:
                 continue
@@ -166,21 +185,23 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
     for spec in specs:
         x = rng.integers(0, 2 ** spec.bits_a, (batch, *spec.in_shape), dtype=np.uint8)
         times = {"bitserial": _best_ms(lambda: library.run(spec.name, x, batch, check=False))}
-        w_int = (2 * spec.w.astype(np.int16) - spec.wzero2.reshape((-1,) + (1,) * (spec.w.ndim - 1))).astype(np.int8)
+        w_int = weight_ints(spec)
         if spec.op == "conv":
             attrs = dict(strides=list(spec.strides), pads=list(spec.pads), dilations=list(spec.dilations),
                          group=spec.group)
             nodes_i8 = [helper.make_node("ConvInteger", ["x", "w"], ["acc"], **attrs),
                         helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
             nodes_f = [helper.make_node("Conv", ["xf", "wf"], ["y"], **attrs)]
-            w_i8, w_f = w_int, w_int.astype(np.float32)
+            w_i8, w_f = w_int.astype(np.int8), w_int.astype(np.float32)
         else:
             nodes_i8 = [helper.make_node("MatMulInteger", ["x", "w"], ["acc"]),
                         helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
             nodes_f = [helper.make_node("MatMul", ["xf", "wf"], ["y"])]
-            w_i8, w_f = np.ascontiguousarray(w_int.T), np.ascontiguousarray(w_int.T.astype(np.float32))
+            w_i8, w_f = np.ascontiguousarray(w_int.T.astype(np.int8)), np.ascontiguousarray(w_int.T.astype(np.float32))
         for kind, nodes, xin, w, wname in (("int8", nodes_i8, x, w_i8, "w"),
                                            ("float", nodes_f, x.astype(np.float32), w_f, "wf")):
+            if kind == "int8" and not int8_fits(spec):
+                continue
             xname = "x" if kind == "int8" else "xf"
             elem = TensorProto.UINT8 if kind == "int8" else TensorProto.FLOAT
             g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(xname, elem, list(xin.shape))],

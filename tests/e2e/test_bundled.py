@@ -51,3 +51,18 @@ def test_compression_ratio_reported(calib):
     report = api.compile(datasets.bundled_model("cnn"), config="w1a2", calib=calib).report
     assert report["totals"]["quantized_layers_compression"] > 20  # 1-bit weights: ~32x minus scales
     assert report["totals"]["compression"] > 5
+
+
+@pytest.mark.parametrize("preset,agree", [("w8a8", 0.99), ("w4a8", 0.95)])
+def test_8bit_presets_agree_with_float_and_the_artifact_is_exact(tmp_path, preset, agree):
+    """8-bit weights need 9-bit integers 2q - zero2 (INT16 in the fake-quant model; never onnxruntime's int8 ops)."""
+    from qcompile import api, datasets, evaluate
+    from qcompile.runtime import InferenceSession
+
+    x, y = datasets.load_sample()
+    result = api.compile(datasets.bundled_model("cnn"), config=preset, calib=datasets.load_calib(), target="cpu")
+    acc = evaluate.compare(result.float_model, result.model, x, y)
+    assert acc["agreement"] >= agree
+    result.save(tmp_path / "art")
+    np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x[:40]})[0],
+                                  evaluate.predict(result.model, x[:40]))
