@@ -132,6 +132,16 @@ def session_options() -> ort.SessionOptions:
     return so
 
 
+def float_session(proto) -> ort.InferenceSession:
+    """onnxruntime session of the float model; one CalibrationError naming the node when it cannot load."""
+    from qcompile.partition import load_failure
+
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise CalibrationError(load_failure(proto, exc, "float model for calibration")) from None
+
+
 def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: int, progress=None
                   ) -> dict[str, ActivationStats]:
     """Run the float model once over the reader, exposing `value_names` as extra outputs."""
@@ -140,7 +150,7 @@ def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: 
     for name in value_names:
         if name not in existing:
             proto.graph.output.add().name = name
-    sess = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    sess = float_session(proto)
     inputs = sess.get_inputs()
     if hasattr(reader, "bind"):
         reader.bind([i.name for i in inputs] if isinstance(reader, ArrayReader) or len(inputs) != 1

@@ -27,7 +27,7 @@ import qcompile
 from qcompile.errors import ConfigError
 from qcompile.fileio import sha256_file
 from qcompile.input_quant import fold_input_quantizers
-from qcompile.partition import disabled_optimizers, partition, reader_counts
+from qcompile.partition import check_loads, disabled_optimizers, partition, reader_counts
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 from qcompile.passes.quantize import core_name
 
@@ -107,7 +107,7 @@ def symbolic_layers(fakequant: onnx.ModelProto, layers) -> dict[str, str]:
     out = {}
     for name in layers:
         shape = dims.get(core_input.get(core_name(name), ""))
-        if shape is None:
+        if shape is None or len(shape) < 2:  # no shape at all (e.g. after an op shape inference does not know)
             out[name] = "its input shape is unknown after shape inference; kept as fake-quant on onnxruntime"
             continue
         sizes = [str(d.dim_value) if d.HasField("dim_value") else
@@ -212,6 +212,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
                              "inputs": step.inputs[:1], "outputs": step.outputs})
         else:
             rel = f"partitions/p{index:02d}.onnx"
+            check_loads(step.model, f"float partition {rel} of the artifact")
             onnx.save(step.model, work / rel)
             schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs,
                              "disabled_optimizers": disabled_optimizers(step.model, calib_batch)})

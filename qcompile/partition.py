@@ -124,6 +124,32 @@ def _best_ms(sess, feeds, reps: int) -> float:
     return best * 1e3
 
 
+def load_failure(model: onnx.ModelProto, exc: Exception, purpose: str) -> str:
+    """One line for an onnxruntime session that would not load: the node it choked on when the message names an op
+    (an op of a domain onnxruntime does not know, typically a custom op), else onnxruntime's first line."""
+    text = str(exc)
+    for node in model.graph.node:
+        op = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
+        if node.domain and op in text:
+            return (f"node '{node.name or node.op_type}' ({op}): onnxruntime cannot run it, and {purpose} runs in "
+                    "onnxruntime; register its custom-op library or replace the node")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"onnxruntime cannot load the {purpose}: {first[:200]}"
+
+
+def check_loads(model: onnx.ModelProto, purpose: str) -> None:
+    """Raise ArtifactError (one line naming the node) unless onnxruntime can load `model`."""
+    import onnxruntime as ort
+
+    from qcompile.errors import ArtifactError
+    from qcompile.runtime.inference import session_options
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ArtifactError(load_failure(model, exc, purpose)) from None
+
+
 def disabled_optimizers(model: onnx.ModelProto, calib_batch: dict | None = None, reps: int = 5) -> list[str]:
     """The onnxruntime optimizers a partition runs better without: NCHWc, when the partition has a Conv, gives
     bitwise the same outputs without it on the probe data (the calibration batch where it feeds the partition) and

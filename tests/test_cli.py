@@ -140,3 +140,25 @@ def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(tmp_p
     assert str(model) in res.output and "IndexError" in res.output and "--debug" in res.output
     res = CliRunner().invoke(main, ["--debug", *args])
     assert isinstance(res.exception, IndexError)
+
+
+def test_an_op_of_an_unknown_domain_is_named_in_one_line(tmp_path, files):
+    """onnxruntime cannot run a custom op without its library: calibration and the artifact's partitions say which."""
+    from onnx import helper
+
+    _, calib, _ = files
+    model = tiny_cnn()
+    for i, node in enumerate(model.graph.node):
+        if node.name == "relu1":
+            out, node.output[0] = node.output[0], "relu1_raw"
+            model.graph.node.insert(i + 1, helper.make_node("MyOp", ["relu1_raw"], [out], domain="com.example",
+                                                            name="custom"))
+            break
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    for extra in (["--calib", str(calib)], ["--target", "cpu"]):
+        res = CliRunner().invoke(main, ["compile", str(path), *extra, "-o", str(tmp_path / "o")])
+        assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+        assert "node 'custom' (com.example:MyOp)" in res.output
+        assert not (tmp_path / "o").exists()
