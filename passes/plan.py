@@ -112,6 +112,11 @@ class PlanBits:
                 plan.quantize, plan.reason = True, "low-bit candidate"
             if plan.quantize:
                 plan.bits_w, plan.bits_a, plan.quantizer = cfg.bits_w, cfg.bits_a, cfg.quantizer
+                for glob, bits_w, bits_a in cfg.layer_bits:  # per-layer bits from the .toml's [layers]
+                    if fnmatch.fnmatchcase(name, glob):
+                        plan.bits_w, plan.bits_a = bits_w, bits_a
+                        plan.reason += f" (bits from [layers] '{glob}')"
+                        break
             ctx.plan[name] = plan
         for owner, node in subgraph_nodes(model.graph):
             if node.op_type not in WEIGHTED_OPS or node.domain not in ("", "ai.onnx"):

@@ -142,7 +142,8 @@ def _imported_config(proto: onnx.ModelProto, fallback: Config) -> Config:
     data = metadata(proto, CONFIG_KEY)
     if not data:
         return fallback
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    data = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in data.items()}
     return Config(**data)
 
 

@@ -288,7 +288,8 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, data, val,
 @main.command()
 @click.option("-o", "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--config", "preset", default="w1a2", show_default=True)
-@click.option("--quantizer", type=QUANTIZER_CHOICES, default="balanced", show_default=True)
+@click.option("--quantizer", type=QUANTIZER_CHOICES, default="dorefa", show_default=True,
+              help="Weight quantizer (DoReFa fine-tunes best at W1A2: bench/RESULTS.md, Fine-tuning).")
 @click.option("--steps", default=600, show_default=True, help="Fine-tuning steps.")
 def demo(out, preset, quantizer, steps):
     """The whole job on the bundled Fashion-MNIST CNN: post-training quantization, a short fine-tune, the CPU

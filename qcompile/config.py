@@ -26,6 +26,7 @@ class Config:
     act_clip: str = "mse"                # "mse" | "max" | "percentile:99.99": how calibration picks clip c
     bias_correction: bool = True         # fold E[(W - Wq) x] from calibration into the bias
     calib_batches: int = 64              # at most this many calibration batches are read
+    layer_bits: tuple[tuple[str, int, int], ...] = ()  # (node-name glob, bits_w, bits_a): the first match wins
     name: str = "custom"
 
     def __post_init__(self):
@@ -34,6 +35,10 @@ class Config:
                 raise ConfigError(f"{what}={bits}: must be between 1 and 8 (qcompile targets 1-4 bit)")
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"unknown quantizer '{self.quantizer}'; choose one of {', '.join(QUANTIZERS)}")
+        for glob, bw, ba in self.layer_bits:
+            for what, bits in (("bits_w", bw), ("bits_a", ba)):
+                if not isinstance(bits, int) or not 1 <= bits <= 8:
+                    raise ConfigError(f"layers.'{glob}': {what}={bits!r} must be between 1 and 8")
         kind = self.act_clip.split(":")[0]
         if kind not in ("mse", "max", "percentile"):
             raise ConfigError(f"act_clip '{self.act_clip}': use mse, max or percentile:<p>")
@@ -53,6 +58,8 @@ class Config:
         for key in ("keep_float", "quantize"):
             if key in changes and changes[key] is not None:
                 changes[key] = tuple(changes[key])
+        if changes.get("layer_bits") is not None:
+            changes["layer_bits"] = tuple(tuple(x) for x in changes["layer_bits"])
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
@@ -89,10 +96,26 @@ def resolve_config(config: str | Config | None = None, **overrides) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         preset = data.pop("preset", None)
+        layers = data.pop("layers", {})
+        if not isinstance(layers, dict):
+            raise ConfigError(f"{path}: [layers] must map node-name globs to a preset (\"w4a4\") or "
+                              "{{bits_w = .., bits_a = ..}}")
+        data["layer_bits"] = [(glob, *_layer_bits(path, glob, spec)) for glob, spec in layers.items()]
         base = resolve_config(preset).replace(name=path.stem, **data)
     else:
         raise ConfigError(f"unknown config '{config}'; use a preset ({', '.join(PRESETS)}) or a .toml file")
     return base.replace(**overrides)
+
+
+def _layer_bits(path, glob: str, spec) -> tuple[int, int]:
+    """A [layers] entry: a preset name ("w4a4") or a table {bits_w = 4, bits_a = 8}."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ConfigError(f"{path}: layers.'{glob}' = '{spec}': not a preset ({', '.join(PRESETS)})")
+        return PRESETS[spec].bits_w, PRESETS[spec].bits_a
+    if isinstance(spec, dict) and set(spec) <= {"bits_w", "bits_a"} and spec:
+        return spec.get("bits_w", 2), spec.get("bits_a", 2)
+    raise ConfigError(f"{path}: layers.'{glob}': write a preset (\"w4a4\") or {{bits_w = 4, bits_a = 8}}")
 
 
 def bits_fit_int4(bits_w: int) -> bool:

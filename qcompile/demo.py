@@ -30,7 +30,7 @@ def training_data(console: Console):
         return datasets.load_calib()
 
 
-def run(out: str | Path = "demo-out", preset: str = "w1a2", quantizer: str = "balanced", steps: int = 600,
+def run(out: str | Path = "demo-out", preset: str = "w1a2", quantizer: str = "dorefa", steps: int = 600,
         batch: int = 64, data=None, bench_runs: int = 30) -> dict:
     from qcompile import benchmark
     from qcompile.finetune.api import finetune

@@ -139,3 +139,29 @@ def test_datasets_does_not_import_torch():
 
     code = "import sys, qcompile.datasets; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_per_layer_bits_from_the_toml(tmp_path):
+    """[layers] in a .toml: node-name globs -> a preset or {bits_w, bits_a}; the first match wins."""
+    from qcompile import api, datasets
+    from qcompile.config import resolve_config
+    from qcompile.errors import ConfigError
+
+    toml = tmp_path / "mixed.toml"
+    toml.write_text('preset = "w2a2"\n[layers]\n"/3/Conv" = "w8a8"\n"*Gemm*" = {bits_w = 1, bits_a = 4}\n')
+    cfg = resolve_config(str(toml))
+    assert cfg.layer_bits == (("/3/Conv", 8, 8), ("*Gemm*", 1, 4))
+    result = api.compile(datasets.bundled_model("cnn"), config=str(toml), calib=datasets.load_calib(), target="cpu")
+    bits = {n: (q.bits_w, q.bits_a) for n, q in result.ctx.layers.items()}
+    assert bits == {"/3/Conv": (8, 8), "/7/Conv": (2, 2), "/11/Conv": (2, 2), "/16/Gemm": (1, 4)}
+    result.save(tmp_path / "art")
+    from qcompile.evaluate import predict
+    from qcompile.runtime import InferenceSession
+
+    x = datasets.load_sample()[0][:20]
+    np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
+                                  predict(result.model, x))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[layers]\n"x" = "w9a9"\n')
+    with pytest.raises(ConfigError, match="not a preset"):
+        resolve_config(str(bad))

@@ -363,7 +363,7 @@ def _check_resume(saved: dict, now: dict, path: Path) -> None:
     for section in ("config", "options"):
         for key, value in now[section].items():
             was = saved[section].get(key)
-            if was != value and not (isinstance(was, list) and tuple(was) == value):
+            if json.dumps(was) != json.dumps(value):  # tuples and lists alike
                 raise QcompileError(f"{path}: was trained with {key}={was!r}, this run asks {key}={value!r}; "
                                     "resume with the same settings")
     for key in ("train", "train_n"):

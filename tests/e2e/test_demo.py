@@ -10,13 +10,13 @@ def test_demo_runs_the_whole_job_and_fine_tuning_recovers_accuracy(tmp_path):
         datasets.load_fashion_mnist("train")
     except Exception:
         pytest.skip("dataset-fashion-mnist is not installed (scripts/test.sh installs it when run as root)")
-    res = demo.run(tmp_path / "demo", "w1a2", "balanced", steps=120, bench_runs=3)
+    res = demo.run(tmp_path / "demo", "w1a2", "dorefa", steps=120, bench_runs=3)
     acc = {r["model"]: r["top1"] for r in res["accuracy"]}
     floating, ptq = acc["float (onnxruntime)"], acc["w1a2 post-training"]
     tuned = acc["w1a2 fine-tuned (fake-quant, onnxruntime)"]
     deployed = acc["w1a2 deployed artifact (bit kernels)"]
-    assert floating > 0.9 and ptq < 0.5                   # W1A2 post-training is unusable ...
-    assert tuned > ptq + 0.3 and tuned > 0.8               # ... a short fine-tune brings it back
+    assert floating > 0.9 and ptq < 0.7                   # W1A2 post-training loses 40 points ...
+    assert tuned > ptq + 0.2 and tuned > 0.85              # ... a short fine-tune brings most of them back
     assert res["identical"] and deployed == tuned          # the artifact computes the fine-tuned model exactly
     for batch, rows in res["speed"].items():
         engines = {r["engine"] for r in rows}
