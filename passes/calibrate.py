@@ -32,6 +32,7 @@ class ActivationStats:
     hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
     channel_sum: np.ndarray | None = None     # per channel (axis 1) sums, for the bias correction
     channel_count: int = 0
+    negative: "ActivationStats | None" = None  # the same statistics of -x over the negative values, when any
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -47,6 +48,9 @@ class ActivationStats:
             self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
             self.channel_count += per_channel.shape[1]
         x = x.ravel()
+        if x.min() < 0:  # signed activations: the negative side gets its own histogram (of -x)
+            self.negative = self.negative or ActivationStats()
+            self.negative.update(-x[x < 0])
         self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
         self.count += x.size
         pos = x[x > 0]
@@ -78,6 +82,12 @@ class ActivationStats:
             if err < best_err:
                 best, best_err = float(c), err
         return best
+
+    def signed_range(self, rule: str, bits: int) -> tuple[float, float]:
+        """(lo, hi) of a signed activation's clip: each side chosen by `rule` on its own histogram."""
+        hi = self.clip(rule, bits) if self.max > 0 else 0.0
+        lo = -self.negative.clip(rule, bits) if self.negative is not None else 0.0
+        return lo, hi
 
     def clip(self, rule: str, bits: int) -> float:
         if rule == "max":
@@ -187,11 +197,16 @@ class Calibrate:
             ctx.act_ranges = {}      # quantize falls back to DoReFa's [0, 1] and the report warns
             return False
         ctx.act_ranges = collect_stats(model, names, ctx.calib, ctx.config.calib_batches)
+        nodes = {n.name: n for n in model.graph}
         for p in planned:
             s = ctx.act_ranges[p.activation]
             if s.min < 0:
-                p.mark_float(f"input activation goes negative (min {s.min:.3g}); DoReFa activations are "
-                             "unsigned: put a ReLU before it or keep it float")
+                node = nodes.get(p.node)
+                if node is not None and node.op_type == "Conv" and any(node.attributes.get_ints("pads", [0])):
+                    p.mark_float(f"signed input (min {s.min:.3g}) to a padded conv: the kernels pad codes with 0, "
+                                 "not with the zero point; kept float")
+                else:
+                    p.act_signed = True   # affine codes with a zero point (passes/quantize.py)
             elif s.max <= 0:
                 p.mark_float("input activation is 0 on all calibration data: nothing to quantize")
         return False

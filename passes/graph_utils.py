@@ -36,6 +36,8 @@ def redirect_uses(old: ir.Value, new: ir.Value) -> None:
     """Make every reader of `old` (graph outputs included, keeping the output's name) read `new` instead."""
     if old.is_graph_output():
         name = old.name
+        if new.type is None:  # a graph output keeps its declared type and shape
+            new.type, new.shape = old.type, old.shape
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         old.name = f"{name}__pre"
         new.name = name

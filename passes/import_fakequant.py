@@ -38,7 +38,8 @@ def layer_metadata(layers: dict) -> dict[str, str]:
         out[name] = {"bits_w": q.bits_w, "bits_a": q.bits_a, "quantizer": q.quantizer,
                      "zero2": np.broadcast_to(q.qweight.zero2.reshape(-1), (q.qweight.codes.shape[0],)).tolist(),
                      "scale": np.broadcast_to(q.qweight.scale.reshape(-1), (q.qweight.codes.shape[0],)).tolist(),
-                     "per_channel": q.qweight.axis == 0, "clip_source": q.clip_source}
+                     "per_channel": q.qweight.axis == 0, "clip_source": q.clip_source, "clip": q.clip,
+                     "act_zero": q.act_zero}
     return {LAYERS_KEY: json.dumps(out)}
 
 
@@ -178,12 +179,16 @@ class ImportFakeQuant:
         ints_nk = ints if axis == 0 else ints.T
         meta = self.meta.get(layer, {})
         codes, zero2, bits_w = _codes(ints_nk, meta.get("zero2"), meta.get("bits_w"), layer)
-        _, _, clip, act_scale = act
-        n_a = round(clip / act_scale)
+        codes_value, _, hi, act_scale = act
+        ql = codes_value.producer()
+        lo = float(const_array(ql.inputs[0].producer().inputs[1]).reshape(()))
+        zero = int(const_array(ql.inputs[2]).reshape(())) if len(ql.inputs) > 2 and ql.inputs[2] is not None else 0
+        n_a = round((hi - lo) / act_scale)
         bits_a = int(round(np.log2(n_a + 1)))
         if n_a < 1 or levels(bits_a) != n_a:
-            raise ModelLoadError(f"{layer}: activation quantizer clip {clip} / scale {act_scale} is not 2^k - 1 "
-                                 "levels; re-export the model")
+            raise ModelLoadError(f"{layer}: activation quantizer range [{lo}, {hi}] / scale {act_scale} is not "
+                                 "2^k - 1 levels; re-export the model")
+        clip = hi if zero == 0 else float(np.float32(meta.get("clip", n_a * act_scale)))
         mult, bias = sb
         n_out = codes.shape[0]
         if mult.size != n_out or bias.size != n_out:
@@ -205,5 +210,5 @@ class ImportFakeQuant:
                          bits_w=bits_w, bits_a=bits_a, quantizer=quantizer, weight=source_weight, weight_axis=axis,
                          activation=node.inputs[0].name)
         qlayer = QuantizedLayer(layer, node.op_type, bits_w, bits_a, quantizer, qweight, float_w.astype(np.float32),
-                                float(clip), mult, bias, meta.get("clip_source", "from the fake-quant model"))
+                                float(clip), mult, bias, meta.get("clip_source", "from the fake-quant model"), zero)
         return plan, qlayer

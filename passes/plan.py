@@ -31,6 +31,7 @@ class LayerPlan:
     weight: str = ""            # initializer name of the weight
     weight_axis: int = 0        # axis of the output channels in the stored weight
     activation: str = ""        # value name of the activation input
+    act_signed: bool = False    # calibration saw negative inputs: affine codes with a zero point
 
     def mark_float(self, reason: str) -> None:
         self.quantize, self.reason = False, reason

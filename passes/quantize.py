@@ -43,6 +43,7 @@ class QuantizedLayer:
     mult: np.ndarray              # float32 [N]: (alpha/2) * beta
     bias: np.ndarray              # float32 [N]
     clip_source: str              # "calibration (mse)" or "DoReFa default [0,1]"
+    act_zero: int = 0             # signed inputs: the codes' zero point z (value = beta * (p - z)); 0 = unsigned
 
     @property
     def rel_error(self) -> float:
@@ -88,6 +89,19 @@ def weight_bias_correction(w: np.ndarray, wq: np.ndarray, x_mean: np.ndarray) ->
     if err.shape[1] != x_mean.size:
         return np.zeros(err.shape[0], np.float32)  # grouped conv or a reshape in between: no correction
     return (err @ x_mean).astype(np.float32)
+
+
+def signed_bounds(bits: int, beta, zero: int) -> tuple[np.float32, np.float32]:
+    """Clip bounds of a signed activation grid: lo = -z beta, hi = (n - z) beta (float64 products, one rounding)."""
+    n = 2 ** bits - 1
+    return np.float32(-zero * float(np.float32(beta))), np.float32((n - zero) * float(np.float32(beta)))
+
+
+def signed_bias(bias: np.ndarray, mult: np.ndarray, zero: int, int_values: np.ndarray) -> np.ndarray:
+    """bias - mult * z * sum_k W_int[n, k], in float64 then rounded once: the Add after the integer accumulator
+    over codes p (which include the zero point z) then gives mult * sum (p - z) W + bias."""
+    sums = int_values.reshape(int_values.shape[0], -1).astype(np.int64).sum(axis=1)
+    return (bias.astype(np.float64) - mult.astype(np.float64) * zero * sums).astype(np.float32)
 
 
 def _weights_nk(arr: np.ndarray, axis: int) -> np.ndarray:
@@ -142,20 +156,34 @@ class QuantizeLayers:
                 bias = bias + weight_bias_correction(w_nk, qw.dequantize(), stats.channel_mean)
             if name in ctx.trained_biases:
                 bias = np.asarray(ctx.trained_biases[name], np.float32).reshape(n_out)
-            if trained is not None:  # fine-tuned: the clip and bias were trained with the quantizer in the loop
+            n_a = 2 ** plan.bits_a - 1
+            zero = 0
+            if isinstance(trained, tuple):  # fine-tuned signed input: (c, z)
+                clip, zero = trained
+                clip, zero, clip_source = np.float32(clip), int(zero), "fine-tuned (signed)"
+            elif plan.act_signed and trained is None:  # c = hi - lo, the zero point puts lo on the grid
+                lo, hi = stats.signed_range(cfg.act_clip, plan.bits_a)
+                clip, clip_source = hi - lo, f"calibration ({cfg.act_clip}, signed)"
+                zero = int(np.clip(np.rint(-lo / float(np.float32(clip / n_a))), 0, n_a)) if clip > 0 else 0
+            elif trained is not None:  # fine-tuned: the clip and bias were trained with the quantizer in the loop
                 clip, clip_source = np.float32(trained), "fine-tuned"
             elif stats is not None:
                 clip, clip_source = stats.clip(cfg.act_clip, plan.bits_a), f"calibration ({cfg.act_clip})"
             else:
                 clip, clip_source = DOREFA_DEFAULT_CLIP, "DoReFa default [0,1] (no calibration data)"
-            n_a = 2 ** plan.bits_a - 1
+            if not clip > 0:
+                plan.mark_float("input activation range is empty on the calibration data")
+                continue
             beta = np.float32(clip / n_a)
             alpha_half = (np.broadcast_to(np.asarray(qw.scale, np.float64).reshape(-1), (n_out,)) / 2)
             mult = (alpha_half * float(beta)).astype(np.float32)
             if not np.all(np.isfinite(mult)):
                 raise QuantizationError(f"{name}: non-finite scale; check the weights for extreme values")
 
-            x_q = self._activation(graph, node, plan.activation, plan.bits_a, float(clip), float(beta), act_cache)
+            x_q = self._activation(graph, node, plan.activation, plan.bits_a, float(clip), float(beta), act_cache,
+                                   zero)
+            if zero:  # acc over codes p counts z too: sum (p - z) W = acc - z * sum W, folded into the bias
+                bias = signed_bias(bias, mult, zero, qw.int_values())
             ints, dtype = _int_tensor(qw.int_values())
             w_int = add_const(graph, f"{plan.weight}_q{plan.bits_w}", _weights_nk(ints, plan.weight_axis), dtype)
             one = add_const(graph, f"{name}_one", np.float32(1.0))
@@ -171,26 +199,30 @@ class QuantizeLayers:
             redirect_uses(node.outputs[0], add.outputs[0])
             graph.remove(node, safe=True)
             ctx.layers[name] = QuantizedLayer(name, node.op_type, plan.bits_w, plan.bits_a, plan.quantizer, qw,
-                                              w_nk, float(clip), mult, bias, clip_source)
+                                              w_nk, float(clip), mult, bias, clip_source, zero)
             modified = True
         remove_dead(model)
         return modified
 
     @staticmethod
-    def _activation(graph, consumer, value_name, bits, clip, beta, cache) -> ir.Value:
-        """Clip(0,c) -> QuantizeLinear -> DequantizeLinear(scale 1): the codes p as exact floats, shared."""
-        key = (value_name, bits, clip)
+    def _activation(graph, consumer, value_name, bits, clip, beta, cache, zero_point: int = 0) -> ir.Value:
+        """Clip(lo, hi) -> QuantizeLinear(beta, z) -> DequantizeLinear(scale 1, 0): the codes p as exact floats,
+        shared. Unsigned: lo = 0, hi = c, z = 0. Signed: lo = -z beta, hi = (n - z) beta, so p = round(x/beta) + z
+        stays in [0, n]."""
+        key = (value_name, bits, clip, zero_point)
         if key in cache:
             return cache[key]
         x = consumer.inputs[0]
         base = value_name.replace("/", "_")
-        lo = add_const(graph, f"{base}_lo", np.float32(0.0))
-        hi = add_const(graph, f"{base}_hi", np.float32(clip))
+        lo_v, hi_v = signed_bounds(bits, beta, zero_point) if zero_point else (np.float32(0.0), np.float32(clip))
+        lo = add_const(graph, f"{base}_lo", lo_v)
+        hi = add_const(graph, f"{base}_hi", hi_v)
         scale = add_const(graph, f"{base}_a{bits}_scale", np.float32(beta))
         zero = add_const(graph, f"{base}_a{bits}_zero", np.uint8(0))
+        qzero = add_const(graph, f"{base}_a{bits}_z", np.uint8(zero_point)) if zero_point else zero
         one = add_const(graph, f"{base}_a{bits}_one", np.float32(1.0))
         clip_n = ir.node("Clip", [x, lo, hi], name=f"{base}_clip")
-        q = ir.node("QuantizeLinear", [clip_n.outputs[0], scale, zero], name=f"{base}_quant{bits}")
+        q = ir.node("QuantizeLinear", [clip_n.outputs[0], scale, qzero], name=f"{base}_quant{bits}")
         dq = ir.node("DequantizeLinear", [q.outputs[0], one, zero], name=f"{base}_codes{bits}")
         graph.insert_before(consumer, [clip_n, q, dq])
         cache[key] = dq.outputs[0]

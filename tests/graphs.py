@@ -74,3 +74,48 @@ def tiny_cnn(seed: int = 0, opset: int = 17, c1: int = 8, c2: int = 16, c3: int 
 
 def tiny_inputs(n: int = 16, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, 1, 12, 12)).astype(np.float32)
+
+
+def signed_mlp(path):
+    """x [N,16] -> fc0 -> Tanh -> fc1 -> LeakyRelu -> fc2 -> Tanh -> fc3: fc1 and fc2 read signed inputs."""
+    rng = np.random.default_rng(0)
+    dims = [16, 64, 64, 64, 10]
+    inits, nodes, prev = [], [], "x"
+    for i in range(4):
+        inits += [numpy_helper.from_array(rng.normal(0, (1.5 / dims[i]) ** 0.5, (dims[i + 1], dims[i]))
+                                          .astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, dims[i + 1]).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"], transB=1, name=f"fc{i}"))
+        prev = f"g{i}"
+        if i < 3:
+            op, kw = ("LeakyRelu", {"alpha": 0.1}) if i == 1 else ("Tanh", {})
+            nodes.append(helper.make_node(op, [prev], [f"a{i}"], name=f"act{i}", **kw))
+            prev = f"a{i}"
+    graph = helper.make_graph(nodes, "signed_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def signed_convnet(path):
+    """conv0 3x3 (float) -> Tanh -> conv1 1x1 (signed input, no pads) -> Tanh -> conv2 3x3 pad 1 (signed, padded)
+    -> Relu -> GlobalAveragePool -> Flatten -> fc."""
+    rng = np.random.default_rng(1)
+    w = lambda *s: numpy_helper.from_array(rng.normal(0, (1.0 / np.prod(s[1:])) ** 0.5, s).astype(np.float32))  # noqa
+    inits = [w(8, 3, 3, 3), w(16, 8, 1, 1), w(16, 16, 3, 3), w(10, 16)]
+    for t, n in zip(inits, ("w0", "w1", "w2", "w3")):
+        t.name = n
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["c0"], ["t0"], name="tanh0"),
+             helper.make_node("Conv", ["t0", "w1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+             helper.make_node("Tanh", ["c1"], ["t1"], name="tanh1"),
+             helper.make_node("Conv", ["t1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p2"], name="gap"),
+             helper.make_node("Flatten", ["p2"], ["f2"], name="flat"),
+             helper.make_node("Gemm", ["f2", "w3"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "signed_conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path

@@ -78,7 +78,10 @@ def build_student(float_proto: onnx.ModelProto, ptq, cfg: Config, *, learn_clip:
         plan = ptq.ctx.plan[name]
         layer = QuantLayer(inner, name=name, bits_w=q.bits_w, bits_a=q.bits_a, quantizer=q.quantizer,
                            weight_axis=plan.weight_axis, per_channel=cfg.per_channel, clip=q.clip, bias=q.bias,
-                           learn_clip=learn_clip, gbits=gbits)
+                           learn_clip=learn_clip, gbits=gbits, zero=q.act_zero)
+        if q.act_zero:  # the post-training bias already holds the zero-point term: train the plain bias
+            with torch.no_grad():
+                layer.bias.copy_(torch.from_numpy(_plain_bias(q)))
         replace_module(student, inner, layer)
     # what training changes: weights and biases of Conv/Gemm/MatMul (and clips); anything else stays as exported
     trainable = {id(p) for m in weighted_layers(student).values() for p in m.parameters()}
@@ -86,6 +89,13 @@ def build_student(float_proto: onnx.ModelProto, ptq, cfg: Config, *, learn_clip:
     for p in student.parameters():
         p.requires_grad_(id(p) in trainable)
     return student
+
+
+def _plain_bias(q) -> np.ndarray:
+    """The bias before quantize.signed_bias folded the zero-point term in (inverse to float32 rounding: the
+    forward recomputes the folded value, so step 0 can differ from the post-training model by that rounding)."""
+    sums = q.qweight.int_values().reshape(q.qweight.codes.shape[0], -1).astype(np.int64).sum(axis=1)
+    return (q.bias.astype(np.float64) + q.mult.astype(np.float64) * q.act_zero * sums).astype(np.float32)
 
 
 def trained_float_model(float_proto: onnx.ModelProto, student) -> onnx.ModelProto:
@@ -129,7 +139,8 @@ def export(float_proto: onnx.ModelProto, student, cfg: Config, source: str, sour
     irm = ir.from_proto(trained)
     ctx = CompileContext(config=cfg, source=source)
     for name, layer in quant_layers(student).items():
-        ctx.trained_clips[name] = float(layer.clip.detach())
+        clip = float(layer.clip.detach())
+        ctx.trained_clips[name] = (clip, layer.zero) if layer.zero else clip
         ctx.trained_biases[name] = layer.bias.detach().cpu().numpy().astype(np.float32)
     run_pipeline(irm, [PlanBits()], ctx)
     ctx.float_model = ir.to_proto(irm)

@@ -45,11 +45,13 @@ class QuantLayer(nn.Module):
     """Wraps a converter WeightedLayer (`functional(x, w, b)`) with its activation and weight quantizers."""
 
     def __init__(self, inner: nn.Module, *, name: str, bits_w: int, bits_a: int, quantizer: str, weight_axis: int,
-                 per_channel: bool, clip: float, bias, learn_clip: bool = False, gbits: int | None = None):
+                 per_channel: bool, clip: float, bias, learn_clip: bool = False, gbits: int | None = None,
+                 zero: int = 0):
         super().__init__()
         self.inner = inner
         self.name, self.bits_w, self.bits_a, self.quantizer = name, bits_w, bits_a, quantizer
         self.weight_axis, self.per_channel, self.gbits = weight_axis, per_channel, gbits
+        self.zero = int(zero)  # signed inputs: codes p = round(x/s) + z, z fixed after calibration
         self._twin = codes_twin(quantizer)
         clip_t = torch.tensor(float(clip), dtype=torch.float32)
         if learn_clip:
@@ -86,8 +88,13 @@ class QuantLayer(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Activation codes p (integer-valued float32), exactly onnxruntime's Clip -> QuantizeLinear."""
-        clipped = torch.minimum(torch.relu(x), self.clip.to(x.dtype))
-        return round_ste(clipped / self.act_step())
+        s = self.act_step()
+        if not self.zero:
+            return round_ste(torch.minimum(torch.relu(x), self.clip.to(x.dtype)) / s)
+        # signed grid: Clip(-z s, (n - z) s) -> QuantizeLinear(s, z), bounds rounded once as quantize.signed_bounds
+        n = levels(self.bits_a)
+        lo, hi = (-self.zero * s.to(F64)).to(x.dtype), ((n - self.zero) * s.to(F64)).to(x.dtype)
+        return round_ste(torch.clamp(x, lo, hi) / s) + self.zero
 
     def multiplier(self, tq) -> torch.Tensor:
         """mult = float32(scale/2 * s) per output channel, as passes/quantize.py computes it."""
@@ -98,12 +105,21 @@ class QuantLayer(nn.Module):
     def _channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
         return (1, -1) + (1,) * (y.dim() - 2) if self.inner.op_type == "Conv" else (-1,)
 
+    def effective_bias(self, w_int: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+        """bias, or for a signed input bias - mult * z * sum_k W_int (quantize.signed_bias: float64, one rounding)."""
+        if not self.zero:
+            return self.bias
+        w_nk = w_int if self.weight_axis == 0 else w_int.t()
+        sums = w_nk.reshape(w_nk.shape[0], -1).to(F64).sum(dim=1)
+        return (self.bias.to(F64) - mult.to(F64) * self.zero * sums).to(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.codes(x)
         w_int, tq = self.quantized_weight()
         acc = self.inner.functional(p, w_int, None)
         shape = self._channel_shape(acc)
-        y = acc * self.multiplier(tq).reshape(shape) + self.bias.reshape(shape)
+        mult = self.multiplier(tq)
+        y = acc * mult.reshape(shape) + self.effective_bias(w_int, mult).reshape(shape)
         if self.gbits:
             y = dorefa_gradients(y, self.gbits, self.grad_generator)
         return y

@@ -119,7 +119,7 @@ def test_straight_through_gradients_by_hand():
     y = layer(x)
     g = torch.tensor([[1.0, -2.0]])
     y.backward(g)
-    s = float(layer.act_step())
+    s = float(layer.act_step().detach())
     p = torch.round(torch.clamp(x.detach(), 0, 1) / s)
     w_int, tq = layer.quantized_weight()
     wq = tq.values.detach()                                    # the dequantized weights
@@ -288,3 +288,19 @@ def test_an_op_the_trainer_cannot_convert_is_named(tmp_path):
         qcompile.finetune(path, config="w2a2", data=(x, y), steps=2, batch=16, out=tmp_path / "o", log=lambda s: None)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("quantizer", ["balanced", "dorefa"])
+def test_signed_inputs_train_and_export_exactly(tmp_path, quantizer):
+    """Layers with signed inputs (codes with a zero point, the zero-point term folded into the bias)."""
+    from graphs import signed_mlp
+
+    model = signed_mlp(tmp_path / "signed.onnx")
+    x = np.random.default_rng(0).normal(0, 1, (64, 16)).astype(np.float32)
+    ptq = qcompile.compile(model, config="w4a4", quantizer=quantizer, calib=x)
+    assert all(q.act_zero > 0 for q in ptq.ctx.layers.values())
+    student = build_student(ptq.float_model, ptq, ptq.config, learn_clip=True, gbits=None)
+    _perturb(student)
+    compiled, _ = export(ptq.float_model, student, ptq.config, str(model), "sha")
+    assert {n: q.act_zero for n, q in compiled.ctx.layers.items()} == {n: q.act_zero for n, q in ptq.ctx.layers.items()}
+    _assert_layers_exact(student, compiled.model, x[:16])
