@@ -89,8 +89,13 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto, *, fold_pool
         attrs = {a.name: _attr(node, a.name) for a in node.attribute}
         attrs["epilogue"] = attrs["epilogue"].decode() if isinstance(attrs["epilogue"], bytes) else attrs["epilogue"]
         in_shape = shapes[core_input[core_name(node.name)]][1:]
+        lead = ()
+        if node.op_type == "BitGemm" and len(in_shape) > 1:  # [batch, seq, ..., K]: every row is independent,
+            lead, in_shape = tuple(in_shape[:-1]), in_shape[-1:]  # the kernel sees [batch * seq, K]
         specs.append(LayerSpec.from_node(node.name, node.op_type, attrs, w, wzero2, in_shape=in_shape,
                                          mult=mult, bias=bias, thresholds=thr))
+        if lead:
+            specs[-1] = specs[-1].replace(extra={**specs[-1].extra, "lead_shape": lead})
         produced[node.output[0]] = (specs[-1], int(attrs.get("bits_out") or 8))
     return specs
 
@@ -201,15 +206,19 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
         elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
             {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
-        types[out_name] = _tensor_type(elem, spec.out_shape)
+        types[out_name] = _tensor_type(elem, (*spec.extra.get("lead_shape", ()), *spec.out_shape))
     schedule = []
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
     for index, step in enumerate(partition(to_partition, types)):
         if step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
             next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
         elif step.kind == "kernel":
-            schedule.append({"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
-                             "inputs": step.inputs[:1], "outputs": step.outputs})
+            entry = {"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
+                     "inputs": step.inputs[:1], "outputs": step.outputs}
+            lead = next((s.extra.get("lead_shape") for s in specs if s.name == step.layer), None)
+            if lead:  # a BitGemm over [batch, *lead, K]: the runtime runs it on [batch * prod(lead), K]
+                entry["rows"] = list(lead)
+            schedule.append(entry)
         else:
             rel = f"partitions/p{index:02d}.onnx"
             check_loads(step.model, f"float partition {rel} of the artifact")

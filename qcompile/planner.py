@@ -45,7 +45,8 @@ class KernelChoice:
 def layer_macs(spec, batch: int) -> tuple[int, int, int]:
     """(M, N, K) of the layer as a GEMM: rows are output pixels (conv) or samples (gemm)."""
     ho, wo = spec.out_hw
-    return batch * ho * wo, spec.N, spec.K
+    rows = int(np.prod(spec.extra.get("lead_shape", ()), dtype=np.int64))  # a BitGemm over [batch, seq, K]
+    return batch * ho * wo * rows, spec.N, spec.K
 
 
 def lut_kernel(spec, caps) -> bool:
@@ -183,8 +184,9 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
     xi = np.zeros((batch, 1), np.uint8)
     run_ms = _best_ms(lambda: isess.run(None, {"x": xi}))
     for spec in specs:
-        x = rng.integers(0, 2 ** spec.bits_a, (batch, *spec.in_shape), dtype=np.uint8)
-        times = {"bitserial": _best_ms(lambda: library.run(spec.name, x, batch, check=False))}
+        rows = batch * int(np.prod(spec.extra.get("lead_shape", ()), dtype=np.int64))  # [batch, seq, K] BitGemms
+        x = rng.integers(0, 2 ** spec.bits_a, (rows, *spec.in_shape), dtype=np.uint8)
+        times = {"bitserial": _best_ms(lambda: library.run(spec.name, x, rows, check=False))}
         w_int = weight_ints(spec)
         if spec.op == "conv":
             attrs = dict(strides=list(spec.strides), pads=list(spec.pads), dilations=list(spec.dilations),

@@ -146,6 +146,10 @@ class InferenceSession:
                 values.update(zip(step["outputs"], outs))
             else:
                 x = values[step["inputs"][0]]
-                values[step["outputs"][0]] = engine.run(step["layer"], x, x.shape[0], check=False)
+                if "rows" in step:  # a BitGemm over [batch, seq, ..., K]: its rows are independent
+                    y = engine.run(step["layer"], x.reshape(-1, x.shape[-1]), check=False)
+                    values[step["outputs"][0]] = y.reshape(*x.shape[:-1], y.shape[-1])
+                else:
+                    values[step["outputs"][0]] = engine.run(step["layer"], x, x.shape[0], check=False)
         names = output_names or [o.name for o in self._outputs]
         return [values[n] for n in names]
