@@ -59,6 +59,26 @@ class LayerInfo:
     in_dtype: np.dtype = np.dtype(np.uint8)  # float32 when the layer quantizes its input itself
 
 
+def _content_alias(path: Path) -> Path:
+    """A path for dlopen that names the library's content: dlopen returns an already loaded library by *name*, so a
+    process that loads art/kernels/x.so, recompiles into art/ and loads it again would keep running the old kernels.
+    A symlink named by the file's sha256 (in the temp folder) gives new content a new name, same content the same."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    alias = Path(tempfile.gettempdir()) / f"qcompile-lib-{digest}-{path.name}"
+    try:
+        if not (alias.is_symlink() and alias.resolve() == path):
+            tmp = alias.with_name(f"{alias.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(path)
+            os.replace(tmp, alias)
+        return alias
+    except OSError:  # a read-only temp folder: load by the real path (the stale-name case is then possible)
+        return path
+
+
 class Library:
     """A loaded kernel library; :meth:`run` calls one layer."""
 
@@ -67,7 +87,7 @@ class Library:
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: kernel library not found")
         try:
-            self._dll = ctypes.CDLL(str(self.path))
+            self._dll = ctypes.CDLL(str(_content_alias(self.path)))
         except OSError as e:
             raise ArtifactError(f"{self.path}: cannot load kernel library: {e}") from e
         try:

@@ -200,3 +200,14 @@ def test_symbolic_spatial_sizes_stay_on_onnxruntime_with_the_reason(tmp_path):
     x = tiny_inputs(3, seed=4)
     np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
                                   predict(result.model, x))
+
+
+def test_recompiling_into_the_same_folder_loads_the_new_kernels(tiny_model_path, tmp_path):
+    """dlopen returns an already loaded library by name: the runtime must not keep the old kernels."""
+    x = tiny_inputs(4, seed=2)
+    for config in ("w1a2", "w2a2"):
+        result = api.compile(tiny_model_path, config=config, calib=tiny_inputs(32, 3), target="cpu",
+                             kernel="bitserial")
+        result.save(tmp_path / "art")
+        np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
+                                      predict(result.model, x))
