@@ -197,16 +197,10 @@ class Calibrate:
             ctx.act_ranges = {}      # quantize falls back to DoReFa's [0, 1] and the report warns
             return False
         ctx.act_ranges = collect_stats(model, names, ctx.calib, ctx.config.calib_batches)
-        nodes = {n.name: n for n in model.graph}
         for p in planned:
             s = ctx.act_ranges[p.activation]
             if s.min < 0:
-                node = nodes.get(p.node)
-                if node is not None and node.op_type == "Conv" and any(node.attributes.get_ints("pads", [0])):
-                    p.mark_float(f"signed input (min {s.min:.3g}) to a padded conv: the kernels pad codes with 0, "
-                                 "not with the zero point; kept float")
-                else:
-                    p.act_signed = True   # affine codes with a zero point (passes/quantize.py)
+                p.act_signed = True   # affine codes with a zero point (passes/quantize.py)
             elif s.max <= 0:
                 p.mark_float("input activation is 0 on all calibration data: nothing to quantize")
         return False

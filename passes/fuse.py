@@ -81,6 +81,15 @@ def match_activation_quant(codes_float: ir.Value):
     if dq is None or dq.op_type != "DequantizeLinear" or _scalar(dq.inputs[1]) != 1.0:
         return None
     q = dq.inputs[0].producer()
+    if q is not None and q.op_type == "Pad":  # a signed input padded with its zero point (quantize._pad_codes):
+        codes = q.outputs[0]                   # the kernel reads the padded codes
+        q = q.inputs[0].producer()
+        if q is None or q.op_type != "QuantizeLinear":
+            return None
+        clip = q.inputs[0].producer()
+        lo = _scalar(clip.inputs[1]) if clip is not None and clip.op_type == "Clip" else None
+        return None if lo is None or lo > 0.0 else (codes, clip.inputs[0], _scalar(clip.inputs[2]),
+                                                    _scalar(q.inputs[1]))
     if q is None or q.op_type != "QuantizeLinear":
         return None
     clip = q.inputs[0].producer()

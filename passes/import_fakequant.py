@@ -181,6 +181,8 @@ class ImportFakeQuant:
         codes, zero2, bits_w = _codes(ints_nk, meta.get("zero2"), meta.get("bits_w"), layer)
         codes_value, _, hi, act_scale = act
         ql = codes_value.producer()
+        if ql.op_type == "Pad":  # a signed input padded with its zero point
+            ql = ql.inputs[0].producer()
         lo = float(const_array(ql.inputs[0].producer().inputs[1]).reshape(()))
         zero = int(const_array(ql.inputs[2]).reshape(())) if len(ql.inputs) > 2 and ql.inputs[2] is not None else 0
         n_a = round((hi - lo) / act_scale)

@@ -189,6 +189,10 @@ class QuantizeLayers:
             one = add_const(graph, f"{name}_one", np.float32(1.0))
             w_dq = ir.node("DequantizeLinear", [w_int, one], name=f"{name}_wdq")
             attrs = {k: v for k, v in node.attributes.items()}
+            pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0])) if node.op_type == "Conv" else []
+            if zero and any(pads):  # a signed input pads with its zero point: Pad the codes with z, conv unpadded
+                x_q = self._pad_codes(graph, node, x_q, pads, zero, name)
+                attrs["pads"] = ir.AttrInt64s("pads", [0] * len(pads))
             core = ir.node(node.op_type, [x_q, w_dq.outputs[0]], attributes=attrs, name=core_name(name))
             shape = (1, n_out, 1, 1) if node.op_type == "Conv" else (n_out,)
             mul = ir.node("Mul", [core.outputs[0], add_const(graph, f"{name}_mult", mult.reshape(shape))],
@@ -203,6 +207,21 @@ class QuantizeLayers:
             modified = True
         remove_dead(model)
         return modified
+
+    @staticmethod
+    def _pad_codes(graph, consumer, codes_float: ir.Value, pads, zero: int, name: str) -> ir.Value:
+        """QuantizeLinear -> Pad(codes, value z) -> DequantizeLinear(1): value 0 at the border is code z, as in the
+        float conv; the BitConv then reads the padded codes with pads 0, so its kernels stay unchanged."""
+        dq = codes_float.producer()
+        codes = dq.inputs[0]
+        half = len(pads) // 2
+        onnx_pads = [0, 0, *pads[:half], 0, 0, *pads[half:]]
+        pad = ir.node("Pad", [codes, add_const(graph, f"{name}_pads", np.asarray(onnx_pads, np.int64)),
+                              add_const(graph, f"{name}_padz", np.uint8(zero))], name=f"{name}_padcodes")
+        pad.outputs[0].dtype = ir.DataType.UINT8
+        new_dq = ir.node("DequantizeLinear", [pad.outputs[0], *dq.inputs[1:]], name=f"{name}_padded_codes")
+        graph.insert_before(consumer, [pad, new_dq])
+        return new_dq.outputs[0]
 
     @staticmethod
     def _activation(graph, consumer, value_name, bits, clip, beta, cache, zero_point: int = 0) -> ir.Value:

@@ -113,10 +113,21 @@ class QuantLayer(nn.Module):
         sums = w_nk.reshape(w_nk.shape[0], -1).to(F64).sum(dim=1)
         return (self.bias.to(F64) - mult.to(F64) * self.zero * sums).to(torch.float32)
 
+    def _accumulate(self, p: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+        """The integer accumulator over codes p. A signed input's zero point z is value 0, so the float layer's own
+        zero padding is code z: sum (p - z) W (zero-padded) + z sum W, which is what the fake-quant graph's
+        Pad(codes, z) -> Conv computes, exactly (all integers)."""
+        if not self.zero:
+            return self.inner.functional(p, w_int, None)
+        acc = self.inner.functional(p - self.zero, w_int, None)
+        w_nk = w_int if self.weight_axis == 0 else w_int.t()
+        sums = w_nk.reshape(w_nk.shape[0], -1).sum(dim=1)
+        return acc + self.zero * sums.reshape(self._channel_shape(acc))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.codes(x)
         w_int, tq = self.quantized_weight()
-        acc = self.inner.functional(p, w_int, None)
+        acc = self._accumulate(p, w_int)
         shape = self._channel_shape(acc)
         mult = self.multiplier(tq)
         y = acc * mult.reshape(shape) + self.effective_bias(w_int, mult).reshape(shape)
@@ -127,7 +138,7 @@ class QuantLayer(nn.Module):
     def accumulator(self, x: torch.Tensor) -> torch.Tensor:
         """The integer accumulator (for exactness tests against the fake-quant model)."""
         w_int, _ = self.quantized_weight()
-        return self.inner.functional(self.codes(x), w_int, None)
+        return self._accumulate(self.codes(x), w_int)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

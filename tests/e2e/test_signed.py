@@ -38,13 +38,23 @@ def test_signed_w8a8_agrees_with_float():
     assert (pf.argmax(1) == pq.argmax(1)).mean() >= 0.99
 
 
-def test_signed_unpadded_conv_is_quantized_and_a_padded_one_says_why(tmp_path):
+@pytest.mark.parametrize("kernel", ["bitserial", "int8", "float"])
+def test_signed_convs_padded_with_the_zero_point_are_exact(tmp_path, kernel):
+    """A padded conv's border is value 0 = code z: the codes are padded with z (Pad), the BitConv runs unpadded."""
     model = signed_convnet(tmp_path / "conv.onnx")
     result = api.compile(model, config="w4a4", calib=_inputs((3, 10, 10), 64, 0), target="cpu",
-                         keep_float=["fc"], quantize=["fc"])
-    assert "conv1" in result.ctx.layers and result.ctx.layers["conv1"].act_zero > 0
-    assert "conv2" not in result.ctx.layers
-    assert "padded conv" in result.ctx.plan["conv2"].reason
+                         quantize=["fc"], kernel=kernel)
+    assert result.ctx.layers["conv1"].act_zero > 0 and result.ctx.layers["conv2"].act_zero > 0
+    assert any(n.op_type == "Pad" for n in result.model.graph.node)
     result.save(tmp_path / "art")
     x = _inputs((3, 10, 10), 9, 3)
     np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"x": x})[0], predict(result.model, x))
+
+
+def test_zero_point_padding_matches_the_float_model(tmp_path):
+    """At 8 bits the padded signed conv stays close to float (padding with code 0 would shift every border pixel)."""
+    model = signed_convnet(tmp_path / "conv.onnx")
+    result = api.compile(model, config="w8a8", calib=_inputs((3, 10, 10), 64, 0), quantize=["fc"])
+    x = _inputs((3, 10, 10), 64, 4)
+    pf, pq = predict(result.float_model, x), predict(result.model, x)
+    assert np.abs(pf - pq).max() < 0.05 * np.abs(pf).max()

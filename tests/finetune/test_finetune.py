@@ -39,6 +39,8 @@ def _intermediates(model: onnx.ModelProto, layers, x: np.ndarray) -> dict:
         core = by_name[core_name(name)]
         dq = producers[core.input[0]]
         ql = producers[dq.input[0]]
+        if ql.op_type == "Pad":  # a signed padded conv pads its codes with the zero point
+            ql = producers[ql.input[0]]
         clip = producers[ql.input[0]]
         mul = next(n for n in m.graph.node if core.output[0] in n.input)
         add = next(n for n in m.graph.node if mul.output[0] in n.input)
@@ -290,13 +292,15 @@ def test_an_op_the_trainer_cannot_convert_is_named(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("quantizer", ["balanced", "dorefa"])
-def test_signed_inputs_train_and_export_exactly(tmp_path, quantizer):
-    """Layers with signed inputs (codes with a zero point, the zero-point term folded into the bias)."""
-    from graphs import signed_mlp
+@pytest.mark.parametrize("quantizer,net", [("balanced", "mlp"), ("dorefa", "mlp"), ("uniform", "conv")])
+def test_signed_inputs_train_and_export_exactly(tmp_path, quantizer, net):
+    """Layers with signed inputs (codes with a zero point, the zero-point term folded into the bias; a padded conv
+    pads its codes with the zero point)."""
+    from graphs import signed_convnet, signed_mlp
 
-    model = signed_mlp(tmp_path / "signed.onnx")
-    x = np.random.default_rng(0).normal(0, 1, (64, 16)).astype(np.float32)
+    model = (signed_mlp if net == "mlp" else signed_convnet)(tmp_path / "signed.onnx")
+    shape = (16,) if net == "mlp" else (3, 10, 10)
+    x = np.random.default_rng(0).normal(0, 1, (64, *shape)).astype(np.float32)
     ptq = qcompile.compile(model, config="w4a4", quantizer=quantizer, calib=x)
     assert all(q.act_zero > 0 for q in ptq.ctx.layers.values())
     student = build_student(ptq.float_model, ptq, ptq.config, learn_clip=True, gbits=None)
