@@ -67,13 +67,15 @@ class EpochRecord:
 class History:
     step_loss: list[float] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
+    val_points: list[list] = field(default_factory=list)   # [step, validation accuracy], for the curve
 
     def to_dict(self) -> dict:
-        return {"step_loss": self.step_loss, "epochs": [asdict(e) for e in self.epochs]}
+        return {"step_loss": self.step_loss, "epochs": [asdict(e) for e in self.epochs],
+                "val_points": self.val_points}
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
-        return cls(list(d["step_loss"]), [EpochRecord(**e) for e in d["epochs"]])
+        return cls(list(d["step_loss"]), [EpochRecord(**e) for e in d["epochs"]], list(d.get("val_points", [])))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -119,6 +121,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
         self.steps_per_epoch = train.num_batches(opts.batch, drop_last=True) or 1
         self.total_steps = opts.steps if opts.steps else opts.epochs * self.steps_per_epoch
+        # a small validation set is also scored 8 times a run, so the curve shows more than epoch ends
+        self.eval_every = max(self.total_steps // 8, 25) if val is not None and len(val) <= 2000 else 0
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # cosine decay to zero over the whole run: the usual schedule for fine-tuning
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -225,6 +229,10 @@ class Trainer:
                     raise KeyboardInterrupt
                 loss = self.train_step(xb, yb)
                 self.batch_in_epoch += 1
+                if self.eval_every and self.step % self.eval_every == 0 and self.batch_in_epoch < remaining:
+                    acc = self.evaluate(self.val_ds)   # no state changes: a resumed run sees the same losses
+                    if acc is not None:
+                        self.history.val_points.append([self.step, acc])
                 if task is not None:
                     self.progress.update(task, advance=1, description=f"epoch {self.epoch + 1}/{self.epochs} "
                                                                       f"loss {loss:.4f}")
@@ -239,6 +247,8 @@ class Trainer:
                 val_acc=self.evaluate(self.val_ds), images_per_s=done * self.opts.batch / max(seconds, 1e-9),
                 seconds=seconds, lr=float(self.optimizer.param_groups[0]["lr"]))
             self.history.epochs.append(record)
+            if record.val_acc is not None:
+                self.history.val_points.append([self.step, record.val_acc])
             self.epoch += 1
             self.batch_in_epoch = 0
             self._epoch_loss, self._epoch_correct, self._epoch_seen = [], 0, 0

@@ -62,15 +62,18 @@ def curves_png(report: dict) -> bytes:
     ax1.set_ylabel("training loss")
     ax1.set_yscale("log")
     ax1.legend()
-    epochs = [e["epoch"] for e in hist["epochs"]]
-    val = [e["val_acc"] for e in hist["epochs"]]
-    if any(v is not None for v in val):
-        ax2.plot([0] + epochs, [report["ptq_val_acc"]] + val, "o-", label="quantized (epoch 0: post-training)")
+    points = hist.get("val_points") or [[e["steps"], e["val_acc"]] for e in hist["epochs"]]
+    points = [p for p in points if p[1] is not None]
+    if points and report["ptq_val_acc"] is not None:
+        steps, acc = zip(*([[0, report["ptq_val_acc"]]] + points))
+        ax2.plot(steps, acc, "o-", label="quantized (step 0: post-training)")
+        for e in hist["epochs"][:-1]:
+            ax2.axvline(e["steps"], color="0.8", lw=0.8)
         if report["float_val_acc"] is not None:
             ax2.axhline(report["float_val_acc"], color="k", ls="--", lw=1, label="float")
         ax2.set_ylabel("validation top-1")
         ax2.legend(loc="lower right")
-    ax2.set_xlabel("epoch")
+    ax2.set_xlabel("step (grey lines: epoch ends)")
     cfg = report["config"]
     fig.suptitle(f"{report['source']}: W{cfg['bits_w']}A{cfg['bits_a']} {cfg['quantizer']}")
     fig.tight_layout()

@@ -160,8 +160,8 @@ def _small_data(n=256, seed=0):
 
 def test_resume_continues_exactly(tmp_path):
     x, y = _small_data(320)
-    kw = dict(config="w2a2", data=(x[:256], y[:256]), val=(x[256:], y[256:]), steps=12, batch=32, lr=1e-3, seed=3,
-              log=lambda s: None)
+    kw = dict(config="w2a2", data=(x[:256], y[:256]), val=(x[256:], y[256:]), steps=30, batch=32, lr=1e-3, seed=3,
+              log=lambda s: None)   # 30 steps: 4 epochs of 8, and one mid-epoch validation point (step 25)
     full = qcompile.finetune(MLP, out=tmp_path / "a", **kw)
     with pytest.raises(QcompileError, match="interrupted at step 5 .*--resume"):
         qcompile.finetune(MLP, out=tmp_path / "b", _stop_after_steps=5, **kw)
@@ -170,6 +170,8 @@ def test_resume_continues_exactly(tmp_path):
         qcompile.finetune(MLP, out=tmp_path / "b", **kw)
     resumed = qcompile.finetune(MLP, out=tmp_path / "b", resume=True, **kw)
     assert resumed.report["history"]["step_loss"] == full.report["history"]["step_loss"]
+    assert resumed.report["history"]["val_points"] == full.report["history"]["val_points"]
+    assert [25, full.report["history"]["val_points"][-2][1]] in full.report["history"]["val_points"]
     a = {t.name: onnx.numpy_helper.to_array(t) for t in full.model.graph.initializer}
     b = {t.name: onnx.numpy_helper.to_array(t) for t in resumed.model.graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
