@@ -211,3 +211,24 @@ def test_recompiling_into_the_same_folder_loads_the_new_kernels(tiny_model_path,
         result.save(tmp_path / "art")
         np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
                                       predict(result.model, x))
+
+
+def test_weights_in_constant_nodes_are_quantized(tmp_path):
+    """Exporters sometimes put weights in Constant nodes instead of initializers: they quantize all the same."""
+    from onnx import helper
+
+    from graphs import tiny_cnn
+
+    model = tiny_cnn()
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in ("conv2.w", "fc1.w"):
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=inits[name], name=f"const_{name}"))
+        model.graph.initializer.remove(inits[name])
+    path = tmp_path / "constw.onnx"
+    onnx.save(model, path)
+    result = api.compile(path, config="w2a2", calib=tiny_inputs(32), target="cpu")
+    assert {"conv2", "fc1"} <= set(result.ctx.layers)
+    result.save(tmp_path / "art")
+    x = tiny_inputs(3, seed=8)
+    np.testing.assert_array_equal(InferenceSession(tmp_path / "art").run(None, {"input": x})[0],
+                                  predict(result.model, x))
