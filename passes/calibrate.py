@@ -42,11 +42,16 @@ class ActivationStats:
         x = np.asarray(x, np.float32)
         if x.size == 0:
             return
-        if x.ndim >= 2:
+        if x.ndim >= 2 and self.channel_count >= 0:
             per_channel = x.swapaxes(0, 1).reshape(x.shape[1], -1)
             sums = per_channel.sum(1, dtype=np.float64)
-            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
-            self.channel_count += per_channel.shape[1]
+            if self.channel_sum is not None and self.channel_sum.shape != sums.shape:
+                # axis 1 is not a channel axis here (it varies with the batch, e.g. inside attention): no per-channel
+                # means, so no bias correction for the layers reading this value
+                self.channel_sum, self.channel_count = None, -1
+            else:
+                self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+                self.channel_count += per_channel.shape[1]
         x = x.ravel()
         if x.min() < 0:  # signed activations: the negative side gets its own histogram (of -x)
             self.negative = self.negative or ActivationStats()

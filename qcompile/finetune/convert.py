@@ -518,6 +518,19 @@ def _batchnorm(b, n):
     return b.call(batch_norm, *n.inputs[:5], epsilon=eps)
 
 
+def layer_norm(x, scale, bias, *, axis, epsilon):
+    """ONNX LayerNormalization: normalize over axes [axis, rank), then scale and shift."""
+    shape = x.shape[axis % x.dim():]
+    return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), epsilon)
+
+
+def _layernorm(b, n):
+    if len([o for o in n.proto.output if o]) > 1:
+        n.fail("the Mean / InvStdDev outputs")
+    return b.call(layer_norm, n.inp(0), n.inp(1), n.inp(2), axis=n.attrs.get("axis", -1),
+                  epsilon=n.attrs.get("epsilon", 1e-5))
+
+
 def _pool_attrs(n):
     a = n.attrs
     if not 1 <= len(a["kernel_shape"]) <= 3:
@@ -654,7 +667,7 @@ def _binary(fn):
 
 OPS: dict[str, Callable[[_Builder, _Node], Value]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": lambda b, n: _weighted(b, n, MatMulLayer, matmul, {}),
-    "BatchNormalization": _batchnorm,
+    "BatchNormalization": _batchnorm, "LayerNormalization": _layernorm,
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
     "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Erf": _unary(torch.erf),
     "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),

@@ -57,3 +57,17 @@ def test_transformer_block_w8a8_agrees_with_float(block):
     result = api.compile(block, config="w8a8", calib=x[:64])
     pf, pq = predict(result.float_model, x[64:]), predict(result.model, x[64:])
     assert float((pf * pq).sum() / np.linalg.norm(pf) / np.linalg.norm(pq)) >= 0.999
+
+
+def test_transformer_block_fine_tunes_and_compiles(block, tmp_path):
+    """Fine-tuning goes through LayerNorm and attention (unlabeled data: distillation); the result compiles."""
+    import qcompile
+
+    x = np.random.default_rng(2).normal(0, 1, (256, 6, 16)).astype(np.float32)
+    tuned = qcompile.finetune(block, config="w4a4", data=x, steps=8, batch=32, log=lambda s: None)
+    assert tuned.options.distill and len(tuned.compiled.ctx.layers) >= 3
+    tuned.save(tmp_path / "ft")
+    art = api.compile(tmp_path / "ft" / "model.onnx", target="cpu")
+    art.save(tmp_path / "art")
+    deployed = InferenceSession(tmp_path / "art").run(None, {"x": x[:16]})[0]
+    np.testing.assert_allclose(deployed, predict(tuned.model, x[:16]), rtol=1e-5, atol=1e-5)

@@ -112,6 +112,11 @@ def conv_case(**attrs):
 
 
 CASES = {
+    "layernorm_last_axis": lambda: make([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"],
+                                                          epsilon=1e-5)],
+                                        {"x": ["N", 5, 8]}, {"g": _w(8), "b": _w(8)}),
+    "layernorm_two_axes_no_bias": lambda: make([helper.make_node("LayerNormalization", ["x", "g"], ["y"], axis=-2)],
+                                               {"x": ["N", 5, 8]}, {"g": _w(5, 8)}),
     "conv_plain": lambda: conv_case(),
     "conv_grouped_strided": lambda: conv_case(group=2, strides=[2, 2], pads=[1, 1, 1, 1]),
     "conv_depthwise": lambda: make([helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1])],
