@@ -188,6 +188,64 @@ def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: 
     return stats
 
 
+def layer_rows(node: ir.Node, x: np.ndarray, max_rows: int, rng) -> np.ndarray | None:
+    """The input rows a Conv/Gemm/MatMul multiplies by its weight ([M, K], K in the weight's [N, K] order), at most
+    max_rows of them (sampled); None for a layout GPTQ is not set up for (grouped convs, transA)."""
+    if node.op_type == "Conv":
+        a = node.attributes
+        if a.get_int("group", 1) != 1 or x.ndim != 4:
+            return None
+        w = ir.convenience.get_const_tensor(node.inputs[1]).shape
+        kh, kw = int(w[2]), int(w[3])
+        sh, sw = a.get_ints("strides", [1, 1])
+        dh, dw = a.get_ints("dilations", [1, 1])
+        pt, pl, pb, pr = a.get_ints("pads", [0, 0, 0, 0])
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                       # [B, C, Ho, Wo, kh, kw]
+        rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return None
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if len(rows) > max_rows:
+        rows = rows[rng.choice(len(rows), max_rows, replace=False)]
+    return np.asarray(rows, np.float64)
+
+
+def collect_second_moments(model: ir.Model, plans, reader, max_batches: int, rows_per_batch: int = 2048):
+    """E[x x^T] of each planned layer's input rows over the calibration data (a second pass; GPTQ's statistic)."""
+    from qcompile.quant.gptq import second_moment
+
+    nodes = {n.name: n for n in model.graph}
+    names = sorted({p.activation for p in plans})
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.add().name = name
+    sess = float_session(proto)
+    inputs = sess.get_inputs()
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    rng = np.random.default_rng(0)
+    sums: dict[str, np.ndarray] = {}
+    batches = 0
+    while batches < max_batches:
+        batch = reader.get_next()
+        if batch is None:
+            break
+        outs = dict(zip(names, sess.run(names, _check_batch(batch, inputs, getattr(reader, "source", "reader")))))
+        for p in plans:
+            rows = layer_rows(nodes[p.node], outs[p.activation], rows_per_batch, rng)
+            if rows is not None:
+                sums[p.node] = sums.get(p.node, 0) + second_moment(rows)
+        batches += 1
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    return {k: v / max(batches, 1) for k, v in sums.items()}
+
+
 class Calibrate:
     """Collect input-activation statistics for each planned layer and fix its clip value c."""
 
@@ -208,4 +266,7 @@ class Calibrate:
                 p.act_signed = True   # affine codes with a zero point (passes/quantize.py)
             elif s.max <= 0:
                 p.mark_float("input activation is 0 on all calibration data: nothing to quantize")
+        if ctx.config.weight_rounding == "gptq":
+            ctx.second_moments = collect_second_moments(model, [p for p in planned if p.quantize], ctx.calib,
+                                                        ctx.config.calib_batches)
         return False

@@ -47,6 +47,7 @@ class CompileContext:
     fuse_notes: dict[str, str] = field(default_factory=dict)  # node name -> how it was lowered, or why not
     trained_clips: dict[str, float] = field(default_factory=dict)  # node name -> fine-tuned activation clip
     trained_biases: dict[str, Any] = field(default_factory=dict)   # node name -> fine-tuned bias [N]
+    second_moments: dict[str, Any] = field(default_factory=dict)   # node name -> E[x x^T] of its input rows (GPTQ)
     float_model: onnx.ModelProto | None = None          # canonical float model (for calibration and eval)
     records: list[PassRecord] = field(default_factory=list)
     progress: Callable[[str], None] | None = None       # called with each pass name before it runs

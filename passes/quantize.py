@@ -24,6 +24,7 @@ from qcompile.errors import ConstantTensorError, QuantizationError
 from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses, remove_dead
 from qcompile.quant import registry
 from qcompile.quant.core import QuantizedTensor
+from qcompile.quant.gptq import gptq_round
 
 DOREFA_DEFAULT_CLIP = 1.0   # without calibration data, DoReFa's own activation range [0, 1]
 
@@ -142,6 +143,8 @@ class QuantizeLayers:
             except ConstantTensorError as exc:
                 plan.mark_float(str(exc).split(": ", 1)[-1])
                 continue
+            if cfg.weight_rounding == "gptq" and name in ctx.second_moments:  # levels chosen for the output error
+                qw = gptq_round(w_nk, qw, ctx.second_moments[name])
             n_out = w_nk.shape[0]
             bias_in = node.inputs[2] if len(node.inputs) > 2 else None
             bias = const_array(bias_in)

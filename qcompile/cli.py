@@ -67,12 +67,15 @@ def quant_options(f):
     f = click.option("--quantize", "force", multiple=True, metavar="GLOB",
                      help="Node names quantized even if first/last.")(f)
     f = click.option("--per-tensor", is_flag=True, help="One weight scale per layer instead of per channel.")(f)
+    f = click.option("--rounding", type=click.Choice(["nearest", "gptq"]),
+                     help="Weight rounding: nearest level, or GPTQ (levels chosen for the layer's output error on "
+                          "the calibration data).")(f)
     return f
 
 
-def _overrides(quantizer, keep_float, force, per_tensor) -> dict:
+def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
     return {"quantizer": quantizer, "keep_float": keep_float or None, "quantize": force or None,
-            "per_channel": False if per_tensor else None}
+            "per_channel": False if per_tensor else None, "weight_rounding": rounding}
 
 
 @main.command("compile")
@@ -89,8 +92,8 @@ def _overrides(quantizer, keep_float, force, per_tensor) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verify", is_flag=True, help="Check the model after every pass (debug).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after every pass here.")
-def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, out, target, autotune, kernel,
-                plan_batch, as_json, verify, dump_dir):
+def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, rounding, calib, out, target, autotune,
+                kernel, plan_batch, as_json, verify, dump_dir):
     """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png; with --target, also a
     deployable artifact (manifest.json, kernels/, partitions/) that `qcompile run` and the runtime load."""
     from qcompile import api, report
@@ -101,7 +104,7 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, 
             result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir,
                                  target=target, autotune=autotune, kernel=kernel, plan_batch=plan_batch,
                                  progress=lambda name: prog.update(task, description=name),
-                                 **_overrides(quantizer, keep_float, force, per_tensor))
+                                 **_overrides(quantizer, keep_float, force, per_tensor, rounding))
             prog.update(task, description="writing")
             result.save(out)
     except QcompileError as exc:
@@ -121,7 +124,7 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, calib, 
 @click.argument("model", type=click.Path(dir_okay=False))
 @quant_options
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, preset, quantizer, keep_float, force, per_tensor, as_json):
+def inspect(model, preset, quantizer, keep_float, force, per_tensor, rounding, as_json):
     """Each op of MODEL: quantized or kept in float, and why."""
     from rich.console import Console
     from rich.table import Table
@@ -129,7 +132,7 @@ def inspect(model, preset, quantizer, keep_float, force, per_tensor, as_json):
     from qcompile import api
 
     try:
-        rows = api.inspect(model, config=preset, **_overrides(quantizer, keep_float, force, per_tensor))
+        rows = api.inspect(model, config=preset, **_overrides(quantizer, keep_float, force, per_tensor, rounding))
     except QcompileError as exc:
         _fail(exc)
     if as_json:
@@ -245,8 +248,8 @@ def bench(artifact, batch, runs, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: model.onnx, float.onnx, checkpoint.pt, report.json/.md, curves.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
-def finetune(model, preset, quantizer, keep_float, force, per_tensor, data, val, epochs, steps, batch, lr, gbits,
-             distill, learn_clip, seed, resume, out, as_json):
+def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, data, val, epochs, steps, batch, lr,
+             gbits, distill, learn_clip, seed, resume, out, as_json):
     """Quantization-aware fine-tuning of MODEL at --config, starting from its post-training quantization.
 
     Writes a fake-quant model.onnx that `qcompile compile OUT/model.onnx --target cpu` compiles with the trained
@@ -264,7 +267,7 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, data, val,
             result = run_finetune(model, config=preset, data=data, val=val, epochs=epochs, steps=steps, batch=batch,
                                   lr=lr, gbits=gbits, distill=distill, seed=seed, learn_clip=learn_clip,
                                   resume=resume, out=out, log=progress.console.print if progress.console else print,
-                                  progress=progress, **_overrides(quantizer, keep_float, force, per_tensor))
+                                  progress=progress, **_overrides(quantizer, keep_float, force, per_tensor, rounding))
         result.save(out)
     except QcompileError as exc:
         from qcompile.finetune.loop import Interrupted

@@ -27,6 +27,7 @@ class Config:
     bias_correction: bool = True         # fold E[(W - Wq) x] from calibration into the bias
     calib_batches: int = 64              # at most this many calibration batches are read
     layer_bits: tuple[tuple[str, int, int], ...] = ()  # (node-name glob, bits_w, bits_a): the first match wins
+    weight_rounding: str = "nearest"     # "nearest" | "gptq": which grid level each weight takes (quant/gptq.py)
     name: str = "custom"
 
     def __post_init__(self):
@@ -39,6 +40,8 @@ class Config:
             for what, bits in (("bits_w", bw), ("bits_a", ba)):
                 if not isinstance(bits, int) or not 1 <= bits <= 8:
                     raise ConfigError(f"layers.'{glob}': {what}={bits!r} must be between 1 and 8")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise ConfigError(f"weight_rounding '{self.weight_rounding}': use nearest or gptq")
         kind = self.act_clip.split(":")[0]
         if kind not in ("mse", "max", "percentile"):
             raise ConfigError(f"act_clip '{self.act_clip}': use mse, max or percentile:<p>")
