@@ -52,7 +52,7 @@ def train(path: Path) -> float:
     x, y = datasets.load_fashion_mnist("train")
     x, y = torch.from_numpy(datasets.to_float(x)), torch.from_numpy(y.astype(np.int64))
     net = residual_net()
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     net.train()

@@ -61,7 +61,7 @@ def main(debug):
 
 def quant_options(f):
     f = click.option("--config", "preset", default="w2a2", show_default=True,
-                     help="Preset w1a1|w1a2|w2a2|w4a4|w2a8|w4a8|w8a4|w8a8, or a .toml file.")(f)
+                     help="Preset w1a1|w1a2|w2a2|w2a4|w4a4|w2a8|w4a8|w8a4|w8a8, or a .toml file.")(f)
     f = click.option("--quantizer", type=QUANTIZER_CHOICES, help="Weight quantizer (default: the preset's).")(f)
     f = click.option("--keep-float", multiple=True, metavar="GLOB", help="Node names kept in float.")(f)
     f = click.option("--quantize", "force", multiple=True, metavar="GLOB",

@@ -79,6 +79,7 @@ PRESETS: dict[str, Config] = {
     "w8a4": Config(bits_w=8, bits_a=4, quantizer="uniform", name="w8a4"),
     "w4a8": Config(bits_w=4, bits_a=8, name="w4a8"),
     "w2a8": Config(bits_w=2, bits_a=8, name="w2a8"),
+    "w2a4": Config(bits_w=2, bits_a=4, name="w2a4"),
 }
 
 
