@@ -157,9 +157,10 @@ def float_session(proto) -> ort.InferenceSession:
         raise CalibrationError(load_failure(proto, exc, "float model for calibration")) from None
 
 
-def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: int, progress=None
-                  ) -> dict[str, ActivationStats]:
-    """Run the float model once over the reader, exposing `value_names` as extra outputs."""
+def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: int, progress=None,
+                  on_batch=None) -> dict[str, ActivationStats]:
+    """Run the float model once over the reader, exposing `value_names` as extra outputs; `on_batch({name: array})`
+    sees every batch too (GPTQ's second moments come from the same pass)."""
     proto = ir.to_proto(model)
     existing = {o.name for o in proto.graph.output}
     for name in value_names:
@@ -180,6 +181,8 @@ def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: 
         outs = sess.run(value_names, _check_batch(batch, inputs, source))
         for name, arr in zip(value_names, outs):
             stats[name].update(arr)
+        if on_batch is not None:
+            on_batch(dict(zip(value_names, outs)))
         batches += 1
         if progress:
             progress(batches)
@@ -213,37 +216,28 @@ def layer_rows(node: ir.Node, x: np.ndarray, max_rows: int, rng) -> np.ndarray |
     return np.asarray(rows, np.float64)
 
 
-def collect_second_moments(model: ir.Model, plans, reader, max_batches: int, rows_per_batch: int = 2048):
-    """E[x x^T] of each planned layer's input rows over the calibration data (a second pass; GPTQ's statistic)."""
-    from qcompile.quant.gptq import second_moment
+class SecondMoments:
+    """E[x x^T] of each layer's input rows, accumulated batch by batch (GPTQ's statistic)."""
 
-    nodes = {n.name: n for n in model.graph}
-    names = sorted({p.activation for p in plans})
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.add().name = name
-    sess = float_session(proto)
-    inputs = sess.get_inputs()
-    if hasattr(reader, "rewind"):
-        reader.rewind()
-    rng = np.random.default_rng(0)
-    sums: dict[str, np.ndarray] = {}
-    batches = 0
-    while batches < max_batches:
-        batch = reader.get_next()
-        if batch is None:
-            break
-        outs = dict(zip(names, sess.run(names, _check_batch(batch, inputs, getattr(reader, "source", "reader")))))
-        for p in plans:
-            rows = layer_rows(nodes[p.node], outs[p.activation], rows_per_batch, rng)
+    def __init__(self, model: ir.Model, plans, rows_per_batch: int = 2048):
+        self.nodes = {n.name: n for n in model.graph}
+        self.plans, self.rows_per_batch = list(plans), rows_per_batch
+        self.rng = np.random.default_rng(0)
+        self.sums: dict[str, np.ndarray] = {}
+        self.batches = 0
+
+    def __call__(self, outs: dict) -> None:
+        from qcompile.quant.gptq import second_moment
+
+        for p in self.plans:
+            rows = layer_rows(self.nodes[p.node], outs[p.activation], self.rows_per_batch, self.rng)
             if rows is not None:
-                sums[p.node] = sums.get(p.node, 0) + second_moment(rows)
-        batches += 1
-    if hasattr(reader, "rewind"):
-        reader.rewind()
-    return {k: v / max(batches, 1) for k, v in sums.items()}
+                self.sums[p.node] = self.sums.get(p.node, 0) + second_moment(rows)
+        self.batches += 1
+
+    def result(self, layers) -> dict[str, np.ndarray]:
+        """The moments of the layers still quantized after calibration decided which are."""
+        return {k: v / max(self.batches, 1) for k, v in self.sums.items() if k in layers}
 
 
 class Calibrate:
@@ -259,14 +253,14 @@ class Calibrate:
         if ctx.calib is None:
             ctx.act_ranges = {}      # quantize falls back to DoReFa's [0, 1] and the report warns
             return False
-        ctx.act_ranges = collect_stats(model, names, ctx.calib, ctx.config.calib_batches)
+        moments = SecondMoments(model, planned) if ctx.config.weight_rounding == "gptq" else None
+        ctx.act_ranges = collect_stats(model, names, ctx.calib, ctx.config.calib_batches, on_batch=moments)
         for p in planned:
             s = ctx.act_ranges[p.activation]
             if s.min < 0:
                 p.act_signed = True   # affine codes with a zero point (passes/quantize.py)
             elif s.max <= 0:
                 p.mark_float("input activation is 0 on all calibration data: nothing to quantize")
-        if ctx.config.weight_rounding == "gptq":
-            ctx.second_moments = collect_second_moments(model, [p for p in planned if p.quantize], ctx.calib,
-                                                        ctx.config.calib_batches)
+        if moments is not None:
+            ctx.second_moments = moments.result({p.node for p in planned if p.quantize})
         return False
