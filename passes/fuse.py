@@ -76,27 +76,29 @@ def _scalar(value) -> float | None:
 
 
 def match_activation_quant(codes_float: ir.Value):
-    """p_float = DQL(QL(Clip(x, 0, c), s, 0), 1, 0) -> (codes value p, x, c, s) or None."""
+    """p_float = DQL([Pad(] QL(Clip(x, lo, c), s, z) [, z)], 1, 0) -> (codes value p, x, c, s, lo, z) or None.
+
+    Unsigned codes: lo = 0, z = 0. Signed ones: lo = -z s, and a padded conv reads its codes padded with z
+    (quantize._pad_codes), so p is then the Pad's output."""
     dq = codes_float.producer()
     if dq is None or dq.op_type != "DequantizeLinear" or _scalar(dq.inputs[1]) != 1.0:
         return None
     q = dq.inputs[0].producer()
-    if q is not None and q.op_type == "Pad":  # a signed input padded with its zero point (quantize._pad_codes):
-        codes = q.outputs[0]                   # the kernel reads the padded codes
+    codes = dq.inputs[0]
+    if q is not None and q.op_type == "Pad":
         q = q.inputs[0].producer()
-        if q is None or q.op_type != "QuantizeLinear":
-            return None
-        clip = q.inputs[0].producer()
-        lo = _scalar(clip.inputs[1]) if clip is not None and clip.op_type == "Clip" else None
-        return None if lo is None or lo > 0.0 else (codes, clip.inputs[0], _scalar(clip.inputs[2]),
-                                                    _scalar(q.inputs[1]))
     if q is None or q.op_type != "QuantizeLinear":
         return None
     clip = q.inputs[0].producer()
     lo = _scalar(clip.inputs[1]) if clip is not None and clip.op_type == "Clip" else None
-    if lo is None or lo > 0.0:  # Clip(0, c) for unsigned codes, Clip(-z s, (n - z) s) for signed ones
+    if lo is None or lo > 0.0:
         return None
-    return q.outputs[0], clip.inputs[0], _scalar(clip.inputs[2]), _scalar(q.inputs[1])
+    return codes, clip.inputs[0], _scalar(clip.inputs[2]), _scalar(q.inputs[1]), lo, _zero_point(q)
+
+
+def _zero_point(quant: ir.Node) -> int:
+    """A QuantizeLinear's (scalar) zero point; 0 when absent."""
+    return int(_scalar(quant.inputs[2]) or 0) if len(quant.inputs) > 2 and quant.inputs[2] is not None else 0
 
 
 # Ops that commute with a monotone elementwise quantizer, so they can run on codes instead of floats:
@@ -166,7 +168,7 @@ class FuseBitKernels:
                 relu, pools, clip_node, ql = out_q
                 lo_next, hi_next, s_next = (_scalar(clip_node.inputs[1]), _scalar(clip_node.inputs[2]),
                                             _scalar(ql.inputs[1]))
-                z_next = int(_scalar(ql.inputs[2]) or 0) if len(ql.inputs) > 2 and ql.inputs[2] is not None else 0
+                z_next = _zero_point(ql)
                 bits_next = int(round(np.log2(round((hi_next - lo_next) / s_next) + 1)))
                 bound = layer_acc_bound(layer)
                 t = thresholds(layer.mult, layer.bias, relu, hi_next, s_next, bits_next, bound, lo_next, z_next)

@@ -179,12 +179,7 @@ class ImportFakeQuant:
         ints_nk = ints if axis == 0 else ints.T
         meta = self.meta.get(layer, {})
         codes, zero2, bits_w = _codes(ints_nk, meta.get("zero2"), meta.get("bits_w"), layer)
-        codes_value, _, hi, act_scale = act
-        ql = codes_value.producer()
-        if ql.op_type == "Pad":  # a signed input padded with its zero point
-            ql = ql.inputs[0].producer()
-        lo = float(const_array(ql.inputs[0].producer().inputs[1]).reshape(()))
-        zero = int(const_array(ql.inputs[2]).reshape(())) if len(ql.inputs) > 2 and ql.inputs[2] is not None else 0
+        _, _, hi, act_scale, lo, zero = act
         n_a = round((hi - lo) / act_scale)
         bits_a = int(round(np.log2(n_a + 1)))
         if n_a < 1 or levels(bits_a) != n_a:
