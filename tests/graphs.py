@@ -76,21 +76,27 @@ def tiny_inputs(n: int = 16, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, 1, 12, 12)).astype(np.float32)
 
 
-def signed_mlp(path):
-    """x [N,16] -> fc0 -> Tanh -> fc1 -> LeakyRelu -> fc2 -> Tanh -> fc3: fc1 and fc2 read signed inputs."""
-    rng = np.random.default_rng(0)
-    dims = [16, 64, 64, 64, 10]
-    inits, nodes, prev = [], [], "x"
-    for i in range(4):
-        inits += [numpy_helper.from_array(rng.normal(0, (1.5 / dims[i]) ** 0.5, (dims[i + 1], dims[i]))
+def gemm_stack(prev: str, dims, gain: float, activations, rng):
+    """Gemm layers fc0..fc{L-1} of sizes dims (transB=1, random weights and biases), activation i after fc i:
+    (initializers, nodes, name of the last output)."""
+    inits, nodes = [], []
+    for i in range(len(dims) - 1):
+        inits += [numpy_helper.from_array(rng.normal(0, (gain / dims[i]) ** 0.5, (dims[i + 1], dims[i]))
                                           .astype(np.float32), f"w{i}"),
                   numpy_helper.from_array(rng.normal(0, 0.1, dims[i + 1]).astype(np.float32), f"b{i}")]
         nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"], transB=1, name=f"fc{i}"))
         prev = f"g{i}"
-        if i < 3:
-            op, kw = ("LeakyRelu", {"alpha": 0.1}) if i == 1 else ("Tanh", {})
+        if i < len(activations):
+            op, kw = activations[i]
             nodes.append(helper.make_node(op, [prev], [f"a{i}"], name=f"act{i}", **kw))
             prev = f"a{i}"
+    return inits, nodes, prev
+
+
+def signed_mlp(path):
+    """x [N,16] -> fc0 -> Tanh -> fc1 -> LeakyRelu -> fc2 -> Tanh -> fc3: fc1 and fc2 read signed inputs."""
+    acts = [("Tanh", {}), ("LeakyRelu", {"alpha": 0.1}), ("Tanh", {})]
+    inits, nodes, prev = gemm_stack("x", [16, 64, 64, 64, 10], 1.5, acts, np.random.default_rng(0))
     graph = helper.make_graph(nodes, "signed_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 10])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

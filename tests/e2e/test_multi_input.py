@@ -4,8 +4,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from graphs import gemm_stack
 from qcompile import api
 from qcompile.cli import main
 from qcompile.errors import CalibrationError
@@ -15,19 +16,9 @@ from qcompile.runtime import InferenceSession
 
 def two_input_model(path):
     """x [N,16] float and mask [N,16] int64 -> x * mask -> four Gemm layers (the middle two are quantized)."""
-    rng = np.random.default_rng(0)
-    dims = [16, 32, 32, 32, 4]
-    inits, nodes, prev = [], [helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT, name="cast"),
-                              helper.make_node("Mul", ["x", "maskf"], ["h0"], name="masked")], "h0"
-    for i in range(4):
-        inits += [numpy_helper.from_array(rng.normal(0, (2 / dims[i]) ** 0.5, (dims[i + 1], dims[i]))
-                                          .astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, dims[i + 1]).astype(np.float32), f"b{i}")]
-        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"], transB=1, name=f"fc{i}"))
-        prev = f"g{i}"
-        if i < 3:
-            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
-            prev = f"r{i}"
+    inits, nodes, prev = gemm_stack("h0", [16, 32, 32, 32, 4], 2.0, [("Relu", {})] * 3, np.random.default_rng(0))
+    nodes = [helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["x", "maskf"], ["h0"], name="masked"), *nodes]
     graph = helper.make_graph(nodes, "two_inputs",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
                                helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 16])],
