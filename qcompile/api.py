@@ -121,10 +121,7 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
         run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
         ctx.float_model = ir.to_proto(irm)
         run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
-    quantized = ir.to_proto(irm)
-    set_metadata(quantized, {**layer_metadata(ctx.layers), CONFIG_KEY: json.dumps(cfg.to_dict())})
-    result = CompileResult(str(model), cfg, ctx.float_model, quantized, ctx)
-    result.report = report_mod.build_report(result, sha256_file(model))
+    result = quantized_result(str(model), cfg, irm, ctx, sha256_file(model))
     if target is not None:
         from qcompile import artifact
 
@@ -134,6 +131,17 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
             result._weights_png = _background(report_mod.weights_png, ctx.layers)
         result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
         result.report["plan"] = result.lowered.manifest["plan"]
+    return result
+
+
+def quantized_result(source: str, cfg: Config, irm: ir.Model, ctx: CompileContext, source_sha: str) -> CompileResult:
+    """The fake-quant model with the metadata that lets a later compile import it as it is, and its report."""
+    from qcompile import report as report_mod
+
+    quantized = ir.to_proto(irm)
+    set_metadata(quantized, {**layer_metadata(ctx.layers), CONFIG_KEY: json.dumps(cfg.to_dict())})
+    result = CompileResult(source, cfg, ctx.float_model, quantized, ctx)
+    result.report = report_mod.build_report(result, source_sha)
     return result
 
 

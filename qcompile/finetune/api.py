@@ -128,9 +128,7 @@ def trained_float_model(float_proto: onnx.ModelProto, student) -> onnx.ModelProt
 def export(float_proto: onnx.ModelProto, student, cfg: Config, source: str, source_sha: str):
     """The fake-quant model of the trained student: the quantize pass on the trained weights, with the trained
     biases and clips as they are (no calibration, no bias correction). Returns (CompileResult, float proto)."""
-    from qcompile import report as report_mod
-    from qcompile.api import CompileResult
-    from qcompile.passes.import_fakequant import CONFIG_KEY, layer_metadata, set_metadata
+    from qcompile.api import quantized_result
     from qcompile.passes.pipeline import CompileContext, run_pipeline
     from qcompile.passes.plan import PlanBits
     from qcompile.passes.quantize import QuantizeLayers
@@ -149,11 +147,7 @@ def export(float_proto: onnx.ModelProto, student, cfg: Config, source: str, sour
     if missing:
         raise QcompileError(f"export: layers {sorted(missing)} were trained quantized but the quantize pass kept "
                             "them float")
-    model = ir.to_proto(irm)
-    set_metadata(model, {**layer_metadata(ctx.layers), CONFIG_KEY: json.dumps(cfg.to_dict())})
-    result = CompileResult(source, cfg, ctx.float_model, model, ctx)
-    result.report = report_mod.build_report(result, source_sha)
-    return result, trained
+    return quantized_result(source, cfg, irm, ctx, source_sha), trained
 
 
 def check_export(model: onnx.ModelProto, student, x: np.ndarray) -> dict:
