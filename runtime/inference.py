@@ -109,7 +109,8 @@ class InferenceSession:
     def _library(self, rel: str):
         if rel not in self._libraries:
             from qcompile.runtime.kernels import Library
-            self._libraries[rel] = Library(self.path / rel)
+            # the manifest's digest (checked in _verify_files) names the library for dlopen: no second hashing
+            self._libraries[rel] = Library(self.path / rel, self.manifest.get("files", {}).get(rel))
         return self._libraries[rel]
 
     def get_inputs(self) -> list[NodeArg]:

@@ -59,14 +59,15 @@ class LayerInfo:
     in_dtype: np.dtype = np.dtype(np.uint8)  # float32 when the layer quantizes its input itself
 
 
-def _content_alias(path: Path) -> Path:
+def _content_alias(path: Path, sha256: str | None = None) -> Path:
     """A path for dlopen that names the library's content: dlopen returns an already loaded library by *name*, so a
     process that loads art/kernels/x.so, recompiles into art/ and loads it again would keep running the old kernels.
-    A symlink named by the file's sha256 (in the temp folder) gives new content a new name, same content the same."""
+    A symlink named by the file's sha256 (in the temp folder) gives new content a new name, same content the same.
+    `sha256`: the digest when the caller already has it (the runtime verified it against the manifest)."""
     import hashlib
     import tempfile
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    digest = (sha256 or hashlib.sha256(path.read_bytes()).hexdigest())[:20]
     alias = Path(tempfile.gettempdir()) / f"qcompile-lib-{digest}-{path.name}"
     try:
         if not (alias.is_symlink() and alias.resolve() == path):
@@ -82,12 +83,12 @@ def _content_alias(path: Path) -> Path:
 class Library:
     """A loaded kernel library; :meth:`run` calls one layer."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, sha256: str | None = None):
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: kernel library not found")
         try:
-            self._dll = ctypes.CDLL(str(_content_alias(self.path)))
+            self._dll = ctypes.CDLL(str(_content_alias(self.path, sha256)))
         except OSError as e:
             raise ArtifactError(f"{self.path}: cannot load kernel library: {e}") from e
         try:

@@ -197,9 +197,7 @@ class FinetuneResult:
 
         write("model.onnx", self.compiled.model.SerializeToString())
         write("float.onnx", self.float_model.SerializeToString())
-        if not (out / CHECKPOINT).is_file() or torch.load(out / CHECKPOINT, weights_only=False)["state"]["step"] \
-                != self.checkpoint["state"]["step"]:
-            atomic_torch_save(self.checkpoint, out / CHECKPOINT)
+        atomic_torch_save(self.checkpoint, out / CHECKPOINT)
         write("report.json", json.dumps(self.report, indent=2).encode())
         write("report.md", ft_report.to_markdown(self.report).encode())
         write("curves.png", ft_report.curves_png(self.report))
