@@ -92,10 +92,11 @@ def build_student(float_proto: onnx.ModelProto, ptq, cfg: Config, *, learn_clip:
 
 
 def _plain_bias(q) -> np.ndarray:
-    """The bias before quantize.signed_bias folded the zero-point term in (inverse to float32 rounding: the
-    forward recomputes the folded value, so step 0 can differ from the post-training model by that rounding)."""
-    sums = q.qweight.int_values().reshape(q.qweight.codes.shape[0], -1).astype(np.int64).sum(axis=1)
-    return (q.bias.astype(np.float64) + q.mult.astype(np.float64) * q.act_zero * sums).astype(np.float32)
+    """The bias before quantize.signed_bias folded the zero-point term in: the same formula with -z (inverse up to
+    float32 rounding: the forward recomputes the folded value, so step 0 can differ from post-training by that)."""
+    from qcompile.passes.quantize import signed_bias
+
+    return signed_bias(q.bias, q.mult, -q.act_zero, q.qweight.int_values())
 
 
 def trained_float_model(float_proto: onnx.ModelProto, student) -> onnx.ModelProto:

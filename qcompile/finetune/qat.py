@@ -105,32 +105,34 @@ class QuantLayer(nn.Module):
     def _channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
         return (1, -1) + (1,) * (y.dim() - 2) if self.inner.op_type == "Conv" else (-1,)
 
-    def effective_bias(self, w_int: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    def weight_sums(self, w_int: torch.Tensor) -> torch.Tensor:
+        """sum_k W_int[n, k] per output channel (exact integers): the zero-point term of a signed input."""
+        w_nk = w_int if self.weight_axis == 0 else w_int.t()
+        return w_nk.reshape(w_nk.shape[0], -1).sum(dim=1)
+
+    def effective_bias(self, sums: torch.Tensor | None, mult: torch.Tensor) -> torch.Tensor:
         """bias, or for a signed input bias - mult * z * sum_k W_int (quantize.signed_bias: float64, one rounding)."""
         if not self.zero:
             return self.bias
-        w_nk = w_int if self.weight_axis == 0 else w_int.t()
-        sums = w_nk.reshape(w_nk.shape[0], -1).to(F64).sum(dim=1)
-        return (self.bias.to(F64) - mult.to(F64) * self.zero * sums).to(torch.float32)
+        return (self.bias.to(F64) - mult.to(F64) * self.zero * sums.to(F64)).to(torch.float32)
 
-    def _accumulate(self, p: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    def _accumulate(self, p: torch.Tensor, w_int: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
         """The integer accumulator over codes p. A signed input's zero point z is value 0, so the float layer's own
         zero padding is code z: sum (p - z) W (zero-padded) + z sum W, which is what the fake-quant graph's
         Pad(codes, z) -> Conv computes, exactly (all integers)."""
         if not self.zero:
             return self.inner.functional(p, w_int, None)
         acc = self.inner.functional(p - self.zero, w_int, None)
-        w_nk = w_int if self.weight_axis == 0 else w_int.t()
-        sums = w_nk.reshape(w_nk.shape[0], -1).sum(dim=1)
         return acc + self.zero * sums.reshape(self._channel_shape(acc))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.codes(x)
         w_int, tq = self.quantized_weight()
-        acc = self._accumulate(p, w_int)
+        sums = self.weight_sums(w_int) if self.zero else None
+        acc = self._accumulate(p, w_int, sums)
         shape = self._channel_shape(acc)
         mult = self.multiplier(tq)
-        y = acc * mult.reshape(shape) + self.effective_bias(w_int, mult).reshape(shape)
+        y = acc * mult.reshape(shape) + self.effective_bias(sums, mult).reshape(shape)
         if self.gbits:
             y = dorefa_gradients(y, self.gbits, self.grad_generator)
         return y
@@ -138,7 +140,7 @@ class QuantLayer(nn.Module):
     def accumulator(self, x: torch.Tensor) -> torch.Tensor:
         """The integer accumulator (for exactness tests against the fake-quant model)."""
         w_int, _ = self.quantized_weight()
-        return self._accumulate(self.codes(x), w_int)
+        return self._accumulate(self.codes(x), w_int, self.weight_sums(w_int) if self.zero else None)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
