@@ -16,6 +16,7 @@ from rich.table import Table
 
 from qcompile import api, datasets, evaluate
 from qcompile.errors import QcompileError
+from qcompile.targets.cpu.caps import model_name
 
 
 def training_data(console: Console):
@@ -86,7 +87,7 @@ def run(out: str | Path = "demo-out", preset: str = "w1a2", quantizer: str = "do
     speed = {}
     for b in (1, batch):
         bench_rows = benchmark.bench_artifact(out / "artifact", batch=b, runs=bench_runs)
-        benchmark.print_table(bench_rows, f"batch {b} ({_cpu()})")
+        benchmark.print_table(bench_rows, f"batch {b} ({model_name()})")
         speed[b] = bench_rows
     console.print(f"models, reports, curves and the artifact in {out.resolve()}/ "
                   "(ptq/, finetuned/, artifact/)")
@@ -99,9 +100,3 @@ def _progress(console: Console):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, transient=True)
-
-
-def _cpu() -> str:
-    from qcompile.finetune.api import _cpu_name
-
-    return _cpu_name()

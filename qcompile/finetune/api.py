@@ -32,7 +32,8 @@ from qcompile.errors import QcompileError
 from qcompile.finetune.data import Dataset, check_against_model, open_data
 from qcompile.finetune.loop import CHECKPOINT_FORMAT, Interrupted, Trainer, TrainOptions, atomic_torch_save
 from qcompile.finetune.qat import QuantLayer, quant_layers, replace_module
-from qcompile.targets.cpu.caps import usable_cpus
+from qcompile.finetune.report import percent
+from qcompile.targets.cpu.caps import model_name, usable_cpus
 
 CHECKPOINT = "checkpoint.pt"
 CALIB_SAMPLES = 512
@@ -345,7 +346,7 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
         "steps": trainer.step, "epochs": trainer.epochs, "train_seconds_this_run": round(train_seconds, 2),
         "history": trainer.history.to_dict(), "export_check": agreement,
         "layers": compiled.report["layers"], "kept_float_weighted": compiled.report["kept_float_weighted"],
-        "totals": compiled.report["totals"], "cpu": _cpu_name(),
+        "totals": compiled.report["totals"], "cpu": model_name(),
     }
     return FinetuneResult(source, cfg, opts, compiled, trained_float, checkpoint(), report)
 
@@ -397,10 +398,6 @@ class _interrupt_as_keyboard:
         return False
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.2%}"
-
-
 def _log_start(log, cfg, train_ds: Dataset, val_ds, opts, trainer, float_acc, ptq_acc) -> None:
     log(f"fine-tuning W{cfg.bits_w}A{cfg.bits_a} {cfg.quantizer}: {len(train_ds)} training samples "
         f"({train_ds.describe}), {trainer.steps_per_epoch} steps/epoch x {trainer.epochs} epochs "
@@ -408,15 +405,9 @@ def _log_start(log, cfg, train_ds: Dataset, val_ds, opts, trainer, float_acc, pt
         + (f", {opts.gbits}-bit gradients" if opts.gbits else "")
         + (", distillation from the float model" if trainer.use_teacher else ""))
     if val_ds is not None:
-        log(f"validation ({len(val_ds)} samples): float {_pct(float_acc)}, post-training {_pct(ptq_acc)}")
+        log(f"validation ({len(val_ds)} samples): float {percent(float_acc)}, post-training {percent(ptq_acc)}")
 
 
 def _epoch_line(rec, epochs: int, float_acc) -> str:
-    return (f"epoch {rec.epoch}/{epochs}  loss {rec.loss:.4f}  train {_pct(rec.train_acc)}  val {_pct(rec.val_acc)}"
-            f"  (float {_pct(float_acc)})  {rec.images_per_s:,.0f} img/s  {rec.seconds:.1f} s")
-
-
-def _cpu_name() -> str:
-    from qcompile.targets.cpu.caps import model_name
-
-    return model_name()
+    return (f"epoch {rec.epoch}/{epochs}  loss {rec.loss:.4f}  train {percent(rec.train_acc)}  "
+            f"val {percent(rec.val_acc)}  (float {percent(float_acc)})  {rec.images_per_s:,.0f} img/s  {rec.seconds:.1f} s")

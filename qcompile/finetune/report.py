@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
+    """An accuracy as a percentage, '-' when there is none (no labels)."""
     return "-" if v is None else f"{v:.2%}"
+
 
 
 def to_markdown(report: dict) -> str:
@@ -21,19 +23,19 @@ def to_markdown(report: dict) -> str:
         f"Training data: {report['train_data']} ({report['train_n']} samples); validation: "
         f"{report['val_data'] or 'none'} ({report['val_n']} samples).", "",
         "| model | validation top-1 |", "|---|---:|",
-        f"| float | {_pct(report['float_val_acc'])} |",
-        f"| post-training quantized | {_pct(report['ptq_val_acc'])} |",
-        f"| fine-tuned quantized | {_pct(report['finetuned_val_acc'])} |", "",
+        f"| float | {percent(report['float_val_acc'])} |",
+        f"| post-training quantized | {percent(report['ptq_val_acc'])} |",
+        f"| fine-tuned quantized | {percent(report['finetuned_val_acc'])} |", "",
         "## Epochs", "", "| epoch | steps | loss | train top-1 | val top-1 | images/s | seconds | lr |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in report["history"]["epochs"]:
-        lines.append(f"| {e['epoch']} | {e['steps']} | {e['loss']:.4f} | {_pct(e['train_acc'])} | "
-                     f"{_pct(e['val_acc'])} | {e['images_per_s']:,.0f} | {e['seconds']:.1f} | {e['lr']:.2e} |")
+        lines.append(f"| {e['epoch']} | {e['steps']} | {e['loss']:.4f} | {percent(e['train_acc'])} | "
+                     f"{percent(e['val_acc'])} | {e['images_per_s']:,.0f} | {e['seconds']:.1f} | {e['lr']:.2e} |")
     chk = report["export_check"]
     lines += ["", "## Export", "",
               f"model.onnx (fake-quant) against the trained torch model on {chk['n']} inputs: max |difference| "
-              f"{chk['max_abs_diff']:.3g}, same top-1 class {_pct(chk['argmax_agreement'])}. "
+              f"{chk['max_abs_diff']:.3g}, same top-1 class {percent(chk['argmax_agreement'])}. "
               "Compile it with `qcompile compile model.onnx --target cpu`: the trained parameters are kept.", "",
               "| layer | op | bits | entropy (bits) | act clip |", "|---|---|---|---:|---:|"]
     for r in report["layers"]:
