@@ -55,10 +55,21 @@ def load_model(path: str | Path) -> onnx.ModelProto:
             raise ModelLoadError(f"{path}: cannot convert opset {opset} to {WORK_OPSET}: "
                                  f"{str(exc).splitlines()[0][:120]}") from None
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: shape inference failed: {str(exc).splitlines()[0][:160]}") from None
-    return model
+        first_error = exc
+    # Exporters sometimes leave stale shapes (value_info or a declared output shape from before a rewrite) that
+    # contradict what the ops compute; onnxruntime only warns, so drop them and infer from the ops before giving up.
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.value_info[:]
+    for out in stripped.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(stripped, strict_mode=True, data_prop=True)
+    except Exception:
+        raise ModelLoadError(f"{path}: shape inference failed: {str(first_error).splitlines()[0][:160]}") from None
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -69,16 +80,66 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def check_weights_finite(model: ir.Model) -> None:
-    """NaN/Inf in any float initializer makes every downstream number meaningless: refuse early."""
+    """NaN in any float initializer makes every downstream number meaningless: refuse early. +-Inf is legal
+    in constants (attention masks, clip bounds); in a quantized layer's weights the quantizer refuses it."""
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             continue
         arr = tensor.numpy()
-        if not np.all(np.isfinite(arr)):
+        if np.isnan(arr).any():
             users = ", ".join(sorted({u.node.name or u.node.op_type for u in value.uses()})) or "no node"
-            raise QuantizationError(f"initializer '{name}' (used by {users}) contains NaN/Inf; "
+            raise QuantizationError(f"initializer '{name}' (used by {users}) contains NaN; "
                                     "fix or retrain the model before compiling")
+
+
+def parse_fixed_inputs(items) -> dict[str, list[float]]:
+    """--fix-input NAME=VALUE[,VALUE...] -> {name: [values]}; one ConfigError per malformed item."""
+    from qcompile.errors import ConfigError
+
+    out = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        try:
+            values = [float(v) for v in text.split(",")] if sep and name else None
+        except ValueError:
+            values = None
+        if not values:
+            raise ConfigError(f"--fix-input '{item}': expected NAME=VALUE or NAME=V1,V2,... (e.g. sr=16000)")
+        out[name] = values
+    return out
+
+
+def fix_inputs(model: ir.Model, values: dict, source: str) -> dict[str, np.ndarray]:
+    """Turn graph inputs into constants (a sample rate, a mode flag), so constant folding can resolve the If
+    branches and shapes that depend on them; returns {name: array} as fixed. The model then has those inputs no more."""
+    from qcompile.errors import ConfigError
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    fixed = {}
+    for name, raw in values.items():
+        value = inputs.get(name)
+        if value is None:
+            raise ConfigError(f"{source}: --fix-input '{name}': no such model input; the inputs are {sorted(inputs)}")
+        dtype = ir.DataType(value.type.dtype).numpy() if value.type is not None else np.dtype(np.float32)
+        arr = np.asarray(raw, dtype=np.float64)
+        shape = value.shape
+        dims = [d if isinstance(d, int) else None for d in shape] if shape is not None else None
+        if dims is not None and None not in dims:
+            if int(np.prod(dims)) != arr.size:
+                raise ConfigError(f"{source}: --fix-input '{name}': {arr.size} value(s) given, the input has shape "
+                                  f"{dims} ({int(np.prod(dims))} values)")
+            arr = arr.reshape(dims)
+        elif dims is not None and len(dims) == 0:
+            arr = arr.reshape(())
+        if np.issubdtype(dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
+            raise ConfigError(f"{source}: --fix-input '{name}': the input is {dtype.name}; give whole numbers")
+        arr = arr.astype(dtype)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(arr, name=name)
+        model.graph.register_initializer(value)
+        fixed[name] = arr
+    return fixed
 
 
 def to_ir(model: onnx.ModelProto) -> ir.Model:

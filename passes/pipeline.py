@@ -49,6 +49,7 @@ class CompileContext:
     trained_biases: dict[str, Any] = field(default_factory=dict)   # node name -> fine-tuned bias [N]
     second_moments: dict[str, Any] = field(default_factory=dict)   # node name -> E[x x^T] of its input rows (GPTQ)
     float_model: onnx.ModelProto | None = None          # canonical float model (for calibration and eval)
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)  # input name -> the constant it was fixed to
     records: list[PassRecord] = field(default_factory=list)
     progress: Callable[[str], None] | None = None       # called with each pass name before it runs
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import onnx
 import onnx_ir as ir
 
-from qcompile.calibration import as_reader
+from qcompile.calibration import WithoutInputs, as_reader
 from qcompile.config import Config, resolve_config
 from qcompile.fileio import atomic_dir, sha256_file
 from qcompile.passes.calibrate import Calibrate
@@ -91,25 +91,31 @@ def _background(fn, *args) -> Future:
 
 def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: Any = None,
             target: str | None = None, autotune: bool = False, kernel: str | None = None,
-            plan_batch: int = 64, verify: bool = False,
+            plan_batch: int = 64, verify: bool = False, fix_inputs: dict | None = None,
             dump_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
             **overrides) -> CompileResult:
     """Quantize an ONNX model (path) to a fake-quant ONNX model.
 
     config: a preset (w1a1, w1a2, w2a2, w4a4), a .toml file, or a Config; keyword overrides such as
     quantizer="uniform", bits_w=4 or keep_float=["conv3"] replace single fields. calib: a .npz path, an array,
-    or a CalibrationDataReader (get_next() -> {input: batch} or None)."""
+    or a CalibrationDataReader (get_next() -> {input: batch} or None). fix_inputs: {input name: value(s)} turns
+    those inputs into constants (e.g. {"sr": 16000}), so the If branches they select are folded and quantized."""
     from qcompile import report as report_mod
 
     cfg = resolve_config(config, **overrides)
     proto = load_model(model)
     irm = ir.from_proto(proto)
+    fixed = _fix_inputs(irm, fix_inputs, model)
     check_weights_finite(irm)
     if target is not None and target.split(":")[0] == "cpu":
         from qcompile.targets.cpu.build import prebuild_core
 
         prebuild_core()  # the kernel core does not depend on the model: its C build overlaps the passes below
-    ctx = CompileContext(config=cfg, source=str(model), calib=as_reader(calib), target=target, progress=progress)
+    reader = as_reader(calib)
+    if fixed and reader is not None:
+        reader = WithoutInputs(reader, fixed)
+    ctx = CompileContext(config=cfg, source=str(model), calib=reader, target=target, progress=progress,
+                         fixed_inputs=fixed)
     if is_fake_quant(proto):
         # qcompile's own fake-quant model (a compile or a fine-tune): keep its quantizer parameters as they are
         cfg = ctx.config = _imported_config(proto, cfg)
@@ -132,6 +138,12 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
         result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
         result.report["plan"] = result.lowered.manifest["plan"]
     return result
+
+
+def _fix_inputs(irm: ir.Model, values: dict | None, source) -> dict:
+    from qcompile.passes.load import fix_inputs
+
+    return fix_inputs(irm, values, str(source)) if values else {}
 
 
 def quantized_result(source: str, cfg: Config, irm: ir.Model, ctx: CompileContext, source_sha: str) -> CompileResult:
@@ -176,12 +188,14 @@ def _initializers(proto: onnx.ModelProto | None) -> dict:
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
-def inspect(model: str | Path, *, config: str | Config | None = "w2a2", **overrides) -> list[dict]:
+def inspect(model: str | Path, *, config: str | Config | None = "w2a2", fix_inputs: dict | None = None,
+            **overrides) -> list[dict]:
     """Each op of the canonical model: quantized or float, and why (no calibration needed)."""
     from qcompile.passes.plan import op_table
 
     cfg = resolve_config(config, **overrides)
     irm = ir.from_proto(load_model(model))
+    _fix_inputs(irm, fix_inputs, model)
     check_weights_finite(irm)
     ctx = CompileContext(config=cfg, source=str(model))
     run_pipeline(irm, front_passes(), ctx)

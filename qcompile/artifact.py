@@ -101,26 +101,77 @@ def layer_specs(fused: onnx.ModelProto, fakequant: onnx.ModelProto, *, fold_pool
 
 
 def symbolic_layers(fakequant: onnx.ModelProto, layers) -> dict[str, str]:
-    """Quantized layers whose input has a symbolic size other than the batch -> why they stay on onnxruntime.
-
-    The bit kernels are generated for fixed shapes; such a layer keeps its fake-quant form (same outputs), so an
-    image of any size runs correctly."""
+    """Quantized layers whose input has a symbolic size the kernel cannot take at run time -> why they stay on
+    onnxruntime. Conv kernels are generated for fixed channels and spatial sizes; a MatMul/Gemm kernel takes any
+    number of rows, so only its last (K) size must be fixed. Such a layer keeps its fake-quant form (same outputs)."""
     inferred = onnx.shape_inference.infer_shapes(fakequant)
     dims = {vi.name: vi.type.tensor_type.shape.dim for vi in
             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     core_input = {n.name: n.input[0] for n in fakequant.graph.node if n.input}
     out = {}
-    for name in layers:
+    for name, layer in layers.items():
         shape = dims.get(core_input.get(core_name(name), ""))
         if shape is None or len(shape) < 2:  # no shape at all (e.g. after an op shape inference does not know)
             out[name] = "its input shape is unknown after shape inference; kept as fake-quant on onnxruntime"
             continue
         sizes = [str(d.dim_value) if d.HasField("dim_value") else
                  (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else "?") for d in shape]
-        if any(not d.HasField("dim_value") for d in list(shape)[1:]):
+        fixed = list(shape)[-1:] if getattr(layer, "op", "") in ("MatMul", "Gemm") else list(shape)[1:]
+        if any(not d.HasField("dim_value") for d in fixed):
             out[name] = (f"input shape [batch, {', '.join(sizes[1:])}] has symbolic sizes and bit kernels are built "
-                         "for fixed sizes; kept as fake-quant on onnxruntime (any size runs)")
+                         "for fixed sizes; kept as fake-quant on onnxruntime (any size runs; calibrate with inputs "
+                         "of the deployed size to get kernels for it)")
     return out
+
+
+def specialize_shapes(fakequant: onnx.ModelProto, batch: dict | None, layers) -> tuple[onnx.ModelProto, dict]:
+    """The fake-quant model with the fewest symbolic input sizes fixed to the calibration batch's that give every
+    layer it can a fixed-shape kernel (first axes stay free; so do other free sizes no kernel needs, such as a
+    sequence length or a recurrent state's batch axis); {input: per-sample shape, None where free} of what was
+    fixed ({} when nothing was). The artifact runs these shapes on its kernels and any other on the fake-quant model."""
+    if not batch:
+        return fakequant, {}
+    free = {}
+    for vi in fakequant.graph.input:
+        dims, arr = list(vi.type.tensor_type.shape.dim), batch.get(vi.name)
+        if arr is None or len(dims) != np.ndim(arr) or len(dims) < 2:
+            continue
+        free.update({(vi.name, axis): int(np.shape(arr)[axis]) for axis in range(1, len(dims))
+                     if not dims[axis].HasField("dim_value")})
+    full = _with_sizes(fakequant, free) if free else None
+    if full is None:
+        return fakequant, {}
+    goal = set(symbolic_layers(full, layers))
+    if len(goal) == len(symbolic_layers(fakequant, layers)):
+        return fakequant, {}              # fixing sizes gains no kernel
+    keep = dict(free)
+    for key in free:                      # leave free every size no kernel needs
+        trial = {k: v for k, v in keep.items() if k != key}
+        model = _with_sizes(fakequant, trial)
+        if model is not None and set(symbolic_layers(model, layers)) == goal:
+            keep = trial
+    shapes = {}
+    for (name, axis), size in keep.items():
+        rank = next(len(vi.type.tensor_type.shape.dim) for vi in fakequant.graph.input if vi.name == name)
+        shapes.setdefault(name, [None] * (rank - 1))[axis - 1] = size
+    return _with_sizes(fakequant, keep), shapes
+
+
+def _with_sizes(fakequant: onnx.ModelProto, sizes: dict) -> onnx.ModelProto | None:
+    """A copy with input sizes {(input, axis): size} fixed and shapes inferred again; None if inference fails."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fakequant)
+    for vi in model.graph.input:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (vi.name, axis) in sizes:
+                d.dim_value = sizes[(vi.name, axis)]   # assigning the value clears the oneof's dim_param
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception:  # noqa: BLE001 - sizes only onnxruntime can work out: stay generic (fake-quant layers)
+        return None
 
 
 def _tensor_type(elem: int, shape) -> onnx.TypeProto:
@@ -173,10 +224,12 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     (work / "kernels").mkdir()
     (work / "partitions").mkdir()
 
-    symbolic = symbolic_layers(result.model, result.ctx.layers)
-    candidates = ir.from_proto(result.model)            # every fixed-size quantized layer as a bit kernel
+    calib_batch = _first_calibration_batch(result.ctx.calib)
+    model, specialized = specialize_shapes(result.model, calib_batch, result.ctx.layers)
+    symbolic = symbolic_layers(model, result.ctx.layers)
+    candidates = ir.from_proto(model)                   # every fixed-size quantized layer as a bit kernel
     FuseBitKernels(set(result.ctx.layers) - set(symbolic))(candidates, result.ctx)
-    all_specs = layer_specs(ir.to_proto(candidates), result.model)
+    all_specs = layer_specs(ir.to_proto(candidates), model)
     measured = None
     if autotune and all_specs:
         probe = build_library(all_specs, work / "autotune", layer_avx512=caps.avx512_vpopcntdq)
@@ -185,11 +238,11 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel)
     result.ctx.fuse_notes = {}
 
-    fused_ir = ir.from_proto(result.model)
+    fused_ir = ir.from_proto(model)
     FuseBitKernels({n for n, c in choices.items() if c.kernel == "bitserial"})(fused_ir, result.ctx)
     LowerToInt8({n for n, c in choices.items() if c.kernel == "int8"})(fused_ir, result.ctx)
     fused = ir.to_proto(fused_ir)
-    specs = layer_specs(fused, result.model, fold_pools=True)
+    specs = layer_specs(fused, model, fold_pools=True)
     # the float layer before a BitConv hands it floats: the conv quantizes them itself (qcompile.input_quant)
     to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
     # the "cpu" target's library carries the AVX-512 BitGemm kernels whatever the build machine has: the path is
@@ -199,14 +252,14 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 
-    calib_batch = _first_calibration_batch(result.ctx.calib)
     types = {i.name: i.type for i in fused.graph.input}
     for spec in specs:
         out_name = spec.extra.get("output") or \
             next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
         elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
             {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
-        types[out_name] = _tensor_type(elem, (*spec.extra.get("lead_shape", ()), *spec.out_shape))
+        lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))  # 0: a symbolic size (sequence length)
+        types[out_name] = _tensor_type(elem, (*lead, *spec.out_shape))
     schedule = []
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
     for index, step in enumerate(partition(to_partition, types)):
@@ -260,6 +313,8 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps),
                    "plan_batch": batch, "autotuned": bool(measured)},
         "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
+        # other input shapes than the kernels were built for run the fake-quant model (same integer arithmetic)
+        "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,
         "plan": plan, "schedule": schedule,
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }

@@ -13,7 +13,8 @@ class ArrayReader:
     """Yields {input_name: batch} from in-memory arrays, `batch_size` rows at a time.
 
     `arrays` is one array (a one-input model; its name comes from `input_name` or from `bind`) or a dict with one
-    array per model input name (`x` also stands for the only input of a one-input model)."""
+    array per model input name (`x` also stands for the only input of a one-input model); a 0-d array in the dict
+    (a sample rate, a flag) is a scalar input, fed as it is with every batch."""
 
     def __init__(self, arrays, input_name: str | None = None, batch_size: int = 64, source: str = "array"):
         self.arrays = dict(arrays) if isinstance(arrays, dict) else None
@@ -21,13 +22,15 @@ class ArrayReader:
         self.input_name, self.batch_size, self.source = input_name, batch_size, source
         self._pos = 0
         if self.arrays is not None:
-            sizes = {k: len(v) for k, v in self.arrays.items()}
+            sizes = {k: len(v) for k, v in self.arrays.items() if np.ndim(v) > 0}
             if len(set(sizes.values())) > 1:
                 raise CalibrationError(f"{source}: arrays have different numbers of samples {sizes}; "
                                        "give every input the same number")
 
     def __len__(self) -> int:
-        return len(self.array) if self.arrays is None else len(next(iter(self.arrays.values()), []))
+        if self.arrays is None:
+            return len(self.array)
+        return next((len(v) for v in self.arrays.values() if np.ndim(v) > 0), 1)
 
     def bind(self, input_names) -> None:
         """The pipeline tells the reader the model's input names; a one-array reader takes the only one, a dict
@@ -54,7 +57,7 @@ class ArrayReader:
         self._pos += self.batch_size
         if self.arrays is None:
             return {self.input_name: self.array[sl]}
-        return {k: v[sl] for k, v in self.arrays.items()}
+        return {k: v[sl] if np.ndim(v) > 0 else v for k, v in self.arrays.items()}
 
     def rewind(self) -> None:
         self._pos = 0
@@ -96,3 +99,27 @@ def as_reader(calib, batch_size: int = 64):
     if isinstance(calib, dict):
         return ArrayReader(calib, None, batch_size, source="calibration dict")
     raise CalibrationError(f"calibration data of type {type(calib).__name__}: pass a .npz path, an array, a dict of arrays or a reader")
+
+
+class WithoutInputs:
+    """A reader whose batches leave out inputs the compile fixed to constants (--fix-input)."""
+
+    def __init__(self, reader, names):
+        self.reader, self.names = reader, set(names)
+        self.source = getattr(reader, "source", "calibration reader")
+
+    def bind(self, input_names) -> None:
+        if hasattr(self.reader, "bind"):
+            arrays = getattr(self.reader, "arrays", None)
+            if arrays is not None:
+                for name in self.names:
+                    arrays.pop(name, None)
+            self.reader.bind(input_names)
+
+    def get_next(self) -> dict | None:
+        batch = self.reader.get_next()
+        return None if batch is None else {k: v for k, v in batch.items() if k not in self.names}
+
+    def rewind(self) -> None:
+        if hasattr(self.reader, "rewind"):
+            self.reader.rewind()

@@ -73,6 +73,12 @@ def quant_options(f):
     return f
 
 
+fix_input_option = click.option(
+    "--fix-input", multiple=True, metavar="NAME=VALUE",
+    help="Fix a model input to a constant (e.g. sr=16000): the If branches and shapes it selects are folded, so "
+         "their layers can be quantized; the compiled model no longer takes that input.")
+
+
 def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
     return {"quantizer": quantizer, "keep_float": keep_float or None, "quantize": force or None,
             "per_channel": False if per_tensor else None, "weight_rounding": rounding}
@@ -89,19 +95,23 @@ def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
 @click.option("--kernel", type=click.Choice(["bitserial", "int8", "float"]),
               help="Use this kernel for every quantized layer instead of the planner's choice.")
 @click.option("--plan-batch", default=64, show_default=True, help="Batch size the planner optimizes for.")
+@fix_input_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verify", is_flag=True, help="Check the model after every pass (debug).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after every pass here.")
 def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, rounding, calib, out, target, autotune,
-                kernel, plan_batch, as_json, verify, dump_dir):
+                kernel, plan_batch, fix_input, as_json, verify, dump_dir):
     """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png; with --target, also a
     deployable artifact (manifest.json, kernels/, partitions/) that `qcompile run` and the runtime load."""
     from qcompile import api, report
 
     try:
+        from qcompile.passes.load import parse_fixed_inputs
+
+        fixed = parse_fixed_inputs(fix_input)
         with _progress() as prog:
             task = prog.add_task("compiling", total=None)
-            result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir,
+            result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir, fix_inputs=fixed,
                                  target=target, autotune=autotune, kernel=kernel, plan_batch=plan_batch,
                                  progress=lambda name: prog.update(task, description=name),
                                  **_overrides(quantizer, keep_float, force, per_tensor, rounding))
@@ -123,8 +133,9 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, roundin
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @quant_options
+@fix_input_option
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, preset, quantizer, keep_float, force, per_tensor, rounding, as_json):
+def inspect(model, preset, quantizer, keep_float, force, per_tensor, rounding, fix_input, as_json):
     """Each op of MODEL: quantized or kept in float, and why."""
     from rich.console import Console
     from rich.table import Table
@@ -132,7 +143,10 @@ def inspect(model, preset, quantizer, keep_float, force, per_tensor, rounding, a
     from qcompile import api
 
     try:
-        rows = api.inspect(model, config=preset, **_overrides(quantizer, keep_float, force, per_tensor, rounding))
+        from qcompile.passes.load import parse_fixed_inputs
+
+        rows = api.inspect(model, config=preset, fix_inputs=parse_fixed_inputs(fix_input),
+                           **_overrides(quantizer, keep_float, force, per_tensor, rounding))
     except QcompileError as exc:
         _fail(exc)
     if as_json:

@@ -70,8 +70,9 @@ def predict(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
     else:
         sess = session(model)
     feeds = feeds_for(sess.get_inputs(), x, str(model) if isinstance(model, (str, Path)) else "model")
-    n = len(next(iter(feeds.values())))
-    outs = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
+    n = next((len(v) for v in feeds.values() if np.ndim(v) > 0), 1)   # 0-d inputs (a rate) go with every batch
+    outs = [sess.run(None, {k: v[i:i + batch] if np.ndim(v) > 0 else v for k, v in feeds.items()})[0]
+            for i in range(0, n, batch)]
     return np.concatenate(outs)
 
 

@@ -42,10 +42,15 @@ class KernelChoice:
     why: str = ""
 
 
+def lead_rows(spec) -> int:
+    """Rows per sample of a BitGemm over [batch, seq, ..., K]; a symbolic size (0) counts as 1."""
+    return int(np.prod([d or 1 for d in spec.extra.get("lead_shape", ())], dtype=np.int64))
+
+
 def layer_macs(spec, batch: int) -> tuple[int, int, int]:
     """(M, N, K) of the layer as a GEMM: rows are output pixels (conv) or samples (gemm)."""
     ho, wo = spec.out_hw
-    rows = int(np.prod(spec.extra.get("lead_shape", ()), dtype=np.int64))  # a BitGemm over [batch, seq, K]
+    rows = lead_rows(spec)  # a BitGemm over [batch, seq, K]
     return batch * ho * wo * rows, spec.N, spec.K
 
 
@@ -184,7 +189,7 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
     xi = np.zeros((batch, 1), np.uint8)
     run_ms = _best_ms(lambda: isess.run(None, {"x": xi}))
     for spec in specs:
-        rows = batch * int(np.prod(spec.extra.get("lead_shape", ()), dtype=np.int64))  # [batch, seq, K] BitGemms
+        rows = batch * lead_rows(spec)  # [batch, seq, K] BitGemms
         x = rng.integers(0, 2 ** spec.bits_a, (rows, *spec.in_shape), dtype=np.uint8)
         times = {"bitserial": _best_ms(lambda: library.run(spec.name, x, rows, check=False))}
         w_int = weight_ints(spec)

@@ -89,8 +89,14 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_name(name: str, width: int = 40) -> str:
+    """A node name for a terminal table: exported names are long paths whose tail tells the layer apart."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def print_report(report: dict, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -103,15 +109,16 @@ def print_report(report: dict, console=None) -> None:
                          no_wrap=title == "node", min_width=8 if title == "node" else None)
     for row in report["layers"]:
         cells = _cells(row)
-        table.add_row(*[cells[i] for i in shown])
+        cells[0] = short_name(cells[0])
+        table.add_row(*[escape(str(cells[i])) for i in shown])  # node names and reasons hold [..]: not markup
     console.print(table)
     for r in report["kept_float_weighted"]:
-        console.print(f"  float: {r['node']} ({r['op']}): {r['why']}")
+        console.print(escape(f"  float: {r['node']} ({r['op']}): {r['why']}"))
     t = report["totals"]
     console.print(f"  weights {t['weight_bytes_float']:,} B -> {t['weight_bytes_after']:,} B: "
                   f"{t['compression']}x smaller (quantized layers {t['quantized_layers_compression']}x)")
     for w in report["warnings"]:
-        console.print(f"  [yellow]warning:[/yellow] {w}")
+        console.print(f"  [yellow]warning:[/yellow] {escape(w)}")
 
 
 def weights_png(layers: dict, max_layers: int = 4) -> bytes:
@@ -161,12 +168,13 @@ def plot_weights(layers: dict, path: str | Path, max_layers: int = 4) -> Path:
 def print_plan(plan: list[dict], console=None) -> None:
     """The kernel each layer got on the target, and why."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     table = Table(title="kernel plan")
     for col in ("node", "op", "bits", "kernel", "why"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("op", "bits"))
     for p in plan:
-        table.add_row(p["node"], p["op"], p["bits"], p["kernel"], p["why"])
+        table.add_row(*(escape(v) for v in (short_name(p["node"], 32), p["op"], p["bits"], p["kernel"], p["why"])))
     console.print(table)

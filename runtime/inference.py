@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,12 @@ class InferenceSession:
         self._inputs = [NodeArg(i["name"], i["shape"], _ort_type(i["dtype"])) for i in self.manifest["inputs"]]
         self._outputs = [NodeArg(o["name"], o["shape"], _ort_type(o["dtype"])) for o in self.manifest["outputs"]]
         self._input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.manifest["inputs"]}
+        # kernels built for the calibration's sizes of symbolic inputs; other sizes run the fake-quant model
+        generic = self.manifest.get("generic")
+        self._generic_inputs = [NodeArg(i["name"], i["shape"], _ort_type(i["dtype"])) for i in generic["inputs"]] \
+            if generic else None
+        self._generic_session = None
+        self._so = so
 
     def _verify_files(self) -> None:
         for rel, digest in self.manifest.get("files", {}).items():
@@ -119,7 +126,13 @@ class InferenceSession:
     def get_outputs(self) -> list[NodeArg]:
         return list(self._outputs)
 
-    def _check_feeds(self, feeds: dict) -> dict:
+    @staticmethod
+    def _shape_fits(shape: list, x: np.ndarray) -> bool:
+        return x.ndim == len(shape) and all(not (isinstance(d, int) and d > 0) or d == s for d, s in zip(shape, x.shape))
+
+    def _check_feeds(self, feeds: dict) -> tuple[dict, bool]:
+        """Checked, contiguous feeds, and whether they need the generic (fake-quant) model: an input of another
+        size than the kernels were built for, where the model's input allows that size."""
         names = [i.name for i in self._inputs]
         unknown = [k for k in feeds if k not in names]
         if unknown:
@@ -133,14 +146,30 @@ class InferenceSession:
             if not isinstance(x, np.ndarray) or x.dtype != want:
                 got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
                 raise RuntimeInputError(f"input '{arg.name}': dtype {got}, expected {want}")
-            if x.ndim != len(arg.shape) or any(isinstance(d, int) and d > 0 and d != s
-                                               for d, s in zip(arg.shape, x.shape)):
-                raise RuntimeInputError(f"input '{arg.name}': shape {list(x.shape)}, expected {arg.shape}")
-            checked[arg.name] = np.ascontiguousarray(x)
-        return checked
+            checked[arg.name] = x if x.flags.c_contiguous else np.ascontiguousarray(x)  # (keeps 0-d scalars)
+        if all(self._shape_fits(arg.shape, checked[arg.name]) for arg in self._inputs):
+            return checked, False
+        for arg in self._generic_inputs or self._inputs:
+            if not self._shape_fits(arg.shape, checked[arg.name]):
+                raise RuntimeInputError(f"input '{arg.name}': shape {list(checked[arg.name].shape)}, "
+                                        f"expected {arg.shape}")
+        return checked, True
+
+    def _run_generic(self, output_names, values: dict) -> list[np.ndarray]:
+        if self._generic_session is None:
+            model = self.path / self.manifest["generic"]["model"]
+            self._generic_session = ort.InferenceSession(str(model), self._so, providers=["CPUExecutionProvider"])
+            warnings.warn(f"{self.path}: input sizes {', '.join(f'{k}{list(v.shape)}' for k, v in values.items())} "
+                          f"differ from the sizes the kernels were built for "
+                          f"({', '.join(f'{a.name}{a.shape}' for a in self._inputs)}): running the fake-quant "
+                          "model on onnxruntime (same results, slower); calibrate with inputs of this size to get "
+                          "kernels for it", RuntimeWarning, stacklevel=3)
+        return self._generic_session.run(output_names, values)
 
     def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
-        values = self._check_feeds(input_feed)
+        values, generic = self._check_feeds(input_feed)
+        if generic:
+            return self._run_generic(output_names or [o.name for o in self._outputs], values)
         for kind, engine, step in self._steps:
             if kind == "ort":
                 outs = engine.run(step["outputs"], {k: values[k] for k in step["inputs"]})

@@ -183,8 +183,9 @@ def test_any_node_name_compiles_and_runs(tmp_path):
 
 
 def test_symbolic_spatial_sizes_stay_on_onnxruntime_with_the_reason(tmp_path):
-    """A conv whose height and width are symbolic cannot get a fixed-shape kernel: it stays fake-quant, says why,
-    and the artifact still equals the fake-quant model."""
+    """A conv whose height and width are symbolic, with no calibration batch to take sizes from (a reader that cannot
+    rewind), cannot get a fixed-shape kernel: it stays fake-quant, says why, and the artifact equals the fake-quant
+    model."""
     from graphs import tiny_cnn
 
     model = tiny_cnn()
@@ -192,7 +193,14 @@ def test_symbolic_spatial_sizes_stay_on_onnxruntime_with_the_reason(tmp_path):
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     path = tmp_path / "dyn.onnx"
     onnx.save(model, path)
-    result = api.compile(path, config="w2a2", calib=tiny_inputs(32), target="cpu")
+
+    class OneShot:  # get_next only: the artifact cannot read a batch back for its sizes
+        batches = iter([{"input": tiny_inputs(32)}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    result = api.compile(path, config="w2a2", calib=OneShot(), target="cpu")
     plan = {p["node"]: p for p in result.manifest["plan"]}
     assert plan["conv2"]["kernel"] == "onnxruntime-fp32" and "symbolic" in plan["conv2"]["why"]
     assert "[batch, 8, ?, ?]" in plan["conv2"]["why"]

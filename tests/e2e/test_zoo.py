@@ -77,3 +77,38 @@ def test_w8a8_agrees_with_float(exported):
     result = api.compile(exported, config="w8a8", calib=_x(64, 0))
     x = _x(200, 2)
     assert (predict(result.float_model, x).argmax(1) == predict(result.model, x).argmax(1)).mean() >= 0.99
+
+
+@pytest.fixture(scope="module")
+def dynamic_hw(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zoo") / "silu_dynamic_hw.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_residual_net("silu"), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    return path
+
+
+def test_dynamic_height_and_width_get_kernels_for_the_calibration_size(dynamic_hw, tmp_path):
+    """Symbolic H and W: the kernels are built for the calibration's 16x16; that size runs on them, any other size
+    runs the fake-quant model with a warning, and both equal the fake-quant model exactly."""
+    from qcompile.errors import RuntimeInputError
+
+    result = api.compile(dynamic_hw, config="w4a4", calib=_x(64, 0), target="cpu", kernel="bitserial")
+    quantized = [p for p in result.manifest["plan"] if p["bits"] != "float"]
+    assert quantized and all(p["kernel"].startswith(("bitserial", "lut")) for p in quantized), quantized
+    assert result.manifest["inputs"][0]["shape"][1:] == [3, 16, 16]
+    assert result.manifest["generic"]["inputs"][0]["shape"][2:] == ["H", "W"]
+    result.save(tmp_path / "art")
+    sess = InferenceSession(tmp_path / "art")
+    x = _x(3, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the calibration size must not take the fallback
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], predict(result.model, x))
+    other = np.random.default_rng(2).normal(0, 1, (2, 3, 20, 12)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match=r"x\[2, 3, 20, 12\].*fake-quant"):
+        y = sess.run(None, {"x": other})[0]
+    np.testing.assert_array_equal(y, predict(result.model, other))
+    with pytest.raises(RuntimeInputError, match=r"input 'x': shape \[2, 4, 16, 16\]"):
+        sess.run(None, {"x": np.zeros((2, 4, 16, 16), np.float32)})

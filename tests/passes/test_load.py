@@ -57,7 +57,7 @@ def test_nan_weight_names_the_initializer_and_node(tmp_path):
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, "conv2.w"))
     path = tmp_path / "nan.onnx"
     onnx.save(model, path)
-    with pytest.raises(QuantizationError, match=r"'conv2.w' \(used by conv2\) contains NaN/Inf"):
+    with pytest.raises(QuantizationError, match=r"'conv2.w' \(used by conv2\) contains NaN"):
         check_weights_finite(to_ir(load_model(path)))
 
 
@@ -65,3 +65,29 @@ def test_input_file_is_never_modified(tiny_model_path):
     before = tiny_model_path.read_bytes()
     load_model(tiny_model_path)
     assert tiny_model_path.read_bytes() == before
+
+
+def test_infinite_constants_are_legal_outside_quantized_weights(tmp_path):
+    """-inf as a mask or clip bound is what exporters write (magika's Maximum with -inf): only NaN is refused."""
+    model = tiny_cnn()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, np.float32), "floor"))
+    last = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Max", [last, "floor"], ["clamped"], name="clamp"))
+    model.graph.output[0].name = "clamped"
+    path = tmp_path / "inf.onnx"
+    onnx.save(model, path)
+    check_weights_finite(to_ir(load_model(path)))
+
+
+def test_a_stale_declared_output_shape_is_inferred_again(tmp_path):
+    """An exporter's output shape that contradicts the ops (ddddocr declares rank 2 for a rank-3 output, which
+    onnxruntime only warns about) must not stop the load: shapes are inferred from the ops."""
+    model = tiny_cnn()
+    dims = model.graph.output[0].type.tensor_type.shape
+    del dims.dim[:]
+    for size in (1, 2, 3):
+        dims.dim.add().dim_value = size
+    path = tmp_path / "stale.onnx"
+    onnx.save(model, path, )
+    loaded = load_model(path)
+    assert [d.dim_value for d in loaded.graph.output[0].type.tensor_type.shape.dim][1:] == [10]
