@@ -38,12 +38,12 @@ def _time(fn, runs: int, warmup: int = 3) -> np.ndarray:
 
 
 def synthetic_feeds(inputs, batch: int, seed: int = 0) -> dict:
-    """Timing inputs for a session's inputs: floats uniform in [0, 1), integer inputs (ids, masks) ones;
-    symbolic sizes other than the batch become 1."""
+    """Timing inputs for a session's inputs: floats uniform in [0, 1), integer inputs (ids, masks) ones; a symbolic
+    first axis is the batch, other symbolic sizes become 1."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for arg in inputs:
-        shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape[1:]]
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(arg.shape)]
         if arg.type in ("tensor(float)", "tensor(double)", "tensor(float16)"):
             dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}.get(arg.type, np.float16)
             feeds[arg.name] = rng.random(shape).astype(dtype)
@@ -85,12 +85,16 @@ def int8_model(float_model: Path, feeds: dict, out_dir: Path, seed: int = 0) -> 
     return out
 
 
-def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30) -> list[dict]:
+def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30, feeds: dict | None = None) -> list[dict]:
+    """Time the artifact and the baselines on `feeds` (real inputs) or on synthetic ones of batch `batch`."""
     from qcompile.runtime import InferenceSession
 
     artifact = Path(artifact)
     sess = InferenceSession(artifact)
-    feeds = synthetic_feeds(sess.get_inputs(), batch)
+    if feeds is None:
+        feeds = synthetic_feeds(sess.get_inputs(), batch)
+    else:
+        batch = next((len(v) for v in feeds.values() if np.ndim(v) > 0), 1)
     float_path = artifact / "float.onnx"
     engines = {"qcompile (artifact)": lambda: sess.run(None, feeds)}
     fp32 = session(float_path)
@@ -102,6 +106,13 @@ def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30) -> 
     engines["onnxruntime fake-quant"] = lambda: fq.run(None, feeds)
     rows = []
     for name, fn in engines.items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's and the runtime's errors, as one line
+            shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feeds.items())
+            raise ArtifactError(f"{artifact}: {name} failed on the timing inputs ({shapes}): "
+                                f"{str(exc).strip().splitlines()[0][:160]}; time real inputs with "
+                                "--input NAME=FILE.npy") from None
         t = _time(fn, runs)
         rows.append({"engine": name, "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
                      "images_per_s": batch / float(np.percentile(t, 50)) * 1e3})

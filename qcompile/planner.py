@@ -31,6 +31,13 @@ CALL_OVERHEAD_MS = {"bitserial": 0.01, "int8": 0.03, "float": 0.03}
 # onnxruntime run (measured ~25-40 us at batch 1 on the bundled MLP's partitions), which no single layer's
 # estimate or timing includes.
 PARTITION_SWITCH_MS = 0.03
+# A grouped BitConv gathers its im2col rows group by group, one bit-field copy per output pixel, tap and activation
+# plane (layer_conv.c, stage 2): measured 3.2-3.7 ns each on Zen 4 for depthwise 5x5 convs (rapidocr's classifier:
+# 7.5 ms for a 104-group layer whose GEMM is 0.03 ms). Depthwise layers with few channels per group pay it in full.
+GROUPED_IM2COL_NS_PER_TAP = 3.5
+# 9-bit weight integers on onnxruntime's int8 ops: the layer's ConvInteger/MatMulInteger plus a window sum and
+# three int32 elementwise ops over the output (passes/int8.py); a rough 30 % (--autotune measures it)
+NINE_BIT_INT8_COST = 1.3
 
 
 @dataclass
@@ -69,7 +76,8 @@ def weight_ints(spec) -> np.ndarray:
 
 
 def int8_fits(spec) -> bool:
-    """onnxruntime's ConvInteger/MatMulInteger take int8 weights: 2q - zero2 must lie in [-128, 127]."""
+    """onnxruntime's ConvInteger/MatMulInteger take int8 weights: 2q - zero2 in [-128, 127] directly; 9-bit
+    integers (8-bit weights) go as 2 x int8 + a per-channel offset (passes/int8.py), at NINE_BIT_INT8_COST."""
     ints = weight_ints(spec)
     return not ints.size or (int(ints.min()) >= -128 and int(ints.max()) <= 127)
 
@@ -85,13 +93,17 @@ def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
         bit_cycles = m * n * k * spec.bits_w / (LUT_MACS_PER_CYCLE * hz * EFFICIENCY["bitserial"])
     else:                       # one AND+popcount bit per plane pair
         bit_cycles = m * n * k * spec.bits_a * spec.bits_w / (POPCOUNT_BITS_PER_CYCLE[path] * hz * EFFICIENCY["bitserial"])
+    if spec.op == "conv" and spec.group > 1:
+        ho, wo = spec.out_hw
+        taps = batch * ho * wo * spec.kernel[0] * spec.kernel[1] * spec.group * spec.bits_a
+        bit_cycles += taps * GROUPED_IM2COL_NS_PER_TAP * 1e-9
     est = {
         "bitserial": bit_cycles,
         "int8": m * n * k / (int8_rate * hz * EFFICIENCY["int8"]),
         "float": m * n * k / (FLOAT_MACS_PER_CYCLE[caps.path] * hz * EFFICIENCY["float"]),
     }
-    if not int8_fits(spec):
-        del est["int8"]
+    if not int8_fits(spec):  # the window-sum conv (one channel, or one per group) and three int32 elementwise ops
+        est["int8"] *= NINE_BIT_INT8_COST if spec.group == 1 else 2.0
     return {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
 
 
@@ -109,17 +121,12 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
         basis = meas or est
         basis_of[spec.name] = basis
         kernel = force or min(basis, key=basis.get)
-        unfit = force == "int8" and not int8_fits(spec)
-        if unfit:  # 8-bit weights: 2q - zero2 needs 9 bits, which onnxruntime's int8 ops cannot hold
-            kernel = "float"
         how = "measured" if meas else "estimated"
         bit_name = "lut" if lut_kernel(spec, caps) else "bitserial"  # what the report calls the bit kernel
         others = ", ".join(f"{bit_name if k == 'bitserial' else k} {v:.3f} ms"
                            for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
         why = f"{how} at batch {batch}: {others}"
-        if unfit:
-            why = "--kernel int8 asked, but its weight integers need 9 bits: float (fake-quant) instead; " + why
-        elif force:
+        if force:
             why = f"forced by --kernel {force}; " + why
         elif kernel != "bitserial":
             why = f"the W{spec.bits_w}A{spec.bits_a} bit kernel ({bit_name}) would be slower here; " + why
@@ -171,6 +178,8 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from qcompile.passes.int8 import probe_model
+
     from qcompile.passes.calibrate import session_options
 
     rng = np.random.default_rng(0)
@@ -195,27 +204,22 @@ def measure(specs, library, batch: int) -> dict[str, dict[str, float]]:
         w_int = weight_ints(spec)
         if spec.op == "conv":
             attrs = dict(strides=list(spec.strides), pads=list(spec.pads), dilations=list(spec.dilations),
-                         group=spec.group)
-            nodes_i8 = [helper.make_node("ConvInteger", ["x", "w"], ["acc"], **attrs),
-                        helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+                         group=spec.group, kernel_shape=list(spec.kernel))
+            int8_probe = probe_model(w_int, x.shape, attrs)
             nodes_f = [helper.make_node("Conv", ["xf", "wf"], ["y"], **attrs)]
-            w_i8, w_f = w_int.astype(np.int8), w_int.astype(np.float32)
+            w_f = w_int.astype(np.float32)
         else:
-            nodes_i8 = [helper.make_node("MatMulInteger", ["x", "w"], ["acc"]),
-                        helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+            int8_probe = probe_model(np.ascontiguousarray(w_int.T), x.shape)
             nodes_f = [helper.make_node("MatMul", ["xf", "wf"], ["y"])]
-            w_i8, w_f = np.ascontiguousarray(w_int.T.astype(np.int8)), np.ascontiguousarray(w_int.T.astype(np.float32))
-        for kind, nodes, xin, w, wname in (("int8", nodes_i8, x, w_i8, "w"),
-                                           ("float", nodes_f, x.astype(np.float32), w_f, "wf")):
-            if kind == "int8" and not int8_fits(spec):
-                continue
-            xname = "x" if kind == "int8" else "xf"
-            elem = TensorProto.UINT8 if kind == "int8" else TensorProto.FLOAT
-            g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(xname, elem, list(xin.shape))],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                                  [numpy_helper.from_array(w, wname)])
-            model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+            w_f = np.ascontiguousarray(w_int.T.astype(np.float32))
+        g = helper.make_graph(nodes_f, "probe",
+                              [helper.make_tensor_value_info("xf", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w_f, "wf")])
+        float_probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        for kind, model, feeds in (("int8", int8_probe, {"x": x}),
+                                   ("float", float_probe, {"xf": x.astype(np.float32)})):
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            times[kind] = max(_best_ms(lambda s=sess, n=xname, v=xin: s.run(None, {n: v})) - run_ms, 1e-3)
+            times[kind] = max(_best_ms(lambda s=sess, f=feeds: s.run(None, f)) - run_ms, 1e-3)
         out[spec.name] = times
     return out

@@ -53,6 +53,14 @@ def test_compile_target_run_bench(tmp_path, files):
     res = run("bench", art, "--batch", "4", "--runs", "3", "--json")
     engines = {r["engine"] for r in json.loads(res.output[res.output.index("["):])}
     assert {"qcompile (artifact)", "onnxruntime fp32", "onnxruntime int8 (quantize_static)"} <= engines
+    res = run("bench", art, "--input", x, "--runs", "3", "--json")   # timed on the user's inputs
+    rows = json.loads(res.output[res.output.index("["):])
+    assert rows[0]["images_per_s"] > 0 and len(rows) == 4
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 1, 12, 13), np.float32))
+    res = CliRunner().invoke(main, ["bench", str(art), "--input", str(bad), "--runs", "2"])
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert res.exit_code == 1 and len(lines) == 1 and "input 'input': shape [2, 1, 12, 13]" in lines[0], res.output
 
 
 def test_corrupt_model_exits_1_with_one_line_and_writes_nothing(tmp_path):

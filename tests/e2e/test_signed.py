@@ -38,11 +38,13 @@ def test_signed_w8a8_agrees_with_float():
     assert (pf.argmax(1) == pq.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.parametrize("config", ["w4a4", "w8a8"])
 @pytest.mark.parametrize("kernel", ["bitserial", "int8", "float"])
-def test_signed_convs_padded_with_the_zero_point_are_exact(tmp_path, kernel):
-    """A padded conv's border is value 0 = code z: the codes are padded with z (Pad), the BitConv runs unpadded."""
+def test_signed_convs_padded_with_the_zero_point_are_exact(tmp_path, kernel, config):
+    """A padded conv's border is value 0 = code z: the codes are padded with z (Pad), the BitConv runs unpadded.
+    At w8a8 the int8 kernel takes 9-bit weight integers as 2 x int8 + offset x window sum."""
     model = signed_convnet(tmp_path / "conv.onnx")
-    result = api.compile(model, config="w4a4", calib=_inputs((3, 10, 10), 64, 0), target="cpu",
+    result = api.compile(model, config=config, calib=_inputs((3, 10, 10), 64, 0), target="cpu",
                          quantize=["fc"], kernel=kernel)
     assert result.ctx.layers["conv1"].act_zero > 0 and result.ctx.layers["conv2"].act_zero > 0
     assert any(n.op_type == "Pad" for n in result.model.graph.node)
