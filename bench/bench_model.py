@@ -100,15 +100,25 @@ def time_artifact(art: Path, int8_path: Path, rounds: int = 5) -> dict[int, dict
 
 
 def step_times(art: Path, batch: int = 64, rounds: int = 5) -> list[tuple[str, float]]:
-    """Best time of each schedule step (kernel layers, onnxruntime partitions) of one artifact at ``batch``."""
-    from qcompile.runtime import InferenceSession
+    """Best time of each schedule step (kernel layers, onnxruntime partitions) of one artifact at ``batch``: the
+    manifest's schedule run step by step (the deployed runtime runs them as one onnxruntime session)."""
+    import json
 
-    sess = InferenceSession(art)
+    import onnxruntime as ort
+
+    from qcompile.runtime.inference import session_options
+    from qcompile.runtime.kernels import Library
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    lib = Library(art / manifest["deploy"]["library"])
+    steps = [("ort", ort.InferenceSession(str(art / st["model"]), session_options(),
+                                          disabled_optimizers=st.get("disabled_optimizers") or None), st)
+             if st["kind"] == "onnxruntime" else ("kernel", lib, st) for st in manifest["schedule"]]
     x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
     best: dict[str, float] = {}
     for _ in range(rounds):
-        values = {sess.get_inputs()[0].name: x}
-        for kind, engine, step in sess._steps:
+        values = {manifest["inputs"][0]["name"]: x}
+        for kind, engine, step in steps:
             t = time.perf_counter()
             if kind == "ort":
                 values.update(zip(step["outputs"], engine.run(step["outputs"], {k: values[k] for k in step["inputs"]})))

@@ -172,6 +172,8 @@ def collect_stats(model: ir.Model, value_names: list[str], reader, max_batches: 
         reader.bind([i.name for i in inputs] if isinstance(reader, ArrayReader) or len(inputs) != 1
                     else inputs[0].name)
     source = getattr(reader, "source", "calibration reader")
+    if hasattr(reader, "rewind"):
+        reader.rewind()   # a reader passed to an earlier compile starts from its first batch again
     stats = {name: ActivationStats() for name in value_names}
     batches = 0
     while batches < max_batches:

@@ -174,6 +174,29 @@ def _with_sizes(fakequant: onnx.ModelProto, sizes: dict) -> onnx.ModelProto | No
         return None
 
 
+def custom_op_node(spec, fused_node: onnx.NodeProto) -> onnx.NodeProto:
+    """The deployable graph's node for one kernel layer: op Kernel_<in>_<out> of ai.qcompile, the layer named by an
+    attribute; the weights live in the library (targets/cpu/templates/ort_ops.c)."""
+    tag = {"float32": "f32", "uint8": "u8", "int32": "i32"}
+    op = f"Kernel_{'f32' if spec.in_thresholds is not None else 'u8'}_{tag[str(spec.out_dtype)]}"
+    return helper.make_node(op, [fused_node.input[0]], [fused_node.output[0]], name=spec.name, domain=DOMAIN,
+                            layer=spec.name)
+
+
+def deploy_model(fused: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """One graph for one onnxruntime session: the float and int8 nodes as they are, each kernel layer a custom-op
+    node; only the initializers those nodes read (the bit layers' weights are in the library)."""
+    from qcompile.partition import node_reads
+
+    read = {name for n in nodes for name in node_reads(n)}
+    graph = helper.make_graph(nodes, fused.graph.name or "qcompile", list(fused.graph.input), list(fused.graph.output),
+                              [i for i in fused.graph.initializer if i.name in read])
+    opsets = [o for o in fused.opset_import if o.domain != DOMAIN] + [helper.make_opsetid(DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="qcompile")
+    model.ir_version = fused.ir_version
+    return model
+
+
 def _tensor_type(elem: int, shape) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem, ["batch", *shape])
 
@@ -260,12 +283,16 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
         lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))  # 0: a symbolic size (sequence length)
         types[out_name] = _tensor_type(elem, (*lead, *spec.out_shape))
-    schedule = []
+    schedule, deploy_nodes, kernel_node = [], [], {}
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
+    spec_by_name = {s.name: s for s in specs}
     for index, step in enumerate(partition(to_partition, types)):
         if step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
             next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
+            kernel_node[folded[step.layer]].output[0] = step.nodes[0].output[0]
         elif step.kind == "kernel":
+            kernel_node[step.layer] = custom_op_node(spec_by_name[step.layer], step.nodes[0])
+            deploy_nodes.append(kernel_node[step.layer])
             entry = {"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
                      "inputs": step.inputs[:1], "outputs": step.outputs}
             lead = next((s.extra.get("lead_shape") for s in specs if s.name == step.layer), None)
@@ -278,6 +305,10 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             onnx.save(step.model, work / rel)
             schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs,
                              "disabled_optimizers": disabled_optimizers(step.model, calib_batch)})
+            deploy_nodes.extend(step.nodes)
+    deploy = deploy_model(to_partition, deploy_nodes)
+    check_loads(deploy, "deployable graph deploy.onnx", library)
+    onnx.save(deploy, work / "deploy.onnx")
     onnx.save(fused, work / "graph.onnx")
     onnx.save(result.model, work / "fakequant.onnx")
 
@@ -316,6 +347,9 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         # other input shapes than the kernels were built for run the fake-quant model (same integer arithmetic)
         "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,
         "plan": plan, "schedule": schedule,
+        # how the artifact runs: one onnxruntime session of deploy.onnx with the library's custom ops registered
+        "deploy": {"model": "deploy.onnx", "library": f"kernels/{library.name}" if library else None,
+                   "domain": DOMAIN},
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
     return manifest

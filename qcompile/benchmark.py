@@ -95,6 +95,7 @@ def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30, fee
         feeds = synthetic_feeds(sess.get_inputs(), batch)
     else:
         batch = next((len(v) for v in feeds.values() if np.ndim(v) > 0), 1)
+        sess.run(None, feeds)  # the user's inputs: a wrong name, dtype or shape is one RuntimeInputError here
     float_path = artifact / "float.onnx"
     engines = {"qcompile (artifact)": lambda: sess.run(None, feeds)}
     fp32 = session(float_path)

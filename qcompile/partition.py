@@ -159,15 +159,21 @@ def load_failure(model: onnx.ModelProto, exc: Exception, purpose: str) -> str:
     return f"onnxruntime cannot load the {purpose}: {first[:200]}"
 
 
-def check_loads(model: onnx.ModelProto, purpose: str) -> None:
-    """Raise ArtifactError (one line naming the node) unless onnxruntime can load `model`."""
+def check_loads(model: onnx.ModelProto, purpose: str, library=None) -> None:
+    """Raise ArtifactError (one line naming the node) unless onnxruntime can load `model` (with the custom ops of
+    the kernel `library` registered, when given)."""
     import onnxruntime as ort
 
     from qcompile.errors import ArtifactError
     from qcompile.runtime.inference import session_options
 
+    so = session_options()
+    if library is not None:
+        from qcompile.runtime.kernels import _content_alias
+
+        so.register_custom_ops_library(str(_content_alias(library)))
     try:
-        ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ArtifactError(load_failure(model, exc, purpose)) from None
 

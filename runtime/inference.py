@@ -82,18 +82,23 @@ class InferenceSession:
                                 f"v{SCHEMA_VERSION}; recompile the model")
         self._verify_files()
         so = session_options(intra_op_num_threads)
-        self._libraries: dict = {}
-        self._steps = []
-        for step in self.manifest["schedule"]:
-            if step["kind"] == "onnxruntime":
-                sess = ort.InferenceSession(str(self.path / step["model"]), so, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=step.get("disabled_optimizers") or None)
-                self._steps.append(("ort", sess, step))
-            elif step["kind"] == "kernel":
-                lib = self._library(step["library"])
-                self._steps.append(("kernel", lib, step))
-            else:
-                raise ArtifactError(f"{manifest_path}: unknown step kind '{step['kind']}'")
+        deploy = self.manifest.get("deploy")
+        if not deploy:
+            raise ArtifactError(f"{manifest_path}: no deployable graph in the manifest (an artifact from an older "
+                                "qcompile); recompile the model")
+        if deploy.get("library"):
+            # dlopen by a name made of the verified sha256 (runtime.kernels._content_alias): a recompiled library
+            # in the same folder is never mistaken for the one already loaded
+            from qcompile.runtime.kernels import _content_alias
+
+            lib = self.path / deploy["library"]
+            so.register_custom_ops_library(str(_content_alias(lib, self.manifest["files"].get(deploy["library"]))))
+        try:
+            self._session = ort.InferenceSession(str(self.path / deploy["model"]), so,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise ArtifactError(f"{self.path / deploy['model']}: onnxruntime cannot load it: "
+                                f"{str(exc).strip().splitlines()[0][:200]}") from None
         self._inputs = [NodeArg(i["name"], i["shape"], _ort_type(i["dtype"])) for i in self.manifest["inputs"]]
         self._outputs = [NodeArg(o["name"], o["shape"], _ort_type(o["dtype"])) for o in self.manifest["outputs"]]
         self._input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.manifest["inputs"]}
@@ -112,13 +117,6 @@ class InferenceSession:
             if _sha256(path) != digest:
                 raise ArtifactError(f"{path}: sha256 differs from the manifest (modified or corrupt); "
                                     "refusing to load it, recompile the model")
-
-    def _library(self, rel: str):
-        if rel not in self._libraries:
-            from qcompile.runtime.kernels import Library
-            # the manifest's digest (checked in _verify_files) names the library for dlopen: no second hashing
-            self._libraries[rel] = Library(self.path / rel, self.manifest.get("files", {}).get(rel))
-        return self._libraries[rel]
 
     def get_inputs(self) -> list[NodeArg]:
         return list(self._inputs)
@@ -170,16 +168,8 @@ class InferenceSession:
         values, generic = self._check_feeds(input_feed)
         if generic:
             return self._run_generic(output_names or [o.name for o in self._outputs], values)
-        for kind, engine, step in self._steps:
-            if kind == "ort":
-                outs = engine.run(step["outputs"], {k: values[k] for k in step["inputs"]})
-                values.update(zip(step["outputs"], outs))
-            else:
-                x = values[step["inputs"][0]]
-                if "rows" in step:  # a BitGemm over [batch, seq, ..., K]: its rows are independent
-                    y = engine.run(step["layer"], x.reshape(-1, x.shape[-1]), check=False)
-                    values[step["outputs"][0]] = y.reshape(*x.shape[:-1], y.shape[-1])
-                else:
-                    values[step["outputs"][0]] = engine.run(step["layer"], x, x.shape[0], check=False)
-        names = output_names or [o.name for o in self._outputs]
-        return [values[n] for n in names]
+        try:
+            return self._session.run(output_names, values, run_options)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (a kernel's status among them), as one line
+            raise RuntimeInputError(f"{self.path}: {str(exc).strip().splitlines()[0][:300]}") from None
+

@@ -427,9 +427,39 @@ def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _c_literal(text: str) -> str:
+    """A C string literal of any text (node names hold quotes, newlines, non-ASCII): bytes outside plain printable
+    ASCII as octal escapes."""
+    out = []
+    for b in text.encode():
+        ch = chr(b)
+        out.append(ch if 32 <= b < 127 and ch not in '"\\?' else f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
+
+
+_ONNX_TYPE = {"float32": 1, "uint8": 2, "int32": 6}
+
+
+def _layer_table(specs, symbols: list[str]) -> str:
+    """qc_layer_table: every layer's name, function, element types and shapes, for the onnxruntime custom ops."""
+    protos, rows = [], []
+    for spec, sym in zip(specs, symbols):
+        in_type = 1 if spec.in_thresholds is not None else 2
+        ins, outs = list(spec.in_shape), list(spec.out_shape)
+        pad = lambda v: ", ".join(str(int(x)) for x in (v + [0, 0, 0])[:3])  # noqa: E731
+        protos.append(f"int {sym}(const uint8_t* x, void* y, int64_t batch);\n")
+        rows.append(f"    {{{_c_literal(spec.name)}, {sym}, {in_type}, {_ONNX_TYPE[str(spec.out_dtype)]}, "
+                    f"{int(spec.op == 'gemm')}, {len(ins)}, {len(outs)}, {{{pad(ins)}}}, {{{pad(outs)}}}, "
+                    f"{int(np.prod(ins))}}},\n")
+    return ("/* ---- the layers, for the onnxruntime custom ops (ort_ops.c) ---- */\n" + "".join(protos)
+            + "const qc_layer_entry qc_layer_table[] = {\n" + "".join(rows) + "};\n"
+            + f"const int qc_layer_count = {len(rows)};\n")
+
+
 def core_source(*, emulate_avx512: bool = False) -> str:
     """The kernel core's C: the same for every library of this qcompile version (and emulation mode)."""
-    core = _template("common.h").substitute(VERSION=__version__) + _template("core.c").template + _path_code()
+    core = _template("common.h").substitute(VERSION=__version__) + _template("core.c").template + _path_code() \
+        + _template("ort_ops.c").template
     return ("#define QC_EMULATE_AVX512 1\n" + core) if emulate_avx512 else core
 
 
@@ -481,7 +511,8 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512,
                 "layer_avx512": layer_avx512, "layers": layers}
     footer = _template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),
-                                              ABI=ABI_VERSION)
+                                              ABI=ABI_VERSION) \
+        + _layer_table(specs, [layers[s.name]["symbol"] for s in specs])
     head = ("#define QC_EMULATE_AVX512 1\n" if emulate_avx512 else "") + \
         ("#define QC_LAYER_AVX512 1\n" if layer_avx512 else "") + common
     return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), head=head, layer_parts=parts,

@@ -303,3 +303,16 @@ QC_CORE void qc_run_job(int path, const qc_job* j);
 typedef void (*qc_task_fn)(const void* ctx, int64_t task);
 QC_CORE void qc_parallel(int nthreads, int64_t ntasks, qc_task_fn fn, const void* ctx);
 
+/* every layer of a library, for the onnxruntime custom ops (ort_ops.c in the core; the table is in footer.c) */
+typedef int (*qc_layer_fn)(const uint8_t* x, void* y, int64_t batch);
+typedef struct {
+    const char* name;           /* the layer's node name: the "layer" attribute of its custom-op node */
+    qc_layer_fn fn;
+    int32_t in_type, out_type;  /* ONNX element types: 1 float, 2 uint8, 6 int32 */
+    int32_t rows_any;           /* a BitGemm: every leading axis is rows ([..., K] -> [..., N]) */
+    int32_t in_ndim, out_ndim;  /* per sample */
+    int64_t in_shape[3], out_shape[3], in_numel;
+} qc_layer_entry;
+extern const qc_layer_entry qc_layer_table[];
+extern const int qc_layer_count;
+

@@ -1,0 +1,299 @@
+
+/* ================================================================================================================
+ * onnxruntime custom ops: RegisterCustomOps(options, api_base) makes every layer of this library a node onnxruntime
+ * runs, domain "ai.qcompile", op "Kernel_<in>_<out>" (u8/f32 in; f32/u8/i32 out) with a string attribute "layer"
+ * naming the layer (qc_layer_table). A whole fused graph then runs as one onnxruntime session:
+ *     so.register_custom_ops_library("kernels/qcompile_kernels.so"); InferenceSession("deploy.onnx", so)
+ *
+ * No header of onnxruntime's C API is installable here, so the few parts used are declared below from its public
+ * header's documented layout (onnxruntime_c_api.h). The OrtApi is a table of function pointers that only grows:
+ * an entry keeps its slot in every later release. Asking GetApi for QC_ORT_API_VERSION returns NULL on an older
+ * onnxruntime, which RegisterCustomOps reports. Running the ops in the tests checks every entry used here.
+ * ============================================================================================================= */
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+
+#define QC_ORT_API_VERSION 16   /* CreateKernelV2 / KernelComputeV2 (errors as statuses): onnxruntime >= 1.16 */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtApi OrtApi;                   /* used only as a table of function pointers, by slot */
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtShapeInferContext OrtShapeInferContext;
+
+typedef struct OrtApiBase {
+    const OrtApi* (*GetApi)(uint32_t version);
+    const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { QC_ORT_FAIL = 1, QC_ORT_INVALID_ARGUMENT = 2 };                          /* OrtErrorCode */
+enum { QC_ONNX_FLOAT = 1, QC_ONNX_UINT8 = 2, QC_ONNX_INT32 = 6 };              /* ONNXTensorElementDataType */
+
+/* OrtApi slots (0-based) of the entries used here; their signatures as the header declares them */
+enum {
+    QC_SLOT_CreateStatus = 0,                   /* OrtStatus* (int code, const char* msg) */
+    QC_SLOT_CreateCustomOpDomain = 26,          /* (const char* domain, OrtCustomOpDomain** out) */
+    QC_SLOT_CustomOpDomain_Add = 27,            /* (OrtCustomOpDomain*, const OrtCustomOp*) */
+    QC_SLOT_AddCustomOpDomain = 28,             /* (OrtSessionOptions*, OrtCustomOpDomain*) */
+    QC_SLOT_GetTensorMutableData = 51,          /* (OrtValue*, void** out) */
+    QC_SLOT_GetDimensionsCount = 61,            /* (const OrtTensorTypeAndShapeInfo*, size_t* out) */
+    QC_SLOT_GetDimensions = 62,                 /* (const OrtTensorTypeAndShapeInfo*, int64_t* dims, size_t n) */
+    QC_SLOT_GetTensorTypeAndShape = 65,         /* (const OrtValue*, OrtTensorTypeAndShapeInfo** out) */
+    QC_SLOT_KernelInfoGetAttribute_string = 87, /* (const OrtKernelInfo*, const char* name, char* out, size_t* size) */
+    QC_SLOT_KernelContext_GetInput = 90,        /* (const OrtKernelContext*, size_t i, const OrtValue** out) */
+    QC_SLOT_KernelContext_GetOutput = 91,       /* (OrtKernelContext*, size_t i, const int64_t* dims, size_t n,
+                                                    OrtValue** out) */
+    QC_SLOT_ReleaseStatus = 93,                 /* void (OrtStatus*) */
+    QC_SLOT_ReleaseTensorTypeAndShapeInfo = 99, /* void (OrtTensorTypeAndShapeInfo*) */
+};
+
+#define QC_ORT(api, slot, type) ((type)(((void* const*)(const void*)(api))[QC_SLOT_##slot]))
+
+typedef OrtStatus* (*qc_ort_create_status_fn)(int, const char*);
+
+/* struct OrtCustomOp, field by field as the header lays it out (208 bytes on x86-64) */
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void* (*CreateKernel)(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info);
+    const char* (*GetName)(const struct OrtCustomOp* op);
+    const char* (*GetExecutionProviderType)(const struct OrtCustomOp* op);
+    int (*GetInputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp* op);
+    int (*GetOutputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp* op);
+    void (*KernelCompute)(void* op_kernel, OrtKernelContext* context);
+    void (*KernelDestroy)(void* op_kernel);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp* op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp* op);
+    OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                 void** kernel);
+    OrtStatus* (*KernelComputeV2)(void* op_kernel, OrtKernelContext* context);
+    OrtStatus* (*InferOutputShapeFn)(const struct OrtCustomOp* op, OrtShapeInferContext* ctx);
+    int (*GetStartVersion)(const struct OrtCustomOp* op);
+    int (*GetEndVersion)(const struct OrtCustomOp* op);
+    size_t (*GetMayInplace)(int** input_index, int** output_index);
+    void (*ReleaseMayInplace)(int* input_index, int* output_index);
+    size_t (*GetAliasMap)(int** input_index, int** output_index);
+    void (*ReleaseAliasMap)(int* input_index, int* output_index);
+} OrtCustomOp;
+_Static_assert(sizeof(OrtCustomOp) == 26 * sizeof(void*), "OrtCustomOp layout: 1 word of version + 25 pointers");
+
+/* one op per (input type, output type) pair the layers use; the op object carries its types */
+typedef struct {
+    OrtCustomOp op;
+    int in_type, out_type;
+    char name[24];
+} qc_ort_op;
+
+typedef struct {
+    const OrtApi* api;
+    const qc_layer_entry* layer;
+} qc_ort_kernel;
+
+static const char* qc_type_tag(int t) {
+    return t == QC_ONNX_FLOAT ? "f32" : t == QC_ONNX_UINT8 ? "u8" : "i32";
+}
+
+static OrtStatus* qc_ort_error(const OrtApi* api, const char* msg) {
+    return QC_ORT(api, CreateStatus, qc_ort_create_status_fn)(QC_ORT_INVALID_ARGUMENT, msg);
+}
+
+static const char* qc_op_name(const OrtCustomOp* op) { return ((const qc_ort_op*)op)->name; }
+static const char* qc_op_ep(const OrtCustomOp* op) { (void)op; return NULL; }  /* NULL: the CPU provider */
+static int qc_op_in_type(const OrtCustomOp* op, size_t i) { (void)i; return ((const qc_ort_op*)op)->in_type; }
+static int qc_op_out_type(const OrtCustomOp* op, size_t i) { (void)i; return ((const qc_ort_op*)op)->out_type; }
+static size_t qc_op_one(const OrtCustomOp* op) { (void)op; return 1; }
+static int qc_op_required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int qc_op_mem_default(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int qc_op_arity(const OrtCustomOp* op) { (void)op; return 1; }
+static int qc_op_homogeneous(const OrtCustomOp* op) { (void)op; return 1; }
+
+static OrtStatus* qc_op_create_v2(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                  void** kernel) {
+    typedef OrtStatus* (*get_str_fn)(const OrtKernelInfo*, const char*, char*, size_t*);
+    char name[512];
+    size_t size = sizeof name;
+    OrtStatus* st = QC_ORT(api, KernelInfoGetAttribute_string, get_str_fn)(info, "layer", name, &size);
+    if (st) return st;
+    const qc_ort_op* me = (const qc_ort_op*)op;
+    char msg[640];
+    for (int i = 0; i < qc_layer_count; ++i) {
+        const qc_layer_entry* e = &qc_layer_table[i];
+        if (strcmp(e->name, name) != 0) continue;
+        if (e->in_type != me->in_type || e->out_type != me->out_type) {
+            snprintf(msg, sizeof msg, "qcompile layer '%s' takes %s -> %s, the node's op is %s", name,
+                     qc_type_tag(e->in_type), qc_type_tag(e->out_type), me->name);
+            return qc_ort_error(api, msg);
+        }
+        qc_ort_kernel* k = (qc_ort_kernel*)malloc(sizeof *k);
+        if (!k) return QC_ORT(api, CreateStatus, qc_ort_create_status_fn)(QC_ORT_FAIL, "qcompile: out of memory");
+        k->api = api;
+        k->layer = e;
+        *kernel = k;
+        return NULL;
+    }
+    snprintf(msg, sizeof msg, "no qcompile layer '%s' in this kernel library (%d layers): the graph and the library "
+             "come from different compiles", name, qc_layer_count);
+    return qc_ort_error(api, msg);
+}
+
+static void* qc_op_create(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+    void* k = NULL;
+    OrtStatus* st = qc_op_create_v2(op, api, info, &k);
+    if (st) QC_ORT(api, ReleaseStatus, void (*)(OrtStatus*))(st);
+    return k;
+}
+
+static void qc_op_destroy(void* kernel) { free(kernel); }
+
+/* The layer on one input: [batch, *in_shape] for convs and pools, [..., K] for a BitGemm (leading axes are rows). */
+static OrtStatus* qc_op_compute_v2(void* kernel, OrtKernelContext* ctx) {
+    typedef OrtStatus* (*get_input_fn)(const OrtKernelContext*, size_t, const OrtValue**);
+    typedef OrtStatus* (*get_output_fn)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+    typedef OrtStatus* (*type_shape_fn)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+    typedef OrtStatus* (*dims_count_fn)(const OrtTensorTypeAndShapeInfo*, size_t*);
+    typedef OrtStatus* (*dims_fn)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+    typedef OrtStatus* (*data_fn)(OrtValue*, void**);
+    const qc_ort_kernel* k = (const qc_ort_kernel*)kernel;
+    const OrtApi* api = k->api;
+    const qc_layer_entry* e = k->layer;
+    const OrtValue* in = NULL;
+    OrtStatus* st = QC_ORT(api, KernelContext_GetInput, get_input_fn)(ctx, 0, &in);
+    if (st) return st;
+    OrtTensorTypeAndShapeInfo* info = NULL;
+    if ((st = QC_ORT(api, GetTensorTypeAndShape, type_shape_fn)(in, &info))) return st;
+    size_t nd = 0;
+    int64_t dims[8];
+    st = QC_ORT(api, GetDimensionsCount, dims_count_fn)(info, &nd);
+    if (!st && nd <= 8) st = QC_ORT(api, GetDimensions, dims_fn)(info, dims, nd);
+    QC_ORT(api, ReleaseTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*))(info);
+    if (st) return st;
+    int64_t odims[8], batch = 1;
+    size_t ond = 0;
+    char msg[640];
+    if (nd > 8) {
+        snprintf(msg, sizeof msg, "qcompile layer '%s': input of rank %zu (at most 8)", e->name, nd);
+        return qc_ort_error(api, msg);
+    }
+    if (e->rows_any) {  /* BitGemm: [..., K] -> [..., N] */
+        if (nd < 1 || dims[nd - 1] != e->in_shape[0]) {
+            snprintf(msg, sizeof msg, "qcompile layer '%s': input's last axis is %lld, the layer takes K = %lld",
+                     e->name, nd ? (long long)dims[nd - 1] : 0LL, (long long)e->in_shape[0]);
+            return qc_ort_error(api, msg);
+        }
+        for (size_t i = 0; i + 1 < nd; ++i) { batch *= dims[i]; odims[ond++] = dims[i]; }
+        odims[ond++] = e->out_shape[0];
+    } else {            /* BitConv / MaxPoolCodes: [batch, C, H, W] -> [batch, N, Ho, Wo] */
+        int ok = nd == (size_t)e->in_ndim + 1;
+        for (int i = 0; ok && i < e->in_ndim; ++i) ok = dims[i + 1] == e->in_shape[i];
+        if (!ok) {
+            snprintf(msg, sizeof msg, "qcompile layer '%s': input of rank %zu or of other sizes than the layer was "
+                     "built for (rank %d, per sample [%lld, %lld, %lld])", e->name, nd, e->in_ndim + 1,
+                     (long long)e->in_shape[0], (long long)e->in_shape[1], (long long)e->in_shape[2]);
+            return qc_ort_error(api, msg);
+        }
+        batch = dims[0];
+        odims[ond++] = batch;
+        for (int i = 0; i < e->out_ndim; ++i) odims[ond++] = e->out_shape[i];
+    }
+    OrtValue* out = NULL;
+    if ((st = QC_ORT(api, KernelContext_GetOutput, get_output_fn)(ctx, 0, odims, ond, &out))) return st;
+    void *x = NULL, *y = NULL;
+    if ((st = QC_ORT(api, GetTensorMutableData, data_fn)((OrtValue*)in, &x))) return st;
+    if ((st = QC_ORT(api, GetTensorMutableData, data_fn)(out, &y))) return st;
+    if (batch == 0) return NULL;
+    const int rc = e->fn((const uint8_t*)x, y, batch);
+    if (rc == QC_OK) return NULL;
+    snprintf(msg, sizeof msg, rc == QC_ERR_PATH ? "qcompile layer '%s': QCOMPILE_CPU_PATH names a code path this "
+             "CPU lacks (unset it or choose avx2/generic)" : "qcompile layer '%s' failed (code %d)", e->name, rc);
+    return qc_ort_error(api, msg);
+}
+
+static void qc_op_compute(void* kernel, OrtKernelContext* ctx) {
+    /* only reached on a runtime that ignores KernelComputeV2 (it then has no way to report errors) */
+    OrtStatus* st = qc_op_compute_v2(kernel, ctx);
+    if (st) QC_ORT(((const qc_ort_kernel*)kernel)->api, ReleaseStatus, void (*)(OrtStatus*))(st);
+}
+
+/* onnxruntime keeps pointers to the ops for the life of every session registered with them: made once, shared */
+static qc_ort_op qc_ort_ops[6];
+static int qc_ort_nops;
+static pthread_once_t qc_ort_once = PTHREAD_ONCE_INIT;
+
+static void qc_ort_make_ops(void) {
+    for (int i = 0; i < qc_layer_count; ++i) {
+        const qc_layer_entry* e = &qc_layer_table[i];
+        int j = 0;
+        while (j < qc_ort_nops && !(qc_ort_ops[j].in_type == e->in_type && qc_ort_ops[j].out_type == e->out_type))
+            ++j;
+        if (j < qc_ort_nops || qc_ort_nops == 6) continue;
+        qc_ort_op* o = &qc_ort_ops[qc_ort_nops++];
+        o->in_type = e->in_type;
+        o->out_type = e->out_type;
+        snprintf(o->name, sizeof o->name, "Kernel_%s_%s", qc_type_tag(e->in_type), qc_type_tag(e->out_type));
+        OrtCustomOp* c = &o->op;
+        c->version = QC_ORT_API_VERSION;
+        c->CreateKernel = qc_op_create;
+        c->GetName = qc_op_name;
+        c->GetExecutionProviderType = qc_op_ep;
+        c->GetInputType = qc_op_in_type;
+        c->GetInputTypeCount = qc_op_one;
+        c->GetOutputType = qc_op_out_type;
+        c->GetOutputTypeCount = qc_op_one;
+        c->KernelCompute = qc_op_compute;
+        c->KernelDestroy = qc_op_destroy;
+        c->GetInputCharacteristic = qc_op_required;
+        c->GetOutputCharacteristic = qc_op_required;
+        c->GetInputMemoryType = qc_op_mem_default;
+        c->GetVariadicInputMinArity = qc_op_arity;
+        c->GetVariadicInputHomogeneity = qc_op_homogeneous;
+        c->GetVariadicOutputMinArity = qc_op_arity;
+        c->GetVariadicOutputHomogeneity = qc_op_homogeneous;
+        c->CreateKernelV2 = qc_op_create_v2;
+        c->KernelComputeV2 = qc_op_compute_v2;
+    }
+}
+
+/* onnxruntime dlcloses a custom-op library when the session options that registered it go away, but the kernels'
+   worker threads live in this library for the life of the process: unloading it under them crashes them (seen: a
+   SIGSEGV in qc_worker, and a reload reinitialising the pool's mutex under waiting workers). Loading it again with
+   RTLD_NODELETE keeps it mapped whatever onnxruntime closes. */
+static void qc_pin_library(void) {
+    Dl_info info;
+    if (dladdr((void*)&qc_pin_library, &info) && info.dli_fname) dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE);
+}
+
+QC_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+    static pthread_once_t pinned = PTHREAD_ONCE_INIT;
+    pthread_once(&pinned, qc_pin_library);
+    const OrtApi* api = base->GetApi(QC_ORT_API_VERSION);
+    if (!api) {
+        const OrtApi* old = base->GetApi(1);
+        char msg[200];
+        snprintf(msg, sizeof msg, "qcompile kernels need onnxruntime's C API %d (onnxruntime >= 1.%d); this "
+                 "onnxruntime is %s: upgrade it", QC_ORT_API_VERSION, QC_ORT_API_VERSION, base->GetVersionString());
+        return old ? QC_ORT(old, CreateStatus, qc_ort_create_status_fn)(QC_ORT_FAIL, msg) : NULL;
+    }
+    typedef OrtStatus* (*create_domain_fn)(const char*, OrtCustomOpDomain**);
+    typedef OrtStatus* (*domain_add_fn)(OrtCustomOpDomain*, const OrtCustomOp*);
+    typedef OrtStatus* (*add_domain_fn)(OrtSessionOptions*, OrtCustomOpDomain*);
+    OrtCustomOpDomain* domain = NULL;
+    OrtStatus* st = QC_ORT(api, CreateCustomOpDomain, create_domain_fn)("ai.qcompile", &domain);
+    if (st) return st;
+    pthread_once(&qc_ort_once, qc_ort_make_ops);
+    for (int j = 0; j < qc_ort_nops && !st; ++j)
+        st = QC_ORT(api, CustomOpDomain_Add, domain_add_fn)(domain, &qc_ort_ops[j].op);
+    if (!st) st = QC_ORT(api, AddCustomOpDomain, add_domain_fn)(options, domain);
+    return st;   /* the domain lives as long as the process: sessions made with these options refer to it */
+}
