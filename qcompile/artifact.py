@@ -371,3 +371,38 @@ def _dtype_name(elem: int) -> str:
 
 def write_manifest(dest: Path, manifest: dict) -> None:
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def pack(artifact: str | Path, out: str | Path, *, strip: bool = True) -> dict:
+    """Write into `out` only what a device runs: manifest.json, deploy.onnx, the kernel library (symbols a loader
+    does not need stripped when `strip` and binutils' strip are there) and, when the kernels were built for fixed
+    sizes of symbolic inputs, fakequant.onnx for the other sizes. The float and fake-quant models, the graph, the
+    partitions, the C sources and the report stay in the build folder. Returns the new manifest."""
+    import subprocess
+
+    from qcompile.errors import ArtifactError
+    from qcompile.fileio import atomic_dir
+
+    src = Path(artifact)
+    try:
+        manifest = json.loads((src / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{src}: not a qcompile artifact folder ({exc})") from None
+    deploy = manifest.get("deploy")
+    if not deploy:
+        raise ArtifactError(f"{src}: the manifest has no deployable graph (an older qcompile); recompile the model")
+    keep = [deploy["model"]] + ([deploy["library"]] if deploy.get("library") else []) + \
+        ([manifest["generic"]["model"]] if manifest.get("generic") else [])
+    for rel in keep:
+        if not (src / rel).is_file() or sha256_file(src / rel) != manifest["files"].get(rel):
+            raise ArtifactError(f"{src / rel}: missing or not the file the manifest lists; recompile the model")
+    with atomic_dir(out, (src / "manifest.json",)) as tmp:
+        for rel in keep:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, tmp / rel)
+        lib = deploy.get("library")
+        if strip and lib and shutil.which("strip"):
+            subprocess.run(["strip", "--strip-unneeded", str(tmp / lib)], check=False, capture_output=True)
+        manifest = {**manifest, "files": {rel: sha256_file(tmp / rel) for rel in keep}, "packed_from": str(src)}
+        write_manifest(tmp, manifest)
+    return manifest

@@ -262,6 +262,22 @@ def bench(artifact, batch, runs, inputs, as_json):
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Device folder (atomic write).")
+@click.option("--no-strip", is_flag=True, help="Keep the kernel library's symbol table.")
+def pack(artifact, out, no_strip):
+    """Copy only what a device runs (manifest, deploy.onnx, kernel library) from ARTIFACT into OUT."""
+    from qcompile import artifact as artifact_mod
+
+    try:
+        manifest = artifact_mod.pack(artifact, out, strip=not no_strip)
+    except QcompileError as exc:
+        _fail(exc)
+    total = sum((Path(out) / rel).stat().st_size for rel in [*manifest["files"], "manifest.json"])
+    click.echo(f"wrote {out}: {', '.join(manifest['files'])} and manifest.json, {total / 1024:.0f} KiB")
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @quant_options
 @click.option("--data", default="fashion-mnist", show_default=True, metavar="DATA",

@@ -84,3 +84,26 @@ def test_register_custom_ops_names_a_too_old_onnxruntime(artifact):
     register.restype, register.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]
     assert register(None, ctypes.addressof(base)) == 1234
     assert messages and messages[0][0] == 1 and "1.15.1" in messages[0][1] and ">= 1.16" in messages[0][1]
+
+
+def test_pack_keeps_only_what_runs_and_it_still_runs(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from qcompile.cli import main
+    from qcompile.runtime import InferenceSession
+
+    result, out = artifact
+    dev = tmp_path / "device"
+    res = CliRunner().invoke(main, ["pack", str(out), "-o", str(dev)])
+    assert res.exit_code == 0, res.output
+    files = sorted(str(p.relative_to(dev)) for p in dev.rglob("*") if p.is_file())
+    assert files == ["deploy.onnx", "kernels/qcompile_kernels.so", "manifest.json"]
+    assert sum((dev / f).stat().st_size for f in files) < sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    x = tiny_inputs(4, seed=11)
+    np.testing.assert_array_equal(InferenceSession(dev).run(None, {"input": x})[0], predict(result.model, x))
+    (dev / "deploy.onnx").write_bytes((dev / "deploy.onnx").read_bytes() + b"\0")   # tampered: refused
+    from qcompile.errors import ArtifactError
+    with pytest.raises(ArtifactError, match="sha256"):
+        InferenceSession(dev)
+    res = CliRunner().invoke(main, ["pack", str(out), "-o", str(out)])             # never over the artifact itself
+    assert res.exit_code == 1 and "overwrite the input" in res.output
