@@ -1,4 +1,4 @@
-"""Fold the onnxruntime Clip -> QuantizeLinear that writes a BitConv's input codes into the conv's kernel.
+"""Fold the onnxruntime Clip -> QuantizeLinear that writes a BitConv's (or BitGemm's) input codes into its kernel.
 
 A float layer (the first conv, kept in float by convention) ends in ``Clip(lo, hi) -> QuantizeLinear(scale, zp)``;
 onnxruntime's QuantizeLinear is slow (0.6 ms of the bundled CNN's 12 at batch 64). Both ops are monotone in x, so
@@ -91,7 +91,7 @@ def clip_quantize_thresholds(clip: onnx.NodeProto | None, quant: onnx.NodeProto,
 
 
 def fold_input_quantizers(fused: onnx.ModelProto, specs: list, domain: str):
-    """For each BitConv spec whose input codes come from ``[Clip ->] QuantizeLinear`` read by nothing else: a copy
+    """For each BitConv or BitGemm spec whose input codes come from ``[Clip ->] QuantizeLinear`` read by nothing else: a copy
     of ``fused`` without those nodes (the conv reads their float input) and the spec with ``in_thresholds``.
     Returns (model to partition, specs); a quantizer whose boundaries do not check out stays as it was."""
     producer = {o: n for n in fused.graph.node for o in n.output}
@@ -108,7 +108,7 @@ def fold_input_quantizers(fused: onnx.ModelProto, specs: list, domain: str):
     out_specs = []
     for spec in specs:
         node = nodes.get(spec.name)
-        quant = producer.get(node.input[0]) if node is not None and spec.op == "conv" else None
+        quant = producer.get(node.input[0]) if node is not None and spec.op in ("conv", "gemm") else None
         if (quant is None or quant.op_type != "QuantizeLinear" or quant.domain not in ("", "ai.onnx")
                 or not alone(node.input[0]) or spec.in_thresholds is not None):
             out_specs.append(spec)

@@ -325,8 +325,12 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
             lut_call = (f"#if defined(QC_X86)\n    if (QC_LUT_GEMM(path) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
                         f" return {cname}_lut(x, y, batch);\n#endif\n")
+        # a BitGemm that quantizes its float input itself: the exported function makes the codes, then calls it
+        quantizing = spec.in_thresholds is not None
+        export = f"static int {cname}_gemm" if quantizing else f"QC_EXPORT int qc_layer_{cname}"
         return _template("layer_gemm.c").substitute(common, K=spec.K, DIRECT_CODE=direct, OUT_CTYPE_C=out_c,
-                                                    LUT_CALL=lut_call)
+                                                    LUT_CALL=lut_call, EXPORT=export) \
+            + (_in_quant_source(spec, cname, "") if quantizing else "")
     c, h, w = spec.in_shape
     ho, wo = spec.out_hw
     if spec.op == "maxpool":
@@ -407,11 +411,12 @@ def _c_float(v: float) -> str:
 
 def _in_quant_source(spec: LayerSpec, cname: str, lut_call: str) -> str:
     out_bytes = int(np.prod(spec.out_shape)) * spec.out_dtype.itemsize
+    c, h, w = spec.in_shape if spec.op == "conv" else (spec.K, 1, 1)   # a BitGemm row: K values
+    inner = f"{cname}_gemm" if spec.op == "gemm" else f"{cname}_pooled" if spec.pool is not None else f"{cname}_conv"
     return _template("layer_in_quant.c").substitute(
-        LAYER=comment_text(spec.name), CNAME=cname, C=spec.in_shape[0], H=spec.in_shape[1], W=spec.in_shape[2],
+        LAYER=comment_text(spec.name), CNAME=cname, C=c, H=h, W=w,
         QL=spec.in_thresholds.size, QTHR=", ".join(_c_float(v) for v in spec.in_thresholds),
-        OUT_IMG_BYTES=out_bytes, INNER=f"{cname}_pooled" if spec.pool is not None else f"{cname}_conv",
-        LUT_CALL=lut_call)
+        OUT_IMG_BYTES=out_bytes, INNER=inner, LUT_CALL=lut_call)
 
 
 def _maxpool_source(name: str, cname: str, in_shape, kernel, strides, dilations, *, export: str = "") -> str:

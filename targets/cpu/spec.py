@@ -43,7 +43,7 @@ class LayerSpec:
     (acc = K - 2*popcount(a XOR w); padded conv taps contribute 0).
     ``pool`` (conv with the threshold epilogue): (ph, pw), a MaxPoolCodes with window = strides = (ph, pw) folded
     into the layer; its output is the pooled codes [N, Ho // ph, Wo // pw] (``out_hw`` stays the conv's).
-    ``in_thresholds`` (conv): float32 [2^bits_a - 1], non-decreasing; the input is then float32 NCHW and its codes
+    ``in_thresholds`` (conv, gemm): float32 [2^bits_a - 1], non-decreasing; the input is then float32 and its codes
     are ``#{k : x >= in_thresholds[k]}`` (a folded Clip -> QuantizeLinear, qcompile.input_quant; NaN = never).
     """
 
@@ -141,10 +141,10 @@ class LayerSpec:
         if self.in_thresholds is not None:
             t = np.ascontiguousarray(np.asarray(self.in_thresholds, np.float32).reshape(-1))
             reached = t[~np.isnan(t)]
-            if self.op != "conv" or t.size != 2**self.bits_a - 1 or np.any(np.diff(reached) < 0) or \
+            if self.op == "maxpool" or t.size != 2**self.bits_a - 1 or np.any(np.diff(reached) < 0) or \
                     np.any(np.isnan(t[:reached.size])):
                 raise ValueError(f"layer {self.name!r}: in_thresholds must be {2**self.bits_a - 1} non-decreasing "
-                                 "float32 values (NaN only at the end) of a conv")
+                                 "float32 values (NaN only at the end) of a conv or gemm")
             self.in_thresholds = t
         if self.pool is not None:
             self.pool = _tuple(self.pool, 2, "pool")

@@ -35,13 +35,24 @@ QC_CORE int qc_select_path(void) {
     return QC_PATH_GENERIC;
 }
 
+/* The CPUs this process may use, asked once per process: a system call per layer call was a visible share of a
+   one-row BitGemm (a few us each, called back to back from onnxruntime). */
+static int qc_affinity_cpus(void) {
+    static _Atomic int cached;
+    static _Atomic pid_t cached_pid;
+    int n = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (n > 0 && atomic_load_explicit(&cached_pid, memory_order_relaxed) == getpid()) return n;
+    cpu_set_t set;
+    n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    atomic_store(&cached_pid, getpid());
+    atomic_store(&cached, n);
+    return n;
+}
+
 QC_CORE int qc_num_threads(void) {
     const char* env = getenv("QCOMPILE_NUM_THREADS");
     int n = env ? atoi(env) : 0;
-    if (n <= 0) {
-        cpu_set_t set;
-        n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    }
+    if (n <= 0) n = qc_affinity_cpus();
     return n > 0 ? (n < QC_MAX_THREADS ? n : QC_MAX_THREADS) : 1;
 }
 

@@ -3,7 +3,7 @@
 __asm__(".section .rodata\n.balign 64\nqc_blob_${CNAME}:\n.incbin \"${BLOB}\"\n.previous\n");
 extern const uint8_t qc_blob_${CNAME}[] __attribute__((visibility("hidden")));
 
-${DIRECT_CODE}QC_EXPORT int qc_layer_${CNAME}(const uint8_t* x, void* y, int64_t batch) {
+${DIRECT_CODE}${EXPORT}(const uint8_t* x, void* y, int64_t batch) {
     enum { K = ${K}, N = ${N}, KA = ${KA}, KB = ${KB}, KWP = ${KWP}, L = ${L} };
     if (!x || !y || batch < 0) return QC_ERR_ARG;
     if (batch == 0) return QC_OK;

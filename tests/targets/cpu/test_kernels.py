@@ -189,6 +189,14 @@ def _specs() -> list[LayerSpec]:
                                z2, in_shape=chw, pads=(1, 1, 1, 1), epilogue=epi, xor_mode=xor, pool=pool,
                                in_thresholds=np.array(thr, np.float32),
                                **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
+    # a BitGemm quantizing its float input (the MLP's first quantized layer): K not a multiple of 64, both epilogues
+    for name, k, n, (ba, bw), epi, thr in (("gemm_fin_k200", 200, 37, (2, 1), "threshold", [-0.5, 0.0, 0.75]),
+                                           ("gemm_fin_k65_float", 65, 10, (1, 2), "float", [0.25])):
+        bound = k * ((1 << ba) - 1) * (1 << bw)
+        specs.append(LayerSpec(name, "gemm", ba, bw, rng.integers(0, 1 << bw, size=(n, k), dtype=np.uint8),
+                               _wzero2(rng, n, bw, asym=bw > 1), in_shape=(k,), epilogue=epi,
+                               in_thresholds=np.array(thr, np.float32),
+                               **_epilogue(rng, n, epi, -bound // 4, bound // 4)))
     return specs
 
 
