@@ -49,13 +49,14 @@ def ort_threads(requested: int = 0) -> int:
     return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
-def session_options(intra_op_num_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_num_threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
     """The options every partition session gets (the compiler times partitions with them too)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = ort_threads(intra_op_num_threads)
-    # idle onnxruntime workers must not spin: they would take the cores the bit kernels run on next
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # idle onnxruntime workers must not spin when bit kernels run outside onnxruntime next (they would take the
+    # cores); the deployed session runs its kernels on onnxruntime's own pool, where spinning helps
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
@@ -81,7 +82,9 @@ class InferenceSession:
                                 f"v{self.manifest.get('schema_version')}, this runtime reads {SCHEMA} "
                                 f"v{SCHEMA_VERSION}; recompile the model")
         self._verify_files()
-        so = session_options(intra_op_num_threads)
+        # the kernels run on onnxruntime's intra-op pool (ort_ops.c) unless QCOMPILE_THREADS=own: then its
+        # workers may spin between them
+        so = session_options(intra_op_num_threads, spinning=os.environ.get("QCOMPILE_THREADS", "") != "own")
         deploy = self.manifest.get("deploy")
         if not deploy:
             raise ArtifactError(f"{manifest_path}: no deployable graph in the manifest (an artifact from an older "

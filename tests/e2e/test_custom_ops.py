@@ -107,3 +107,17 @@ def test_pack_keeps_only_what_runs_and_it_still_runs(artifact, tmp_path):
         InferenceSession(dev)
     res = CliRunner().invoke(main, ["pack", str(out), "-o", str(out)])             # never over the artifact itself
     assert res.exit_code == 1 and "overwrite the input" in res.output
+
+
+def test_onnxruntimes_pool_and_the_kernels_own_pool_give_the_same_outputs(artifact, monkeypatch):
+    """By default the kernels' parallel loops run on onnxruntime's intra-op pool (KernelContext_ParallelFor);
+    QCOMPILE_THREADS=own keeps their own pool. Batch 64 is large enough for every layer to go parallel."""
+    from qcompile.runtime import InferenceSession
+
+    result, out = artifact
+    x = tiny_inputs(64, seed=12)
+    on_ort = InferenceSession(out).run(None, {"input": x})[0]
+    monkeypatch.setenv("QCOMPILE_THREADS", "own")
+    own = InferenceSession(out).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(on_ort, own)
+    np.testing.assert_array_equal(own, predict(result.model, x))

@@ -302,6 +302,11 @@ QC_CORE void qc_run_job(int path, const qc_job* j);
 /* run fn(ctx, t) for t in [0, ntasks) on up to nthreads threads (the caller included); returns when all are done */
 typedef void (*qc_task_fn)(const void* ctx, int64_t task);
 QC_CORE void qc_parallel(int nthreads, int64_t ntasks, qc_task_fn fn, const void* ctx);
+/* another thread pool for this thread's qc_parallel calls (the onnxruntime custom ops can hand over onnxruntime's
+   intra-op pool, QCOMPILE_THREADS=onnxruntime); NULL: the kernels' own pool */
+typedef void (*qc_pool_fn)(void* pool, int64_t ntasks, qc_task_fn fn, const void* ctx);
+typedef struct { qc_pool_fn run; void* pool; } qc_pool_hook;
+extern __thread qc_pool_hook qc_thread_pool_hook;
 
 /* every layer of a library, for the onnxruntime custom ops (ort_ops.c in the core; the table is in footer.c) */
 typedef int (*qc_layer_fn)(const uint8_t* x, void* y, int64_t batch);

@@ -143,9 +143,15 @@ static void qc_pool_ensure(int workers) {
     }
 }
 
+__thread qc_pool_hook qc_thread_pool_hook;
+
 QC_CORE void qc_parallel(int nthreads, int64_t ntasks, qc_task_fn fn, const void* ctx) {
     if (nthreads <= 1 || ntasks <= 1) {
         for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t);
+        return;
+    }
+    if (qc_thread_pool_hook.run) {
+        qc_thread_pool_hook.run(qc_thread_pool_hook.pool, ntasks, fn, ctx);
         return;
     }
     pthread_mutex_lock(&qc_job_mu);
