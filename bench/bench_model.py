@@ -112,7 +112,8 @@ def step_times(art: Path, batch: int = 64, rounds: int = 5) -> list[tuple[str, f
     manifest = json.loads((art / "manifest.json").read_text())
     lib = Library(art / manifest["deploy"]["library"])
     steps = [("ort", ort.InferenceSession(str(art / st["model"]), session_options(),
-                                          disabled_optimizers=st.get("disabled_optimizers") or None), st)
+                                          disabled_optimizers=manifest["deploy"].get("disabled_optimizers") or None),
+              st)
              if st["kind"] == "onnxruntime" else ("kernel", lib, st) for st in manifest["schedule"]]
     x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
     best: dict[str, float] = {}

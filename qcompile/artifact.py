@@ -124,37 +124,38 @@ def symbolic_layers(fakequant: onnx.ModelProto, layers) -> dict[str, str]:
     return out
 
 
-def specialize_shapes(fakequant: onnx.ModelProto, batch: dict | None, layers) -> tuple[onnx.ModelProto, dict]:
+def specialize_shapes(fakequant: onnx.ModelProto, batch: dict | None,
+                     layers) -> tuple[onnx.ModelProto, dict, dict[str, str]]:
     """The fake-quant model with the fewest symbolic input sizes fixed to the calibration batch's that give every
     layer it can a fixed-shape kernel (first axes stay free; so do other free sizes no kernel needs, such as a
     sequence length or a recurrent state's batch axis); {input: per-sample shape, None where free} of what was
-    fixed ({} when nothing was). The artifact runs these shapes on its kernels and any other on the fake-quant model."""
-    if not batch:
-        return fakequant, {}
+    fixed ({} when nothing was); and that model's symbolic_layers. The artifact runs these shapes on its kernels
+    and any other on the fake-quant model."""
+    unfixed = symbolic_layers(fakequant, layers)
     free = {}
-    for vi in fakequant.graph.input:
+    for vi in fakequant.graph.input if batch and unfixed else ():
         dims, arr = list(vi.type.tensor_type.shape.dim), batch.get(vi.name)
         if arr is None or len(dims) != np.ndim(arr) or len(dims) < 2:
             continue
         free.update({(vi.name, axis): int(np.shape(arr)[axis]) for axis in range(1, len(dims))
                      if not dims[axis].HasField("dim_value")})
-    full = _with_sizes(fakequant, free) if free else None
-    if full is None:
-        return fakequant, {}
-    goal = set(symbolic_layers(full, layers))
-    if len(goal) == len(symbolic_layers(fakequant, layers)):
-        return fakequant, {}              # fixing sizes gains no kernel
+    best = _with_sizes(fakequant, free) if free else None
+    if best is None:
+        return fakequant, {}, unfixed
+    symbolic = symbolic_layers(best, layers)
+    if len(symbolic) == len(unfixed):
+        return fakequant, {}, unfixed     # fixing sizes gains no kernel
     keep = dict(free)
     for key in free:                      # leave free every size no kernel needs
         trial = {k: v for k, v in keep.items() if k != key}
         model = _with_sizes(fakequant, trial)
-        if model is not None and set(symbolic_layers(model, layers)) == goal:
-            keep = trial
+        if model is not None and symbolic_layers(model, layers).keys() == symbolic.keys():
+            keep, best = trial, model
     shapes = {}
     for (name, axis), size in keep.items():
         rank = next(len(vi.type.tensor_type.shape.dim) for vi in fakequant.graph.input if vi.name == name)
         shapes.setdefault(name, [None] * (rank - 1))[axis - 1] = size
-    return _with_sizes(fakequant, keep), shapes
+    return best, shapes, symbolic
 
 
 def _with_sizes(fakequant: onnx.ModelProto, sizes: dict) -> onnx.ModelProto | None:
@@ -248,8 +249,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     (work / "partitions").mkdir()
 
     calib_batch = _first_calibration_batch(result.ctx.calib)
-    model, specialized = specialize_shapes(result.model, calib_batch, result.ctx.layers)
-    symbolic = symbolic_layers(model, result.ctx.layers)
+    model, specialized, symbolic = specialize_shapes(result.model, calib_batch, result.ctx.layers)
     candidates = ir.from_proto(model)                   # every fixed-size quantized layer as a bit kernel
     FuseBitKernels(set(result.ctx.layers) - set(symbolic))(candidates, result.ctx)
     all_specs = layer_specs(ir.to_proto(candidates), model)
@@ -295,19 +295,19 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             deploy_nodes.append(kernel_node[step.layer])
             entry = {"kind": "kernel", "layer": step.layer, "library": f"kernels/{library.name}",
                      "inputs": step.inputs[:1], "outputs": step.outputs}
-            lead = next((s.extra.get("lead_shape") for s in specs if s.name == step.layer), None)
-            if lead:  # a BitGemm over [batch, *lead, K]: the runtime runs it on [batch * prod(lead), K]
+            lead = spec_by_name[step.layer].extra.get("lead_shape")
+            if lead:  # a BitGemm over [batch, *lead, K]: every leading axis is rows (the custom op reshapes none)
                 entry["rows"] = list(lead)
             schedule.append(entry)
         else:
             rel = f"partitions/p{index:02d}.onnx"
-            check_loads(step.model, f"float partition {rel} of the artifact")
             onnx.save(step.model, work / rel)
-            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs,
-                             "disabled_optimizers": disabled_optimizers(step.model, calib_batch)})
+            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs})
             deploy_nodes.extend(step.nodes)
     deploy = deploy_model(to_partition, deploy_nodes)
     check_loads(deploy, "deployable graph deploy.onnx", library)
+    # NCHWc: probed once, on the one session the runtime makes (outputs must stay bitwise the same)
+    deploy_disabled = disabled_optimizers(deploy, calib_batch, library=library)
     onnx.save(deploy, work / "deploy.onnx")
     onnx.save(fused, work / "graph.onnx")
     onnx.save(result.model, work / "fakequant.onnx")
@@ -349,7 +349,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         "plan": plan, "schedule": schedule,
         # how the artifact runs: one onnxruntime session of deploy.onnx with the library's custom ops registered
         "deploy": {"model": "deploy.onnx", "library": f"kernels/{library.name}" if library else None,
-                   "domain": DOMAIN},
+                   "domain": DOMAIN, "disabled_optimizers": deploy_disabled},
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
     return manifest

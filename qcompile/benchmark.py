@@ -85,12 +85,17 @@ def int8_model(float_model: Path, feeds: dict, out_dir: Path, seed: int = 0) -> 
     return out
 
 
-def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30, feeds: dict | None = None) -> list[dict]:
-    """Time the artifact and the baselines on `feeds` (real inputs) or on synthetic ones of batch `batch`."""
+def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30, feeds: dict | None = None,
+                   input_files=()) -> list[dict]:
+    """Time the artifact and the baselines on `feeds` or the .npy `input_files` ([NAME=]FILE.npy: real inputs), or
+    on synthetic inputs of batch `batch`."""
+    from qcompile.fileio import read_input_files
     from qcompile.runtime import InferenceSession
 
     artifact = Path(artifact)
     sess = InferenceSession(artifact)
+    if input_files:
+        feeds = read_input_files(input_files, [i.name for i in sess.get_inputs()])
     if feeds is None:
         feeds = synthetic_feeds(sess.get_inputs(), batch)
     else:
@@ -116,7 +121,7 @@ def bench_artifact(artifact: str | Path, *, batch: int = 64, runs: int = 30, fee
                                 "--input NAME=FILE.npy") from None
         t = _time(fn, runs)
         rows.append({"engine": name, "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
-                     "images_per_s": batch / float(np.percentile(t, 50)) * 1e3})
+                     "images_per_s": batch / float(np.percentile(t, 50)) * 1e3, "batch": batch})
     base = {r["engine"]: r["p50_ms"] for r in rows}
     for r in rows:
         r["speedup_vs_fp32"] = base["onnxruntime fp32"] / r["p50_ms"]

@@ -183,29 +183,6 @@ def eval_cmd(float_model, quant_model, data, as_json):
                    f"agreement {res['agreement']:.2%}")
 
 
-def _artifact_input_names(artifact) -> list[str]:
-    from qcompile.runtime import InferenceSession
-
-    return [i.name for i in InferenceSession(artifact).get_inputs()]
-
-
-def _input_files(inputs, names: list[str]) -> dict:
-    """--input [NAME=]FILE.npy items -> feeds; NAME may be left out when the model has one input."""
-    import numpy as np
-
-    feeds = {}
-    for item in inputs:
-        name, _, path = item.rpartition("=")
-        name = name or (names[0] if len(names) == 1 else "")
-        if not name:
-            raise QcompileError(f"--input {item}: this model has inputs {names}; write NAME=FILE.npy")
-        try:
-            feeds[name] = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise QcompileError(f"{path}: cannot read the .npy file ({exc})") from None
-    return feeds
-
-
 @main.command()
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE.npy",
@@ -220,7 +197,9 @@ def run(artifact, inputs, output, as_json):
 
     try:
         sess = InferenceSession(artifact)
-        feeds = _input_files(inputs, [i.name for i in sess.get_inputs()])
+        from qcompile.fileio import read_input_files
+
+        feeds = read_input_files(inputs, [i.name for i in sess.get_inputs()])
         outs = sess.run(None, feeds)
     except QcompileError as exc:
         _fail(exc)
@@ -249,16 +228,13 @@ def bench(artifact, batch, runs, inputs, as_json):
     from qcompile import benchmark
 
     try:
-        feeds = _input_files(inputs, _artifact_input_names(artifact)) if inputs else None
-        rows = benchmark.bench_artifact(artifact, batch=batch, runs=runs, feeds=feeds)
+        rows = benchmark.bench_artifact(artifact, batch=batch, runs=runs, input_files=inputs)
     except QcompileError as exc:
         _fail(exc)
-    if feeds:
-        batch = next((len(v) for v in feeds.values() if v.ndim), 1)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        benchmark.print_table(rows, f"{Path(artifact).name}, batch {batch}")
+        benchmark.print_table(rows, f"{Path(artifact).name}, batch {rows[0]['batch']}")
 
 
 @main.command()

@@ -1,4 +1,5 @@
-"""Atomic output: build everything in a temporary sibling folder, then rename it into place."""
+"""Files: atomic output (build everything in a temporary sibling folder, then rename it into place), digests, and
+the .npy inputs the CLI's --input options name."""
 
 from __future__ import annotations
 
@@ -47,3 +48,21 @@ def atomic_dir(out: str | Path, protect: tuple[str | Path, ...] = ()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_input_files(items, names: list[str]) -> dict:
+    """--input [NAME=]FILE.npy items -> feeds for a model whose inputs are `names`; NAME may be left out when the
+    model has one input."""
+    import numpy as np
+
+    feeds = {}
+    for item in items:
+        name, _, path = item.rpartition("=")
+        name = name or (names[0] if len(names) == 1 else "")
+        if not name:
+            raise QcompileError(f"--input {item}: this model has inputs {names}; write NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise QcompileError(f"{path}: cannot read the .npy file ({exc})") from None
+    return feeds

@@ -20,12 +20,13 @@ def node_macs(model: onnx.ModelProto, feeds: dict) -> dict[str, int]:
     probe.CopyFrom(model)
     shown = {o.name for o in probe.graph.output}
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
     wanted = []
     for n in nodes:
         for name in (n.input[0], n.input[1], n.output[0]):
             if name and name not in inits and name not in wanted:
                 wanted.append(name)
-                if name not in shown and name not in {i.name for i in model.graph.input}:
+                if name not in shown and name not in graph_inputs:
                     probe.graph.output.add().name = name
     sess = session(probe)
     names = [o.name for o in sess.get_outputs()]

@@ -125,10 +125,12 @@ NCHWC = "NchwcTransformer"
 
 
 def _probe_feeds(sess, calib_batch: dict | None, rng) -> dict:
+    from qcompile.passes.calibrate import ORT_TYPES
+
     feeds = {}
     for arg in sess.get_inputs():
-        if calib_batch and arg.name in calib_batch:
-            feeds[arg.name] = np.ascontiguousarray(calib_batch[arg.name], dtype=np.float32)
+        if calib_batch and arg.name in calib_batch:  # in the model's type (ids, masks, rates as they are)
+            feeds[arg.name] = np.ascontiguousarray(calib_batch[arg.name], dtype=ORT_TYPES.get(arg.type, np.float32))
             continue
         shape = [d if isinstance(d, int) and d > 0 else 64 for d in arg.shape]
         feeds[arg.name] = (rng.integers(0, 4, shape).astype(np.uint8) if arg.type == "tensor(uint8)"
@@ -159,37 +161,44 @@ def load_failure(model: onnx.ModelProto, exc: Exception, purpose: str) -> str:
     return f"onnxruntime cannot load the {purpose}: {first[:200]}"
 
 
+def _options(library=None, spinning: bool = False):
+    """Session options as the runtime makes them, with the custom ops of the kernel `library` when given."""
+    from qcompile.runtime.inference import session_options
+
+    so = session_options(spinning=spinning)
+    if library is not None:
+        from qcompile.runtime.kernels import _content_alias
+
+        so.register_custom_ops_library(str(_content_alias(library)))
+    return so
+
+
 def check_loads(model: onnx.ModelProto, purpose: str, library=None) -> None:
     """Raise ArtifactError (one line naming the node) unless onnxruntime can load `model` (with the custom ops of
     the kernel `library` registered, when given)."""
     import onnxruntime as ort
 
     from qcompile.errors import ArtifactError
-    from qcompile.runtime.inference import session_options
 
-    so = session_options()
-    if library is not None:
-        from qcompile.runtime.kernels import _content_alias
-
-        so.register_custom_ops_library(str(_content_alias(library)))
+    so = _options(library)
     try:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ArtifactError(load_failure(model, exc, purpose)) from None
 
 
-def disabled_optimizers(model: onnx.ModelProto, calib_batch: dict | None = None, reps: int = 5) -> list[str]:
-    """The onnxruntime optimizers a partition runs better without: NCHWc, when the partition has a Conv, gives
-    bitwise the same outputs without it on the probe data (the calibration batch where it feeds the partition) and
-    runs at least 10 % faster. Same outputs matter because the codes this partition makes must equal the fake-quant
-    model's, which onnxruntime runs with every optimizer on."""
+def disabled_optimizers(model: onnx.ModelProto, calib_batch: dict | None = None, reps: int = 5,
+                        library=None) -> list[str]:
+    """The onnxruntime optimizers the deployable graph (its kernels' custom ops from `library`) runs better without:
+    NCHWc, when the graph has a float Conv, gives bitwise the same outputs without it on the probe data (the
+    calibration batch) and runs at least 10 % faster. Same outputs matter because the codes the float parts make
+    must equal the fake-quant model's, which onnxruntime runs with every optimizer on."""
     if not any(n.op_type == "Conv" for n in model.graph.node):
         return []
     import onnxruntime as ort
-    from qcompile.runtime.inference import session_options
 
     data = model.SerializeToString()
-    so = session_options()
+    so = _options(library, spinning=True)   # as the runtime runs it: kernels on onnxruntime's spinning pool
     so.log_severity_level = 4   # a probe that fails is answered below; onnxruntime must not print it as an error
     with_nchwc = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     without = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"], disabled_optimizers=[NCHWC])

@@ -98,7 +98,8 @@ class InferenceSession:
             so.register_custom_ops_library(str(_content_alias(lib, self.manifest["files"].get(deploy["library"]))))
         try:
             self._session = ort.InferenceSession(str(self.path / deploy["model"]), so,
-                                                 providers=["CPUExecutionProvider"])
+                                                 providers=["CPUExecutionProvider"],
+                                                 disabled_optimizers=deploy.get("disabled_optimizers") or None)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
             raise ArtifactError(f"{self.path / deploy['model']}: onnxruntime cannot load it: "
                                 f"{str(exc).strip().splitlines()[0][:200]}") from None

@@ -152,16 +152,14 @@ def test_nchwc_is_turned_off_only_for_same_outputs_and_a_clear_gain():
     assert nchwc_choice(True, 2.0, 1.85) == []          # within timing noise
 
 
-def test_partition_without_nchwc_runs_and_equals_fakequant(tiny_model_path, tmp_path, monkeypatch):
+def test_deployed_session_without_nchwc_runs_and_equals_fakequant(tiny_model_path, tmp_path, monkeypatch):
     import json
 
     from qcompile import partition
     monkeypatch.setattr(partition, "nchwc_choice", lambda same, *_: [partition.NCHWC] if same else [])
     result, out = _artifact(tiny_model_path, tmp_path, "w1a2", kernel="bitserial")
-    steps = json.loads((out / "manifest.json").read_text())["schedule"]
-    first = steps[0]
-    assert first["kind"] == "onnxruntime" and first["disabled_optimizers"] == [partition.NCHWC]
-    assert all(s["disabled_optimizers"] == [] for s in steps[1:] if s["kind"] == "onnxruntime")  # no Conv there
+    deploy = json.loads((out / "manifest.json").read_text())["deploy"]
+    assert deploy["disabled_optimizers"] == [partition.NCHWC]   # the float conv1 is there: the probe ran
     sess = InferenceSession(out)
     for batch in (1, 7):
         x = tiny_inputs(batch, seed=10 + batch)
