@@ -63,7 +63,10 @@ class CompileResult:
             onnx.save(self.model, tmp / "model.onnx")
             onnx.save(self.float_model, tmp / "float.onnx")
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
-            (tmp / "report.md").write_text(report_mod.to_markdown(self.report))
+            md = report_mod.to_markdown(self.report)
+            if self.manifest is not None:
+                md += "\n" + report_mod.plan_markdown(self.manifest["plan"])
+            (tmp / "report.md").write_text(md)
             if plots and self.ctx.layers:
                 png = self._weights_png.result() if self._weights_png is not None else None
                 if png is not None:

@@ -29,6 +29,7 @@ from qcompile.fileio import sha256_file
 from qcompile.input_quant import fold_input_quantizers
 from qcompile.partition import check_loads, disabled_optimizers, partition, reader_counts
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+from qcompile.targets.cpu.profile import cpu_path, machine_profile
 from qcompile.passes.quantize import core_name
 
 SCHEMA = "qcompile.artifact"
@@ -256,9 +257,14 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     measured = None
     if autotune and all_specs:
         probe = build_library(all_specs, work / "autotune", layer_avx512=caps.avx512_vpopcntdq)
-        measured = planner.measure([s for s in all_specs if s.op != "maxpool"], Library(probe), batch)
+        with cpu_path(caps.path):
+            measured = planner.measure([s for s in all_specs if s.op != "maxpool"], Library(probe), batch)
         shutil.rmtree(work / "autotune")
-    choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel)
+    # the cost model runs on this CPU's measured speeds (one micro-benchmark per machine, cached); a forced kernel
+    # needs no prediction but the report still shows one, from the design constants
+    profile = machine_profile(caps) if kernel is None and any(s.op != "maxpool" for s in all_specs) else None
+    choices = planner.choose([s for s in all_specs if s.op != "maxpool"], caps, batch, measured, force=kernel,
+                             profile=profile)
     result.ctx.fuse_notes = {}
 
     fused_ir = ir.from_proto(model)
@@ -342,7 +348,8 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
         "config": result.config.to_dict(),
         "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps),
-                   "plan_batch": batch, "autotuned": bool(measured)},
+                   "plan_batch": batch, "autotuned": bool(measured),
+                   "cost_model": "this CPU's measured profile" if profile is not None else "design constants"},
         "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
         # other input shapes than the kernels were built for run the fake-quant model (same integer arithmetic)
         "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,

@@ -329,5 +329,34 @@ def demo(out, preset, quantizer, steps):
         _fail(exc)
 
 
+@main.command()
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "cpu:avx2", "cpu:generic"]))
+@click.option("--recalibrate", is_flag=True, help="Measure again (e.g. after the first run met a loaded machine).")
+@click.option("--json", "as_json", is_flag=True)
+def machine(target, recalibrate, as_json):
+    """This CPU's measured kernel speeds, which the planner's cost model uses (measured once, cached)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qcompile.targets.cpu.caps import detect, model_name
+    from qcompile.targets.cpu.profile import machine_profile, profile_path
+
+    caps = detect(target)
+    prof = machine_profile(caps, refresh=recalibrate)
+    if prof is None:
+        _fail(QcompileError("no profile: QCOMPILE_PLANNER=design, or the probe kernels could not be built here"))
+    if as_json:
+        click.echo(json.dumps(prof.to_json(), indent=2))
+        return
+    units = {"bit": "G binary MAC/s per plane pair", "int8": "G MAC/s", "float": "G MAC/s"}
+    table = Table(title=f"{model_name()}, {caps.path} path, {caps.cores} cores ({profile_path(caps)})")
+    for col in ("candidate", "per call", "rate", "unit"):
+        table.add_column(col, justify="left" if col in ("candidate", "unit") else "right")
+    for key in sorted(prof.rate):
+        unit = "G lookups/s per weight plane" if key.endswith(":lut") else units[key.split(":")[0]]
+        table.add_row(key, f"{prof.call_ms[key] * 1e3:.1f} us", f"{prof.rate[key] / 1e9:.1f}", unit)
+    Console().print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -27,10 +27,12 @@ INT8_CONV_MACS_PER_CYCLE = 8
 LUT_MACS_PER_CYCLE = 128
 EFFICIENCY = {"bitserial": 0.5, "int8": 0.4, "float": 0.6}
 CALL_OVERHEAD_MS = {"bitserial": 0.01, "int8": 0.03, "float": 0.03}
-# Leaving onnxruntime for the kernel library and coming back splits a float partition in two: one more
-# onnxruntime run (measured ~25-40 us at batch 1 on the bundled MLP's partitions), which no single layer's
-# estimate or timing includes.
-PARTITION_SWITCH_MS = 0.03
+# A bit layer is a custom-op node inside the one onnxruntime session the runtime makes (runtime/inference.py):
+# leaving onnxruntime's own kernels costs the op's dispatch (in the profile's per-call cost) and, between float
+# convs, a layout reorder out of and back into NCHWc. A few us; it was 30 us per switch when each float
+# partition was its own onnxruntime run, and kept the bundled MLP's W1A2 layers on int8 (measured then 0.045 ms at
+# batch 1 against 0.038 ms on the bit kernels).
+PARTITION_SWITCH_MS = 0.003
 # A grouped BitConv gathers its im2col rows group by group, one bit-field copy per output pixel, tap and activation
 # plane (layer_conv.c, stage 2): measured 3.2-3.7 ns each on Zen 4 for depthwise 5x5 convs (rapidocr's classifier:
 # 7.5 ms for a 104-group layer whose GEMM is 0.03 ms). Depthwise layers with few channels per group pay it in full.
@@ -82,7 +84,9 @@ def int8_fits(spec) -> bool:
     return not ints.size or (int(ints.min()) >= -128 and int(ints.max()) <= 127)
 
 
-def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
+def estimate_ms(spec, caps, batch: int, profile=None) -> dict[str, float]:
+    """Predicted milliseconds of the layer on each candidate at ``batch``: from this machine's measured profile
+    (targets.cpu.profile) where it has the candidate, else from the design constants below."""
     m, n, k = layer_macs(spec, batch)
     hz = caps.ghz * 1e9 * caps.cores
     path = caps.path
@@ -102,13 +106,24 @@ def estimate_ms(spec, caps, batch: int) -> dict[str, float]:
         "int8": m * n * k / (int8_rate * hz * EFFICIENCY["int8"]),
         "float": m * n * k / (FLOAT_MACS_PER_CYCLE[caps.path] * hz * EFFICIENCY["float"]),
     }
+    est = {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
+    if profile is not None:
+        from qcompile.targets.cpu.profile import rate_key, work_units
+
+        sums = "lut" if lut_kernel(spec, caps) else "popcount"
+        for kern in est:
+            got = profile.predict_ms(rate_key(spec, kern, sums), work_units(spec, kern, sums, m * n * k))
+            if got is not None:
+                est[kern] = got
+        if spec.op == "conv" and spec.group > 1:
+            est["bitserial"] += taps * GROUPED_IM2COL_NS_PER_TAP * 1e-6
     if not int8_fits(spec):  # the window-sum conv (one channel, or one per group) and three int32 elementwise ops
         est["int8"] *= NINE_BIT_INT8_COST if spec.group == 1 else 2.0
-    return {kern: t * 1e3 + CALL_OVERHEAD_MS[kern] for kern, t in est.items()}
+    return est
 
 
 def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None = None,
-           force: str | None = None) -> dict[str, KernelChoice]:
+           force: str | None = None, profile=None) -> dict[str, KernelChoice]:
     """Per layer, the fastest kernel by measurement (autotune) or estimate; `force` overrides the choice for
     every layer (the report still shows what the model predicted).
 
@@ -116,12 +131,12 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
     onnxruntime partition switch it causes (PARTITION_SWITCH_MS), it goes back to its best onnxruntime kernels."""
     choices, basis_of = {}, {}
     for spec in specs:
-        est = estimate_ms(spec, caps, batch)
+        est = estimate_ms(spec, caps, batch, profile)
         meas = (measured or {}).get(spec.name, {})
         basis = meas or est
         basis_of[spec.name] = basis
         kernel = force or min(basis, key=basis.get)
-        how = "measured" if meas else "estimated"
+        how = "measured" if meas else "predicted (this CPU's profile)" if profile is not None else "estimated"
         bit_name = "lut" if lut_kernel(spec, caps) else "bitserial"  # what the report calls the bit kernel
         others = ", ".join(f"{bit_name if k == 'bitserial' else k} {v:.3f} ms"
                            for k, v in sorted(basis.items(), key=lambda kv: kv[1]))
@@ -143,7 +158,7 @@ def choose(specs, caps, batch: int, measured: dict[str, dict[str, float]] | None
                 c = choices[s.name]
                 c.kernel = best_ort[s.name]
                 c.why = (f"bit-serial would save {saved:.3f} ms over {names} but leaving onnxruntime and coming back "
-                         f"costs ~{PARTITION_SWITCH_MS:.2f} ms; " + c.why)
+                         f"costs ~{PARTITION_SWITCH_MS:.3f} ms; " + c.why)
     return choices
 
 

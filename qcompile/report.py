@@ -178,3 +178,35 @@ def print_plan(plan: list[dict], console=None) -> None:
     for p in plan:
         table.add_row(*(escape(v) for v in (short_name(p["node"], 32), p["op"], p["bits"], p["kernel"], p["why"])))
     console.print(table)
+    timed = [p for p in plan if p.get("measured_ms")]
+    if timed:  # --autotune: how far the cost model was from the clock, per layer and candidate
+        table = Table(title="predicted / measured ms per layer (--autotune)")
+        table.add_column("node")
+        for kern in PLAN_KERNELS:
+            table.add_column(kern, justify="right")
+        for p in timed:
+            table.add_row(escape(short_name(p["node"], 32)), *(_pred_meas(p, k) for k in PLAN_KERNELS))
+        console.print(table)
+
+
+PLAN_KERNELS = ("bitserial", "int8", "float")
+
+
+def _pred_meas(p: dict, kern: str) -> str:
+    est, meas = p.get("estimate_ms", {}).get(kern), p.get("measured_ms", {}).get(kern)
+    if est is None:
+        return "-"
+    return f"{est:.3f}" if meas is None else f"{est:.3f} / {meas:.3f}"
+
+
+def plan_markdown(plan: list[dict]) -> str:
+    """The kernel plan for report.md: each layer's kernel, the cost model's prediction for every candidate and,
+    after --autotune, the measured time beside it."""
+    lines = ["## Kernel plan", "", "Milliseconds per candidate: predicted, or predicted / measured after --autotune.",
+             "", "| node | bits | kernel | " + " | ".join(PLAN_KERNELS) + " | why |",
+             "|---|---|---|" + "---:|" * len(PLAN_KERNELS) + "---|"]
+    for p in plan:
+        cells = [_pred_meas(p, k) for k in PLAN_KERNELS]
+        why = p["why"].replace("|", "\\|")
+        lines.append(f"| {p['node']} | {p['bits']} | {p['kernel']} | " + " | ".join(cells) + f" | {why} |")
+    return "\n".join(lines) + "\n"
