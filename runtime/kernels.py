@@ -138,6 +138,22 @@ class Library:
     def num_threads(self) -> int:
         return int(self._threads())
 
+    def time_in_library(self, layer: str, x: np.ndarray, reps: int = 100) -> float:
+        """Best of ``reps`` calls of ``layer`` on ``x``, in seconds, timed inside the library (what a call costs in
+        a deployed onnxruntime session, without this Python call around it). For benchmarks."""
+        info = self.layers[layer]
+        x, batch = self._coerce(info, x, None)
+        out = np.empty((batch, *info.out_shape), dtype=info.out_dtype)
+        try:
+            fn = self._fn("qc_time_layer", ctypes.c_int64,
+                          [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+        except AttributeError as e:
+            raise ArtifactError(f"{self.path}: built before qc_time_layer existed; rebuild it") from e
+        ns = fn(layer.encode(), _address(x), _address(out), batch, reps)
+        if ns < 0:
+            raise RuntimeError(f"layer {layer!r}: timing failed ({ns})")
+        return ns * 1e-9
+
     # ---- running ----
     @staticmethod
     def _coerce(info: LayerInfo, x, batch) -> tuple[np.ndarray, int]:

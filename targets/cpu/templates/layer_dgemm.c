@@ -284,9 +284,10 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
     if (simd) fn = ${CNAME}_gtask_avx512;
 #endif
     (void)path;
-    /* below ~2^13 words of work (~10 us on one core; 2^16 on AVX-512, 8 words per instruction) waking threads
-     * costs more than it saves */
+    /* below ~2^13 words of work (~10 us on one core; 2^14 on AVX-512, 8 words per instruction: W1A1 M=64 K=N=256
+     * took 6.0 us on 2 threads against 7.1 on one, M=16 2.1 us on one against 2.7, Zen 4) waking threads costs
+     * more than it saves */
     const int64_t work = M * N * ${CNAME}_GKW * (${CNAME}_GMODE == QC_AND ? ${CNAME}_GKA * ${CNAME}_GKB : 1);
-    qc_parallel(work > (simd ? (1 << 16) : (1 << 13)) ? nt : 1, n_mb * cx.n_nb, fn, &cx);
+    qc_parallel(work > (simd ? (1 << 14) : (1 << 13)) ? nt : 1, n_mb * cx.n_nb, fn, &cx);
 }
 

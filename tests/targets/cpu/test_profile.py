@@ -118,3 +118,14 @@ def test_autotuned_artifact_reports_predicted_against_measured(cache, tiny_model
     plan_md = md[md.index("## Kernel plan"):]
     row = next(line for line in plan_md.splitlines() if line.startswith(f"| {node} |"))
     assert f"{timed[0]['estimate_ms']['int8']:.3f} / {timed[0]['measured_ms']['int8']:.3f}" in row
+
+
+def test_time_in_library_times_a_layer(tmp_path):
+    from qcompile.runtime.kernels import Library
+    from qcompile.targets.cpu import build_library
+
+    rng = np.random.default_rng(1)
+    spec = LayerSpec("g", "gemm", 1, 1, rng.integers(0, 2, (16, 70), dtype=np.uint8), np.ones(16, np.int32))
+    lib = Library(build_library([spec], tmp_path))
+    t = lib.time_in_library("g", rng.integers(0, 2, (3, 70), dtype=np.uint8), reps=5)
+    assert 0 < t < 0.1
