@@ -269,15 +269,34 @@ def pack(artifact, out, no_strip):
 @click.option("--learn-clip", is_flag=True, help="Train the activation clips too (PACT/LSQ-style).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in -o, exactly.")
+@click.option("--checkpoint-every", type=int, metavar="N", help="Also checkpoint every N steps (always: each epoch).")
+@click.option("--nproc", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Data-parallel processes on this machine (--batch is the global batch). Across machines, start "
+                   "`torchrun ... -m qcompile finetune ...` on each instead.")
+@click.option("--allreduce", type=click.Choice(["hfreduce", "ddp"]), default="hfreduce", show_default=True,
+              help="Gradient allreduce with several processes: HFReduce (host shared memory + tree) or DDP's own.")
+@click.option("--sim-nodes", type=int, metavar="K",
+              help="Treat this machine's processes as K nodes (HFReduce's inter-node path on one machine).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: model.onnx, float.onnx, checkpoint.pt, report.json/.md, curves.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
 def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, data, val, epochs, steps, batch, lr,
-             gbits, distill, learn_clip, seed, resume, out, as_json):
+             gbits, distill, learn_clip, seed, resume, checkpoint_every, nproc, allreduce, sim_nodes, out, as_json):
     """Quantization-aware fine-tuning of MODEL at --config, starting from its post-training quantization.
 
     Writes a fake-quant model.onnx that `qcompile compile OUT/model.onnx --target cpu` compiles with the trained
     quantizer parameters as they are. Ctrl-C saves a checkpoint; --resume continues it."""
+    import os
+
+    if sim_nodes is not None:
+        os.environ["QCOMPILE_SIM_NODES"] = str(sim_nodes)   # read by every rank's HFReduce topology
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from qcompile.finetune.distributed import launch
+
+        try:
+            sys.exit(launch(_without_option(sys.argv[1:], "--nproc"), nproc))
+        except QcompileError as exc:
+            _fail(exc)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -291,7 +310,10 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, 
             result = run_finetune(model, config=preset, data=data, val=val, epochs=epochs, steps=steps, batch=batch,
                                   lr=lr, gbits=gbits, distill=distill, seed=seed, learn_clip=learn_clip,
                                   resume=resume, out=out, log=progress.console.print if progress.console else print,
+                                  allreduce=allreduce, checkpoint_every=checkpoint_every,
                                   progress=progress, **_overrides(quantizer, keep_float, force, per_tensor, rounding))
+        if result is None:  # a rank other than 0 of a data-parallel job: rank 0 writes and reports
+            return
         result.save(out)
     except QcompileError as exc:
         from qcompile.finetune.loop import Interrupted
@@ -310,6 +332,19 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, 
                "no labelled validation data: accuracy not measured")
     click.echo(f"wrote {out}/model.onnx (compile it: qcompile compile {out}/model.onnx --target cpu -o ART), "
                "float.onnx, checkpoint.pt, report.md, curves.png")
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE` (the launcher's own option, which its ranks must not see)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 @main.command()

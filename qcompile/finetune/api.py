@@ -212,19 +212,23 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
              lr: float = 3e-4, gbits: int | None = None, distill: bool | None = None, seed: int = 0,
              learn_clip: bool = False, resume: bool = False, out: str | Path | None = None,
              log: Callable[[str], None] = print, progress=None, _stop_after_steps: int | None = None,
-             **overrides) -> FinetuneResult:
+             allreduce: str = "hfreduce", checkpoint_every: int | None = None,
+             **overrides) -> FinetuneResult | None:
     """Quantization-aware fine-tuning (see the module docstring). `data`/`val`: an .npz (x, y), an image folder,
     "fashion-mnist[:train|:test]", arrays (x, y) or an iterable of (x, y) batches. Without labels (or with
     distill=True) the float model's outputs are the targets. With `out`, a checkpoint is written there after every
-    epoch and on Ctrl-C, and `resume=True` continues from it exactly; the result's .save(out) writes the rest."""
-    from qcompile import api
+    epoch and on Ctrl-C, and `resume=True` continues from it exactly; the result's .save(out) writes the rest.
+
+    Started by torchrun (RANK/WORLD_SIZE set), it is one rank of a data-parallel job (qcompile.finetune.distributed):
+    `batch` is the global batch, `allreduce` "hfreduce" or "ddp"; rank 0 logs, checkpoints and returns the
+    result, the other ranks return None. `checkpoint_every`: also checkpoint every N steps."""
     from qcompile.passes.import_fakequant import is_fake_quant
     from qcompile.passes.load import load_model
 
     cfg = resolve_config(config, **overrides)
     if epochs is not None and steps is not None:
         raise QcompileError("give --epochs or --steps, not both")
-    for what, v in (("epochs", epochs), ("steps", steps), ("batch", batch)):
+    for what, v in (("epochs", epochs), ("steps", steps), ("batch", batch), ("checkpoint-every", checkpoint_every)):
         if v is not None and v < 1:
             raise QcompileError(f"--{what} must be at least 1, got {v}")
     if not (lr > 0 and np.isfinite(lr)):
@@ -254,6 +258,23 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
     opts = TrainOptions(epochs=epochs or 2, steps=steps, batch=batch, lr=lr, seed=seed,
                         distill=bool(distill) or train_ds.y is None, gbits=gbits, learn_clip=learn_clip)
 
+    from qcompile.finetune.distributed import from_env
+
+    dist = from_env(allreduce, batch)
+    try:
+        return _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_shape, out, resume, log,
+                         progress, _stop_after_steps, checkpoint_every)
+    finally:
+        dist.close()
+
+
+def _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_shape, out, resume, log, progress,
+              _stop_after_steps, checkpoint_every):
+    from qcompile import api
+
+    seed, learn_clip, gbits = opts.seed, opts.learn_clip, opts.gbits
+    if not dist.is_main:  # one voice: rank 0 logs and writes
+        log, progress = (lambda *a, **k: None), None
     ckpt_path = Path(out) / CHECKPOINT if out is not None else None
     saved = None
     if out is not None:
@@ -273,7 +294,8 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
         raise QcompileError("--resume needs the output folder (-o) that holds the checkpoint")
 
     torch.manual_seed(seed)
-    torch.set_num_threads(usable_cpus())
+    # the ranks on this machine share its cores
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     source_sha = _sha256(model)
     fingerprint = {"source_sha256": source_sha, "config": cfg.to_dict(), "options": opts.fingerprint(),
                    "train": train_ds.describe, "train_n": len(train_ds)}
@@ -299,7 +321,7 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
             generators.append(layer.grad_generator)
 
     trainer = Trainer(student, teacher, train_ds, val_ds, opts, probabilities=_ends_in_softmax(proto),
-                      grad_generators=generators, log=log, progress=progress)
+                      grad_generators=generators, log=log, progress=progress, dist=dist)
     float_acc = trainer.evaluate(val_ds, teacher)
     if saved is not None:
         trainer.load_state(saved["state"])
@@ -314,24 +336,37 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
         return {"format": CHECKPOINT_FORMAT, **fingerprint, "ptq_val_acc": ptq_acc, "float_val_acc": float_acc,
                 "state": trainer.state()}
 
-    def on_epoch_end(tr: Trainer, rec) -> None:
-        log(_epoch_line(rec, tr.epochs, float_acc))
-        if ckpt_path is not None:
+    def save_checkpoint() -> None:
+        if ckpt_path is not None and dist.is_main:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(checkpoint(), ckpt_path)
+
+    def on_epoch_end(tr: Trainer, rec) -> None:
+        log(_epoch_line(rec, tr.epochs, float_acc))
+        save_checkpoint()
+
+    def on_step(tr: Trainer) -> None:
+        if checkpoint_every and tr.step % checkpoint_every == 0:
+            save_checkpoint()
 
     start = time.perf_counter()
     try:
         with _interrupt_as_keyboard():
-            trainer.fit(on_epoch_end, stop_after_steps=_stop_after_steps)
+            trainer.fit(on_epoch_end, stop_after_steps=_stop_after_steps, on_step=on_step)
     except KeyboardInterrupt:
         if ckpt_path is None:
             raise Interrupted(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(checkpoint(), ckpt_path)
+        save_checkpoint()
         raise Interrupted(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
                             f"{ckpt_path}; continue with --resume") from None
+    except Exception as exc:  # noqa: BLE001 - only a failed peer is turned into one line; the rest propagates
+        why = dist.failure(exc)
+        if why is None:
+            raise
+        raise QcompileError(why) from None
     train_seconds = time.perf_counter() - start
+    if not dist.is_main:
+        return None
 
     compiled, trained_float = export(ptq.float_model, student, cfg, source, source_sha)
     check_x = (val_ds or train_ds).x[:256]

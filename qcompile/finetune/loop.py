@@ -111,8 +111,12 @@ class Trainer:
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, train, val, opts: TrainOptions, *,
                  probabilities: bool = False, grad_generators=(), log: Callable[[str], None] = print,
-                 progress=None):
+                 progress=None, dist=None):
+        from qcompile.finetune.distributed import DistContext
+
         self.student, self.teacher, self.train_ds, self.val_ds, self.opts = student, teacher, train, val, opts
+        self.dist = dist or DistContext()
+        self.model = self.dist.wrap(student)   # DDP over the student when there are several ranks
         self.probabilities = probabilities
         self.log, self.progress = log, progress
         self.use_labels = train.y is not None
@@ -173,12 +177,17 @@ class Trainer:
 
     def train_step(self, xb: np.ndarray, yb: np.ndarray | None) -> float:
         self.student.train()
+        xb, yb = self.dist.shard(xb, yb)       # this rank's slice of the global batch
         x = torch.from_numpy(xb)
         y = torch.from_numpy(yb) if yb is not None else None
-        out = self.student(x)
+        out = self.model(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
         loss = self._loss(out, y, x)
-        value = float(loss.detach())
+        correct = int((out.detach().argmax(1) == y).sum()) if y is not None and out.dim() == 2 else 0
+        value, seen = float(loss.detach()), len(xb)
+        if self.dist.enabled:  # the global batch's loss and hits: every rank the same, so a NaN stops them all
+            loss_sum, correct, seen = self.dist.sum([value * len(xb), correct, len(xb)])
+            value = loss_sum / seen
         if not math.isfinite(value):
             raise TrainingError(f"step {self.step + 1} (epoch {self.epoch + 1}): the loss is {value}; stopped, the "
                                 "last good checkpoint is kept; lower --lr or check the data for NaN/Inf")
@@ -188,8 +197,8 @@ class Trainer:
         self.schedule.step()
         self.step += 1
         if y is not None and out.dim() == 2:
-            self._epoch_correct += int((out.detach().argmax(1) == y).sum())
-            self._epoch_seen += len(y)
+            self._epoch_correct += int(correct)
+            self._epoch_seen += int(seen)
         self._epoch_loss.append(value)
         self.history.step_loss.append(value)
         return value
@@ -212,9 +221,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self, on_epoch_end: Callable[["Trainer", EpochRecord], None] | None = None,
-            stop_after_steps: int | None = None) -> History:
+            stop_after_steps: int | None = None, on_step: Callable[["Trainer"], None] | None = None) -> History:
         """Train until total_steps. Ctrl-C (KeyboardInterrupt) propagates with the position intact, so the caller
-        can checkpoint it; `stop_after_steps` simulates that (tests)."""
+        can checkpoint it; `stop_after_steps` simulates that (tests). `on_step` runs after every step whose
+        position is complete (e.g. a checkpoint every N steps)."""
         while self.step < self.total_steps:
             start, first = time.perf_counter(), self.batch_in_epoch
             remaining = min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
@@ -229,6 +239,8 @@ class Trainer:
                     raise KeyboardInterrupt
                 loss = self.train_step(xb, yb)
                 self.batch_in_epoch += 1
+                if on_step is not None and self.batch_in_epoch < remaining:  # an epoch's end has on_epoch_end
+                    on_step(self)
                 if self.eval_every and self.step % self.eval_every == 0 and self.batch_in_epoch < remaining:
                     acc = self.evaluate(self.val_ds)   # no state changes: a resumed run sees the same losses
                     if acc is not None:
