@@ -29,8 +29,8 @@ node; a peer process that exits closes its sockets and gloo reports that at once
 
 ``gbits=k`` quantizes what leaders send between nodes with DoReFa's gradient quantizer (papers.md §1.1), one
 scale per message: ``s = max|x|``, ``q = round(n * clip(x / 2s + 1/2 + U(-1/2, 1/2) / n, 0, 1))`` with
-``n = 2^k - 1``, sent as k bit planes (k/8 bytes per element) plus the float32 s, and decoded as
-``2 s (q / n - 1/2)``: unbiased (one-LSB dither), so it changes results; off by default. Tree: a node decodes its
+``n = 2^k - 1``, sent packed in fields of 1, 2, 4 or 8 bits (the smallest that holds k) plus the float32 s, and
+decoded as ``2 s (q / n - 1/2)``: unbiased (one-LSB dither), so it changes results; off by default. Tree: a node decodes its
 children's messages, adds them to its own exact node sum and re-quantizes what it sends up; the root quantizes
 the final sum once and every node (the root too) decodes those same codes, so all ranks end bit-identical.
 Gloo: leaders all-gather their quantized node sums and each adds the decoded messages in node order.
@@ -38,9 +38,11 @@ Gloo: leaders all-gather their quantized node sums and each adds the decoded mes
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -55,11 +57,13 @@ from qcompile.runtime.distributed.shm import NodeSegment, pid_alive, segment_nam
 from qcompile.runtime.distributed.topology import Topology
 
 TIMEOUT_ENV = "QCOMPILE_HFREDUCE_TIMEOUT"  # seconds a rank waits for another before it gives up (default 60)
-CHUNK_ENV = "QCOMPILE_HFREDUCE_CHUNK"  # chunk size in bytes (default 2 MiB)
+CHUNK_ENV = "QCOMPILE_HFREDUCE_CHUNK"  # chunk size in bytes (default 1 MiB)
 ALGO_ENV = "QCOMPILE_HFREDUCE_ALGO"  # tree | gloo
 GBITS_ENV = "QCOMPILE_HFREDUCE_GBITS"  # DoReFa bits for the inter-node messages; unset: full precision
 ALGORITHMS = ("tree", "gloo")
-DEFAULT_CHUNK = 2 << 20
+DEFAULT_CHUNK = 1 << 20
+DEPTH_ENV = "QCOMPILE_HFREDUCE_DEPTH"  # chunks between nodes at once (default 2)
+_NET_DEPTH = max(1, int(os.environ.get(DEPTH_ENV, 2)))
 
 _DTYPES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4, torch.int32: 5, torch.int64: 6}
 _MAGIC = 0x48465244  # "HFRD"
@@ -123,32 +127,53 @@ def double_binary_tree(n: int, i: int) -> tuple[tuple[int | None, tuple[int, ...
 
 
 # ---- DoReFa gradient messages ---------------------------------------------------------------------------------------
+def container_bits(bits: int) -> int:
+    """Codes of k bits travel in fields of 1, 2, 4 or 8 bits (the next that divides a byte)."""
+    return next(c for c in (1, 2, 4, 8) if c >= bits)
+
+
 def message_bytes(numel: int, bits: int) -> int:
-    """Bytes of one quantized message: k bit planes of ceil(numel/8) bytes, padded to 4, then the float32 scale."""
-    planes = bits * ((numel + 7) // 8)
-    return (planes + 3) // 4 * 4 + 4
+    """Bytes of one quantized message: the packed codes, padded to 4, then the float32 scale."""
+    per = 8 // container_bits(bits)
+    return ((numel + per - 1) // per + 3) // 4 * 4 + 4
 
 
-_SHIFT8 = torch.arange(8, dtype=torch.uint8)
+def _dither_bytes(m: int, generator: torch.Generator | None) -> torch.Tensor:
+    """m uniformly random bytes, 7 from each random 56-bit integer (4x cheaper than m random floats)."""
+    k = (m + 6) // 7
+    words = torch.empty(k, dtype=torch.int64).random_(0, 1 << 56, generator=generator).view(torch.uint8).view(k, 8)
+    return (words[:, :7] if sys.byteorder == "little" else words[:, 1:]).reshape(-1)[:m]
 
 
 def dorefa_encode(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Quantize a 1-D float tensor with DoReFa's f_g (one scale s = max|x|) into a uint8 message."""
+    """Quantize a 1-D float tensor with DoReFa's f_g (one scale s = max|x|) into a uint8 message.
+
+    q = round(n * clip(x/2s + 1/2 + U(-1/2, 1/2)/n, 0, 1)) is computed as floor(n x / 2s + n/2 + u) with the
+    dither u = (d + 1/2)/256 from a random byte d: stochastic rounding at 1/256 of a step (E[q] is off the exact
+    n x / 2s + n/2 by at most 1/512 of a step)."""
     n = (1 << bits) - 1
+    c = container_bits(bits)
+    per = 8 // c
     m = x.numel()
-    xf = x.detach().reshape(-1).to(torch.float32)
-    s = xf.abs().max() if m else torch.zeros(())
-    safe = s if float(s) > 0 else torch.ones(())
-    noise = torch.rand(m, generator=generator).sub_(0.5).div_(n)
-    u = xf.div(2 * safe).add_(0.5).add_(noise).clamp_(0.0, 1.0)
-    q = torch.round(u.mul_(n)).to(torch.uint8)
-    m8 = (m + 7) // 8 * 8
-    if m8 != m:
-        q = torch.cat([q, q.new_zeros(m8 - m)])
-    planes = (q.unsqueeze(0) >> torch.arange(bits, dtype=torch.uint8).unsqueeze(1)) & 1  # (bits, m8)
-    packed = (planes.view(bits, m8 // 8, 8) << _SHIFT8).sum(dim=2, dtype=torch.uint8)
-    msg = torch.zeros(message_bytes(m, bits), dtype=torch.uint8)
-    msg[: packed.numel()] = packed.reshape(-1)
+    xf = x.detach().reshape(-1)
+    s = float(xf.abs().max()) if m else 0.0
+    u = torch.empty(m, dtype=torch.float32)
+    if s > 0:
+        torch.mul(xf, n / (2 * s), out=u)
+    else:
+        u.zero_()
+    u.add_(_dither_bytes(m, generator), alpha=1 / 256).add_(n / 2 + 1 / 512)
+    q = u.floor_().clamp_(0, n).to(torch.uint8)
+    padded = (m + per - 1) // per * per
+    if padded != m:
+        q = torch.cat([q, q.new_zeros(padded - m)])
+    q = q.view(-1, per)
+    msg = torch.empty(message_bytes(m, bits), dtype=torch.uint8)
+    packed = msg[: padded // per]
+    packed.copy_(q[:, 0])
+    for j in range(1, per):
+        packed.bitwise_or_(q[:, j] << (c * j))
+    msg[padded // per: -4].zero_()
     msg[-4:].view(torch.float32)[0] = s
     return msg
 
@@ -156,14 +181,15 @@ def dorefa_encode(x: torch.Tensor, bits: int, generator: torch.Generator | None 
 def dorefa_decode(msg: torch.Tensor, numel: int, bits: int, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """Decode a message of :func:`dorefa_encode` to 2 s (q/n - 1/2); into `out` (or added to it with add=True)."""
     n = (1 << bits) - 1
-    m8 = (numel + 7) // 8 * 8
-    s = msg[-4:].view(torch.float32)[0]
-    packed = msg[: bits * (m8 // 8)].view(bits, m8 // 8, 1)
-    planes = ((packed >> _SHIFT8) & 1).view(bits, m8)
-    q = torch.zeros(m8, dtype=torch.int32)
-    for b in range(bits):
-        q.add_(planes[b].to(torch.int32) << b)
-    values = q[:numel].to(torch.float32).div_(n).sub_(0.5).mul_(2 * s)
+    c = container_bits(bits)
+    per = 8 // c
+    s = float(msg[-4:].view(torch.float32)[0])
+    rows = (numel + per - 1) // per
+    packed = msg[:rows]
+    q = torch.empty(rows, per, dtype=torch.uint8)
+    for j in range(per):
+        torch.bitwise_and(packed >> (c * j), (1 << c) - 1, out=q[:, j])
+    values = q.view(-1)[:numel].to(torch.float32).mul_(2 * s / n).sub_(s)
     if out is None:
         return values
     if add:
@@ -226,7 +252,8 @@ class HFReduce:
     ``t`` summed in place; ``allreduce(t)`` waits for it."""
 
     def __init__(self, topology: Topology | None = None, *, algorithm: str | None = None, chunk_bytes: int | None = None,
-                 gbits: int | None = None, timeout_s: float | None = None, nbuf: int = 4, nres: int = 4, seed: int = 0):
+                 gbits: int | None = None, timeout_s: float | None = None, nbuf: int = 4, nres: int | None = None,
+                 seed: int = 0, staging: bool | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise HFReduceError("HFReduce needs torch.distributed initialized (dist.init_process_group) first")
         self.topo = topology or Topology.from_env(rank=dist.get_rank(), world=dist.get_world_size())
@@ -244,6 +271,12 @@ class HFReduce:
         if self.gbits is not None and not 1 <= self.gbits <= 8:
             raise ValueError(f"gbits {self.gbits}: 1..8 (None for full precision)")
         self.timeout_s = float(timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV, 60))
+        # the GPU data path copies every chunk of the leader (and of a lone rank) to the host before the sum and the
+        # result back; staging=True runs that path for CPU tensors too (memcpy for the D2H/H2D copies): tests
+        self.staging = staging
+        nres = nres or _NET_DEPTH + 2
+        if nres < _NET_DEPTH + 1 or nbuf < 1:
+            raise ValueError(f"nres {nres} must exceed the chunks in flight between nodes ({_NET_DEPTH}); nbuf >= 1")
         self.rank, self.lr, self.L = self.topo.rank, self.topo.local_rank, self.topo.local_world
         self.stats = {"ops": 0, "bytes": 0, "internode_sent_bytes": 0, "seconds": 0.0}
         self._failed: HFReduceError | None = None
@@ -370,6 +403,9 @@ class HFReduce:
             results = self._base[lay.results_offset: lay.size].view(dtype).view(lay.nres, -1)
             self._views[dtype] = views = (slots, results)
         return views
+
+    def _staged(self, x: torch.Tensor) -> bool:
+        return x.is_cuda if self.staging is None else self.staging
 
     def _register_cuda(self) -> None:
         """Pin the segment for the GPU copy engines (cudaHostRegister), once."""
@@ -508,7 +544,7 @@ class HFReduce:
         elif self.L == 1:  # alone on the node: the tensor is the node sum
             for k in range(job.n):
                 lo, hi = k * job.chunk, min(x.numel(), (k + 1) * job.chunk)
-                staged = x[lo:hi] if not x.is_cuda else x[lo:hi].cpu()
+                staged = x[lo:hi].to("cpu", copy=True) if self._staged(x) else x[lo:hi]  # D2H on a GPU
                 self._netq.put((job, job.base + k, staged, k == job.n - 1))
         elif self.topo.is_leader:
             self._run_leader(job)
@@ -559,7 +595,7 @@ class HFReduce:
                        f"take result chunk {k - lay.nres} of {n}")
             res = results[s % lay.nres, : hi - lo]
             slab = slots[s % lay.nbuf, :, : hi - lo]
-            if x.is_cuda:
+            if self._staged(x):  # a GPU tensor: its chunk comes to the host first, like the other ranks'
                 slab[0].copy_(x[lo:hi])
                 own = slab[0]
             else:
@@ -603,25 +639,55 @@ class HFReduce:
 
     # ---- between nodes --------------------------------------------------------------------------------------------
     def _network(self) -> None:
+        """Chunks in order, two in flight: chunk i+1's receives are posted and its first sends go out before chunk
+        i's last waits, so the link never idles between chunks."""
+        inflight: collections.deque = collections.deque()
+        stopping = False
         while True:
-            item = self._netq.get()
-            if item is None:
-                return
-            job, s, res, last = item
-            if job.done:
-                continue
-            try:
-                if self._failed is not None:
-                    raise self._failed
-                if self.algorithm == "tree":
-                    self._tree_allreduce(res, s)
+            if not stopping and len(inflight) < _NET_DEPTH:
+                # wait for the next chunk while nothing is in flight or the newest chunk's op has more to come
+                # (it is being summed now); at an op's end go on finishing: the next op may come much later
+                wait = not inflight or not inflight[-1][3]
+                try:
+                    item = self._netq.get(timeout=0.05) if wait else self._netq.get_nowait()
+                except queue.Empty:
+                    if wait and (not inflight or self._failed is None):
+                        continue
                 else:
-                    self._gloo_allreduce(res)
+                    if item is None:
+                        stopping = True
+                    elif not item[0].done:
+                        try:
+                            if self._failed is not None:
+                                raise self._failed
+                            inflight.append((*item, self._net_start(item[2], item[1])))
+                        except BaseException as exc:  # noqa: BLE001
+                            self._net_failed([item, *inflight], exc)
+                            inflight.clear()
+                    continue
+            if not inflight:
+                if stopping:
+                    return
+                continue
+            job, s, res, last, state = inflight.popleft()
+            try:
+                self._net_finish(state)
                 self._publish(job, s, res, last)
             except BaseException as exc:  # noqa: BLE001
-                err = exc if isinstance(exc, HFReduceError) else self._abort(
-                    f"HFReduce aborted: rank {self.rank} failed between nodes: {type(exc).__name__}: {exc}", self.rank)
-                self._finish(job, err)
+                self._net_failed([(job,), *inflight], exc)
+                inflight.clear()
+
+    def _net_failed(self, items: list, exc: BaseException) -> None:
+        err = exc if isinstance(exc, HFReduceError) else self._abort(
+            f"HFReduce aborted: rank {self.rank} failed between nodes: {type(exc).__name__}: {exc}", self.rank)
+        for item in items:
+            self._finish(item[0], err)
+
+    def _net_start(self, res: torch.Tensor, s: int):
+        return self._tree_start(res, s) if self.algorithm == "tree" else self._gloo_start(res)
+
+    def _net_finish(self, state) -> None:
+        (self._tree_finish if self.algorithm == "tree" else self._gloo_finish)(state)
 
     def _wait_work(self, work, peer: str, poll: bool = False) -> None:
         """Wait for gloo work; a collective (poll=True) is polled while watching the abort flag, the store's abort
@@ -657,19 +723,23 @@ class HFReduce:
     def _leader_name(self, node: int) -> str:
         return f"node {node} (leader rank {self._leaders[node]})"
 
-    def _gloo_allreduce(self, res: torch.Tensor) -> None:
-        peers = "the leaders " + ", ".join(str(r) for r in self._leaders if r != self.rank)
+    def _gloo_start(self, res: torch.Tensor):
         if self.gbits is None:
-            self._wait_work(dist.all_reduce(res, group=self._lgroup, async_op=True), peers, poll=True)
             self.stats["internode_sent_bytes"] += res.numel() * res.element_size()
-            return
+            return dist.all_reduce(res, group=self._lgroup, async_op=True), res, None
         msg = dorefa_encode(res, self.gbits, self._gen)
         gathered = [torch.empty_like(msg) for _ in self._leaders]
-        self._wait_work(dist.all_gather(gathered, msg, group=self._lgroup, async_op=True), peers, poll=True)
         self.stats["internode_sent_bytes"] += msg.numel()
-        res.zero_()
-        for g in gathered:
-            dorefa_decode(g, res.numel(), self.gbits, out=res, add=True)
+        return dist.all_gather(gathered, msg, group=self._lgroup, async_op=True), res, gathered
+
+    def _gloo_finish(self, state) -> None:
+        work, res, gathered = state
+        peers = "the leaders " + ", ".join(str(r) for r in self._leaders if r != self.rank)
+        self._wait_work(work, peers, poll=True)
+        if gathered is not None:  # every leader adds the same decoded messages in the same order
+            res.zero_()
+            for g in gathered:
+                dorefa_decode(g, res.numel(), self.gbits, out=res, add=True)
 
     def _buffer(self, key: tuple, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._tmp.get(key)
@@ -677,73 +747,86 @@ class HFReduce:
             buf = self._tmp[key] = torch.empty(max(numel, self.chunk_bytes // 2), dtype=dtype)
         return buf[:numel]
 
-    def _tree_allreduce(self, res: torch.Tensor, s: int) -> None:
-        """Reduce each half of `res` up one of the two trees and broadcast it down the same tree, in place."""
+    def _tree_start(self, res: torch.Tensor, s: int):
+        """Reduce each half of `res` up one of the two trees and broadcast it down the same tree, in place.
+
+        Start (steps 1-2): every receive is posted, so data flows while this thread blocks elsewhere, and the sends
+        that need nothing (a leaf's message up) go out at once, so both directions of a link carry data together.
+        Finish (steps 3-5, :meth:`_tree_finish`): the blocking waits, tree 0 before tree 1 on every node, which
+        keeps them free of cycles."""
         m = res.numel()
         h = (m + 1) // 2
         parts = (res[:h], res[h:])
+        live = [t for t in (0, 1) if parts[t].numel()]
         tag0 = (s % (1 << 24)) * 4  # tags: tree t up = tag0 + 2t, down = tag0 + 2t + 1
-        g, leaders, bits = self._lgroup, self._leaders, self.gbits
-        nbytes = (lambda k: message_bytes(k, bits)) if bits else None
+        g, leaders, bits, trees = self._lgroup, self._leaders, self.gbits, self._trees
 
-        def wire(t: int, child: int) -> torch.Tensor:  # receive buffer for a message from `child` in tree t
+        slot = s % _NET_DEPTH  # receive buffers of the chunks in flight must differ
+
+        def wire(t: int, peer: int) -> torch.Tensor:  # receive buffer for a message from `peer` in tree t
             k = parts[t].numel()
             if bits:
-                return self._buffer(("q", t, child), nbytes(k), torch.uint8)
-            return self._buffer(("f", t, child), k, res.dtype)
+                return self._buffer(("q", slot, t, peer), message_bytes(k, bits), torch.uint8)
+            return self._buffer(("f", slot, t, peer), k, res.dtype)
 
-        # reduce: receive from the children, add, send up
-        recvs = []
-        for t, (parent, children) in enumerate(self._trees):
-            if parts[t].numel() == 0:
-                recvs.append([])
+        send, encode = self._tree_send, self._tree_encode
+
+        # 1. post every receive: the children's messages up, the parent's message down
+        ups_in = {t: [(dist.irecv(buf := wire(t, c), src=leaders[c], group=g, tag=tag0 + 2 * t), buf, c)
+                      for c in trees[t][1]] for t in live}
+        # (unquantized, the result lands in place: the parent sends it only after it has all of our message up)
+        down_in = {t: (dist.irecv(buf := wire(t, trees[t][0]) if bits else parts[t], src=leaders[trees[t][0]],
+                                  group=g, tag=tag0 + 2 * t + 1), buf) for t in live if trees[t][0] is not None}
+        sends: list = []
+        # 2. leaves send up at once
+        for t in live:
+            parent, children = trees[t]
+            if parent is not None and not children:
+                send(encode(parts[t]), parent, tag0 + 2 * t, sends)
+        return parts, live, tag0, ups_in, down_in, sends
+
+    def _tree_send(self, msg: torch.Tensor, peer: int, tag: int, sends: list) -> None:
+        sends.append((dist.isend(msg, dst=self._leaders[peer], group=self._lgroup, tag=tag), msg, peer))
+        self.stats["internode_sent_bytes"] += msg.numel() * msg.element_size()
+
+    def _tree_encode(self, part: torch.Tensor) -> torch.Tensor:
+        return dorefa_encode(part, self.gbits, self._gen) if self.gbits else part
+
+    def _tree_finish(self, state) -> None:
+        parts, live, tag0, ups_in, down_in, sends = state
+        trees, bits, send, encode = self._trees, self.gbits, self._tree_send, self._tree_encode
+        # 3. interior nodes: add the children's messages, send up; a root sends the result down
+        for t in live:
+            parent, children = trees[t]
+            if not children:
                 continue
-            recvs.append([(dist.irecv(buf := wire(t, c), src=leaders[c], group=g, tag=tag0 + 2 * t), buf, c)
-                          for c in children])
-        ups = []
-        for t, (parent, children) in enumerate(self._trees):
             part = parts[t]
-            if part.numel() == 0:
-                continue
-            for work, buf, c in recvs[t]:
+            for work, buf, c in ups_in[t]:
                 self._wait_work(work, self._leader_name(c))
                 if bits:
                     dorefa_decode(buf, part.numel(), bits, out=part, add=True)
                 else:
                     part.add_(buf)
             if parent is not None:
-                msg = dorefa_encode(part, bits, self._gen) if bits else part
-                ups.append((dist.isend(msg, dst=leaders[parent], group=g, tag=tag0 + 2 * t), msg, parent))
-                self.stats["internode_sent_bytes"] += msg.numel() * msg.element_size()
-        for work, _, parent in ups:
-            self._wait_work(work, self._leader_name(parent))
-        # broadcast: receive the result from the parent (the root makes it), send it to the children
-        downs_in = []
-        for t, (parent, children) in enumerate(self._trees):
-            if parts[t].numel() and parent is not None:
-                buf = wire(t, -1) if bits else parts[t]
-                downs_in.append((t, dist.irecv(buf, src=leaders[parent], group=g, tag=tag0 + 2 * t + 1), buf, parent))
-        got = {t: (work, buf, parent) for t, work, buf, parent in downs_in}
-        downs = []
-        for t, (parent, children) in enumerate(self._trees):
-            part = parts[t]
-            if part.numel() == 0:
-                continue
-            if parent is not None:
-                work, msg, _ = got[t]
-                self._wait_work(work, self._leader_name(parent))
-                if bits:
-                    dorefa_decode(msg, part.numel(), bits, out=part)
-            elif bits:  # the root quantizes the final sum once; it keeps the decoded codes like everyone else
-                msg = dorefa_encode(part, bits, self._gen)
-                dorefa_decode(msg, part.numel(), bits, out=part)
+                send(encode(part), parent, tag0 + 2 * t, sends)
             else:
-                msg = part
-            for c in children:
-                downs.append((dist.isend(msg, dst=leaders[c], group=g, tag=tag0 + 2 * t + 1), msg, c))
-                self.stats["internode_sent_bytes"] += msg.numel() * msg.element_size()
-        for work, _, c in downs:
-            self._wait_work(work, self._leader_name(c))
+                msg = encode(part)
+                if bits:  # the root keeps the decoded codes like everyone else: all ranks end identical
+                    dorefa_decode(msg, part.numel(), bits, out=part)
+                for c in children:
+                    send(msg, c, tag0 + 2 * t + 1, sends)
+        # 4. everyone else: take the result from the parent, pass it to the children
+        for t in live:
+            if t not in down_in:
+                continue
+            work, msg = down_in[t]
+            self._wait_work(work, self._leader_name(trees[t][0]))
+            if bits:
+                dorefa_decode(msg, parts[t].numel(), bits, out=parts[t])
+            for c in trees[t][1]:
+                send(msg, c, tag0 + 2 * t + 1, sends)
+        for work, _, peer in sends:
+            self._wait_work(work, self._leader_name(peer))
 
 
 # ---- the DDP communication hook -------------------------------------------------------------------------------------
@@ -786,6 +869,6 @@ def register(ddp_model, engine: HFReduce | None = None, **engine_kw) -> HFReduce
 
 
 __all__ = [
-    "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "btree", "dorefa_decode", "dorefa_encode",
+    "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "btree", "container_bits", "dorefa_decode", "dorefa_encode",
     "double_binary_tree", "hfreduce_hook", "message_bytes", "register",
 ]

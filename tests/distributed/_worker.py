@@ -24,33 +24,34 @@ def gen(*key) -> torch.Generator:
 def allreduce(rank: int, world: int, args: dict) -> list[dict]:
     """Every node count x algorithm: HFReduce against dist.all_reduce on the same inputs."""
     checks = []
-    for n_nodes in args["nodes"]:
+    configs = [(n, a, None) for n in args["nodes"] for a in args["algorithms"]]
+    configs += [(n, "tree", True) for n in args["staged_nodes"]]  # the GPU data path, with CPU tensors
+    for n_nodes, algo, staging in configs:
         topo = Topology.simulate(rank, world, n_nodes)
-        for algo in args["algorithms"]:
-            eng = HFReduce(topo, algorithm=algo, chunk_bytes=args["chunk_bytes"], timeout_s=20)
-            tag = {"nodes": n_nodes, "algo": algo}
-            for size in args["sizes"]:
-                for kind in ("int", "randn"):
-                    g = gen(rank, size, kind)
-                    x = (torch.randint(-50, 50, (size,), generator=g).float() if kind == "int"
-                         else torch.randn(size, generator=g))
-                    ref = x.clone()
-                    dist.all_reduce(ref)
-                    got = eng.allreduce(x.clone())
-                    ok = torch.equal(got, ref) if kind == "int" else torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
-                    checks.append({**tag, "size": size, "kind": kind, "ok": bool(ok),
-                                   "maxdiff": (got - ref).abs().max().item()})
-            # several requests in flight at once (DDP's buckets), other dtypes, a non-contiguous tensor
-            xs = [torch.randint(-9, 9, (n,), generator=gen(rank, n, "burst")).to(dt)
-                  for n, dt in ((3000, torch.float32), (17, torch.float64), (5000, torch.float32), (1, torch.int64))]
-            xs.append(torch.randint(-9, 9, (40, 30), generator=gen(rank, "t")).float().t())
-            refs = [x.clone() for x in xs]
-            for r in refs:
-                dist.all_reduce(r)
-            futs = [eng.allreduce_async(x) for x in xs]
-            for i, (f, r) in enumerate(zip(futs, refs)):
-                checks.append({**tag, "size": r.numel(), "kind": f"burst{i}-{r.dtype}", "ok": torch.equal(f.wait(), r)})
-            eng.close()
+        eng = HFReduce(topo, algorithm=algo, chunk_bytes=args["chunk_bytes"], timeout_s=20, staging=staging)
+        tag = {"nodes": n_nodes, "algo": algo if staging is None else f"{algo}-staged"}
+        for size in args["sizes"]:
+            for kind in ("int", "randn"):
+                g = gen(rank, size, kind)
+                x = (torch.randint(-50, 50, (size,), generator=g).float() if kind == "int"
+                     else torch.randn(size, generator=g))
+                ref = x.clone()
+                dist.all_reduce(ref)
+                got = eng.allreduce(x.clone())
+                ok = torch.equal(got, ref) if kind == "int" else torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+                checks.append({**tag, "size": size, "kind": kind, "ok": bool(ok),
+                               "maxdiff": (got - ref).abs().max().item()})
+        # several requests in flight at once (DDP's buckets), other dtypes, a non-contiguous tensor
+        xs = [torch.randint(-9, 9, (n,), generator=gen(rank, n, "burst")).to(dt)
+              for n, dt in ((3000, torch.float32), (17, torch.float64), (5000, torch.float32), (1, torch.int64))]
+        xs.append(torch.randint(-9, 9, (40, 30), generator=gen(rank, "t")).float().t())
+        refs = [x.clone() for x in xs]
+        for r in refs:
+            dist.all_reduce(r)
+        futs = [eng.allreduce_async(x) for x in xs]
+        for i, (f, r) in enumerate(zip(futs, refs)):
+            checks.append({**tag, "size": r.numel(), "kind": f"burst{i}-{r.dtype}", "ok": torch.equal(f.wait(), r)})
+        eng.close()
     return checks
 
 

@@ -34,6 +34,7 @@ NODE_COUNTS = (1, 2, 3, 4)
 ALGORITHMS = ("tree", "gloo")
 CHUNK = 256  # bytes: 64 float32 per chunk, so the sizes below cross, hit and miss chunk boundaries
 SIZES = [1, 7, 63, 64, 65, 1000, 3333]
+STAGED_NODES = (2, 4)  # the GPU data path (leader and lone ranks copy to the host first) run with CPU tensors
 KILL_TIMEOUT = 8.0  # QCOMPILE_HFREDUCE_TIMEOUT of the killed-rank jobs
 
 
@@ -173,7 +174,8 @@ def test_stale_segments_are_swept_after_sigkill():
 def suite(tmp_path_factory):
     before = _launch.shm_names()
     args = {
-        "allreduce": {"nodes": list(NODE_COUNTS), "algorithms": list(ALGORITHMS), "chunk_bytes": CHUNK, "sizes": SIZES},
+        "allreduce": {"nodes": list(NODE_COUNTS), "algorithms": list(ALGORITHMS), "chunk_bytes": CHUNK, "sizes": SIZES,
+                      "staged_nodes": list(STAGED_NODES)},
         "gbits": {"nodes": [2, 3], "algorithms": list(ALGORITHMS), "chunk_bytes": 4096, "bits": 4, "size": 5000},
         "ddp": {"algorithms": list(ALGORITHMS), "chunk_bytes": CHUNK, "steps": 5},
     }
@@ -201,6 +203,14 @@ def test_gbits_quantizes_what_leaders_send(suite, algo):
                 assert g["sent_fp32"] * 4 / 32 <= g["sent"] <= g["sent_fp32"] * 4 / 32 * 1.05, g
             else:
                 assert g["sent"] == g["sent_fp32"] == 0
+
+
+@pytest.mark.parametrize("n_nodes", STAGED_NODES)
+def test_gpu_staging_path_with_cpu_tensors(suite, n_nodes):
+    """No GPU here: staging=True makes CPU tensors take the copies a CUDA tensor takes (memcpy for D2H/H2D)."""
+    for rank, res in enumerate(suite["results"]):
+        checks = [c for c in res["allreduce"] if c["nodes"] == n_nodes and c["algo"] == "tree-staged"]
+        assert len(checks) == 2 * len(SIZES) + 5 and all(c["ok"] for c in checks), f"rank {rank}: {checks}"
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
