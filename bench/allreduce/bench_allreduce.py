@@ -128,12 +128,14 @@ def table(result: dict, chunk: int, two_hosts: bool) -> tuple[list[str], dict]:
         bus = alg * 2 * (WORLD - 1) / WORLD
         ratio = gloo[r["mib"]] / r["seconds"]
         ratios[(r["method"], r["mib"])] = ratio
-        line = (f"| {r['method']}{'' if r['ok'] else ' (WRONG RESULT)'} | {r['mib']:g} MiB | {r['seconds'] * 1e3:.1f} ms "
-                f"| {alg / 1e9:.3f} GB/s | {bus / 1e9:.3f} GB/s | {ratio:.2f}x |")
+        name = r["method"] + ("" if r["ok"] else " (WRONG RESULT)")
+        line = (f"| {name} | {r['mib']:g} MiB | {r['seconds'] * 1e3:.1f} ms | {alg / 1e9:.3f} GB/s "
+                f"| {bus / 1e9:.3f} GB/s | {ratio:.2f}x |")
         if two_hosts:
             tx = list(r["tx_per_op"].values())
             pred = predicted_link_bytes(r["method"], size, chunk)
-            line += f" {' / '.join(f'{t / (1 << 20):.2f}' for t in tx)} MiB / {pred / (1 << 20):.2f} MiB ({max(tx) / pred:.3f}x) |"
+            measured = " / ".join(f"{t / (1 << 20):.2f}" for t in tx)
+            line += f" {measured} MiB / {pred / (1 << 20):.2f} MiB ({max(tx) / pred:.3f}x) |"
         lines.append(line)
     return lines, ratios
 
@@ -178,11 +180,26 @@ def main() -> None:
                         f"{res['shaping']}, MTU 9000. Link bytes: the two leaders' veth transmit counters (host 0 / "
                         "host 1) per op, TCP/IP headers and ACKs included, against the payload the algorithm "
                         "must move (module docstring of the script).", "", *lines]
-            big = [(m, r) for (m, mib), r in ratios.items() if m == "hfreduce-tree" and mib >= 64 for r in [r]]
-            if big:
-                worst = min(r for _, r in big)
-                summary.append(f"Goal (HFReduce >= 1.5x gloo's busbw at 64 MiB and above, two hosts): "
-                               f"{'met' if worst >= 1.5 else 'not met'}, the smallest ratio there is {worst:.2f}x.")
+            worst = {m: min(r for (mm, mib), r in ratios.items() if mm == m and mib >= 64)
+                     for m in ("hfreduce-tree", "hfreduce-gloo") if any(mm == m and mib >= 64 for mm, mib in ratios)}
+            if worst:
+                said = ", ".join(f"{m} {r:.3f}x ({'met' if r >= 1.5 else 'not met'})" for m, r in worst.items())
+                summary.append(f"Goal (HFReduce >= 1.5x gloo's busbw at 64 MiB and above, two hosts), smallest "
+                               f"ratio at those sizes: {said}. Unquantized, 1.5x is also the bound: gloo's ring puts "
+                               f"1.5 S on each direction of the link and HFReduce S, so the ratio exceeds 1.5x only "
+                               f"where gloo drives the link less efficiently than HFReduce.")
+            quantized = [m for m in methods if gbits_of(m)]
+            for m in quantized:
+                by = {(r["method"], r["mib"]): r for r in res["rows"]}
+                big = max(mib for (mm, mib) in by if mm == m)
+                base = by.get(("hfreduce-tree", big))
+                if base:
+                    share = max(by[(m, big)]["tx_per_op"].values()) / max(base["tx_per_op"].values())
+                    summary.append(f"{m} puts {share:.3f} of hfreduce-tree's bytes on the link at {big:g} MiB "
+                                   f"(predicted {gbits_of(m)}/32 = {gbits_of(m) / 32:.3f} plus scales); its time here "
+                                   "is set by quantizing and decoding on the two shared cores, not by the link.")
+    summary.append("GPU path (device-to-host into the registered segment, host-to-device back): not measured, no GPU "
+                   "on this machine; the tests run its copies with CPU tensors (`staging=True`).")
     if summary:
         out += ["", *summary]
     publish(SECTION, "\n".join(out), opts.write)

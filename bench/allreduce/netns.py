@@ -75,11 +75,13 @@ class TwoHosts:
         return self
 
     def _shape(self, ex: tuple[str, ...], dev: str) -> str:
-        netem = ("tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", self.delay, "rate", self.rate, "limit", "10000")
+        netem = ("tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", self.delay, "rate", self.rate,
+                 "limit", "10000")
         if _run(*ex, *netem, check=False).returncode == 0:
             return f"netem rate {self.rate} delay {self.delay}"
         # no netem in this kernel: a token bucket at the same rate (burst above the largest GSO packet), no delay
-        _run(*ex, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", "256kb", "latency", "20ms")
+        _run(*ex, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", "256kb",
+             "latency", "20ms")
         return f"tbf rate {self.rate} (the kernel has no netem: no added delay)"
 
     def exec_prefix(self, host: int) -> list[str]:

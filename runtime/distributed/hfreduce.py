@@ -7,11 +7,12 @@ Data path of one allreduce of a tensor of S bytes, cut into chunks of ``chunk_by
    ``nbuf`` slot buffers, so it copies chunk i+1.. while the leader still sums chunk i;
 2. **node sum**: the leader adds its own chunk and the slots with torch ops on views of the segment (vectorised,
    one pass for two ranks) into one of ``nres`` result buffers, and frees the slot buffer;
-3. **between nodes** (a second leader thread, so chunk i crosses the network while chunk i+1 is summed): the
-   leaders allreduce the node sum, with gloo's ``all_reduce`` on a leaders-only group (``algorithm="gloo"``) or
-   with a double binary tree over ``isend/irecv`` (``algorithm="tree"``, the default): each half of the chunk is
-   reduced up one tree and broadcast down it; every node is interior in at most one tree, so a node sends and
-   receives about 2 S in all, and with 2 nodes exactly S each way;
+3. **between nodes** (a second leader thread, so chunk i crosses the network while chunk i+1 is summed, with up
+   to ``QCOMPILE_HFREDUCE_DEPTH`` = 4 chunks in flight): the leaders allreduce the node sum, with gloo's
+   ``all_reduce`` on a leaders-only group (``algorithm="gloo"``) or with a double binary tree over
+   ``isend/irecv`` (``algorithm="tree"``, the default): each half of the chunk is reduced up one tree and
+   broadcast down it; a node forwards in one tree only, so it sends and receives about 2 S in all, and with
+   2 nodes exactly S each way;
 4. **broadcast back**: the leader marks the result ready; every local rank copies it out of the shared result
    buffer into its tensor (host-to-device for CUDA) and marks it taken, which frees the result buffer.
 
@@ -23,17 +24,19 @@ for when that rank's pid is gone (checked every 50 ms) or after ``timeout_s``, a
 segment so every local rank stops with the same message. Plain int64 stores order correctly on x86 (TSO); a
 weakly ordered CPU would need a fence between the data copy and the counter store.
 
-Failures between nodes: leaders wait on gloo work by polling it, checking the segment's abort flag and an abort
-key in torch.distributed's store (set by whichever rank first saw a failure) so a failure anywhere reaches every
-node; a peer process that exits closes its sockets and gloo reports that at once.
+Failures between nodes: the first rank to see a failure writes its reason under an abort key in
+torch.distributed's store (torchrun's agent hosts it, so it outlives any worker). Leaders poll gloo collectives
+while watching the segment's abort flag and that key; point-to-point work can only block in gloo's wait(), which
+the leaders' group timeout (``timeout_s``) bounds. A peer process that exits closes its sockets, which gloo
+reports at once; the leader then reads the store's reason, so every rank's error names the rank that died.
 
 ``gbits=k`` quantizes what leaders send between nodes with DoReFa's gradient quantizer (papers.md §1.1), one
 scale per message: ``s = max|x|``, ``q = round(n * clip(x / 2s + 1/2 + U(-1/2, 1/2) / n, 0, 1))`` with
 ``n = 2^k - 1``, sent packed in fields of 1, 2, 4 or 8 bits (the smallest that holds k) plus the float32 s, and
-decoded as ``2 s (q / n - 1/2)``: unbiased (one-LSB dither), so it changes results; off by default. Tree: a node decodes its
-children's messages, adds them to its own exact node sum and re-quantizes what it sends up; the root quantizes
-the final sum once and every node (the root too) decodes those same codes, so all ranks end bit-identical.
-Gloo: leaders all-gather their quantized node sums and each adds the decoded messages in node order.
+decoded as ``2 s (q / n - 1/2)``: unbiased (one-LSB dither), so it changes results; off by default. Tree: a node
+decodes its children's messages, adds them to its own exact node sum and re-quantizes what it sends up; the root
+quantizes the final sum once and every node (the root too) decodes those same codes, so all ranks end
+bit-identical. Gloo: leaders all-gather their quantized node sums and each adds the decoded messages in node order.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ ALGO_ENV = "QCOMPILE_HFREDUCE_ALGO"  # tree | gloo
 GBITS_ENV = "QCOMPILE_HFREDUCE_GBITS"  # DoReFa bits for the inter-node messages; unset: full precision
 ALGORITHMS = ("tree", "gloo")
 DEFAULT_CHUNK = 1 << 20
-DEPTH_ENV = "QCOMPILE_HFREDUCE_DEPTH"  # chunks between nodes at once (default 2)
-_NET_DEPTH = max(1, int(os.environ.get(DEPTH_ENV, 2)))
+DEPTH_ENV = "QCOMPILE_HFREDUCE_DEPTH"  # chunks between nodes at once (default 4)
+_NET_DEPTH = max(1, int(os.environ.get(DEPTH_ENV, 4)))
 
 _DTYPES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4, torch.int32: 5, torch.int64: 6}
 _MAGIC = 0x48465244  # "HFRD"
@@ -178,7 +181,8 @@ def dorefa_encode(x: torch.Tensor, bits: int, generator: torch.Generator | None 
     return msg
 
 
-def dorefa_decode(msg: torch.Tensor, numel: int, bits: int, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+def dorefa_decode(msg: torch.Tensor, numel: int, bits: int, out: torch.Tensor | None = None,
+                  add: bool = False) -> torch.Tensor:
     """Decode a message of :func:`dorefa_encode` to 2 s (q/n - 1/2); into `out` (or added to it with add=True)."""
     n = (1 << bits) - 1
     c = container_bits(bits)
@@ -251,9 +255,9 @@ class HFReduce:
     on every rank (DDP's buckets are). ``allreduce_async(t)`` returns a ``torch.futures.Future`` that resolves to
     ``t`` summed in place; ``allreduce(t)`` waits for it."""
 
-    def __init__(self, topology: Topology | None = None, *, algorithm: str | None = None, chunk_bytes: int | None = None,
-                 gbits: int | None = None, timeout_s: float | None = None, nbuf: int = 4, nres: int | None = None,
-                 seed: int = 0, staging: bool | None = None):
+    def __init__(self, topology: Topology | None = None, *, algorithm: str | None = None,
+                 chunk_bytes: int | None = None, gbits: int | None = None, timeout_s: float | None = None,
+                 nbuf: int = 4, nres: int | None = None, seed: int = 0, staging: bool | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise HFReduceError("HFReduce needs torch.distributed initialized (dist.init_process_group) first")
         self.topo = topology or Topology.from_env(rank=dist.get_rank(), world=dist.get_world_size())
@@ -278,6 +282,7 @@ class HFReduce:
         if nres < _NET_DEPTH + 1 or nbuf < 1:
             raise ValueError(f"nres {nres} must exceed the chunks in flight between nodes ({_NET_DEPTH}); nbuf >= 1")
         self.rank, self.lr, self.L = self.topo.rank, self.topo.local_rank, self.topo.local_world
+        # internode_sent_bytes: payload this leader handed to the network (tree: its messages; gloo: the chunk)
         self.stats = {"ops": 0, "bytes": 0, "internode_sent_bytes": 0, "seconds": 0.0}
         self._failed: HFReduceError | None = None
         self._seq = 0  # chunks issued so far (same on every rank of a node)
@@ -374,6 +379,12 @@ class HFReduce:
         self._ctl = None
         if self._seg is not None:
             self._seg.close()
+        if self._lgroup is not None and self._failed is None:  # a group with a dead peer may block in teardown
+            try:
+                dist.destroy_process_group(self._lgroup)
+            except Exception:  # noqa: BLE001
+                pass
+            self._lgroup = None
 
     def __enter__(self) -> "HFReduce":
         return self
@@ -639,8 +650,8 @@ class HFReduce:
 
     # ---- between nodes --------------------------------------------------------------------------------------------
     def _network(self) -> None:
-        """Chunks in order, two in flight: chunk i+1's receives are posted and its first sends go out before chunk
-        i's last waits, so the link never idles between chunks."""
+        """Chunks in order, up to QCOMPILE_HFREDUCE_DEPTH (4) in flight: chunk i+1's receives are posted and its
+        first sends go out before chunk i's waits, so the link does not idle between chunks."""
         inflight: collections.deque = collections.deque()
         stopping = False
         while True:
@@ -869,6 +880,7 @@ def register(ddp_model, engine: HFReduce | None = None, **engine_kw) -> HFReduce
 
 
 __all__ = [
-    "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "btree", "container_bits", "dorefa_decode", "dorefa_encode",
+    "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "btree", "container_bits", "dorefa_decode",
+    "dorefa_encode",
     "double_binary_tree", "hfreduce_hook", "message_bytes", "register",
 ]

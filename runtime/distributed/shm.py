@@ -102,7 +102,8 @@ class NodeSegment:
         return cls(name, path, buf, creator=True)
 
     @classmethod
-    def open(cls, name: str, size: int | None = None, timeout_s: float = 10.0, shm_dir: Path = SHM_DIR) -> "NodeSegment":
+    def open(cls, name: str, size: int | None = None, timeout_s: float = 10.0,
+             shm_dir: Path = SHM_DIR) -> "NodeSegment":
         """Map an existing segment, waiting up to timeout_s for its creator to make it (and size it)."""
         path = Path(shm_dir) / name
         deadline = time.monotonic() + timeout_s

@@ -65,11 +65,13 @@ class Topology:
     def describe(self) -> str:
         sizes = "+".join(str(len(n)) for n in self.nodes)
         kind = "simulated " if self.simulated else ""
-        return f"{self.n_nodes} {kind}node(s) ({sizes} ranks); rank {self.rank} is local rank {self.local_rank} of node {self.node}"
+        return (f"{self.n_nodes} {kind}node(s) ({sizes} ranks); rank {self.rank} is local rank {self.local_rank} "
+                f"of node {self.node}")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_nodes(cls, rank: int, nodes: list[list[int]] | tuple[tuple[int, ...], ...], simulated: bool = False) -> "Topology":
+    def from_nodes(cls, rank: int, nodes: list[list[int]] | tuple[tuple[int, ...], ...],
+                   simulated: bool = False) -> "Topology":
         nodes_t = tuple(tuple(int(r) for r in n) for n in nodes)
         flat = sorted(r for n in nodes_t for r in n)
         world = len(flat)
