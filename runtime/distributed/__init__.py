@@ -17,6 +17,7 @@ from qcompile.runtime.distributed.hfreduce import (
     dorefa_decode,
     dorefa_encode,
     double_binary_tree,
+    failure_reason,
     hfreduce_hook,
     message_bytes,
     register,
@@ -26,6 +27,6 @@ from qcompile.runtime.distributed.topology import SIM_NODES_ENV, Topology, Topol
 
 __all__ = [
     "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "NodeSegment", "SIM_NODES_ENV", "Topology",
-    "TopologyError", "btree", "dorefa_decode", "dorefa_encode", "double_binary_tree", "hfreduce_hook",
+    "TopologyError", "btree", "dorefa_decode", "dorefa_encode", "double_binary_tree", "failure_reason", "hfreduce_hook",
     "message_bytes", "register", "segment_name", "sweep_stale",
 ]

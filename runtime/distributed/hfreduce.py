@@ -84,6 +84,18 @@ class HFReduceError(RuntimeError):
     """An allreduce could not finish: a rank died, timed out, or disagreed about the op. Names the rank."""
 
 
+def failure_reason(exc: BaseException) -> str | None:
+    """HFReduce's one-line reason inside `exc`, or None when `exc` is not an HFReduce failure.
+
+    DDP re-raises a failed hook as a RuntimeError whose text holds the HFReduceError's ("Got the following error
+    when running the callback: HFReduceError: HFReduce aborted: rank 3 ... died ..."); this finds it there too."""
+    text = str(exc)
+    at = text.find("HFReduce aborted:")
+    if at < 0:
+        return None
+    return text[at:].splitlines()[0].strip()
+
+
 # ---- double binary tree ---------------------------------------------------------------------------------------------
 def btree(n: int, i: int) -> tuple[int | None, tuple[int, ...]]:
     """(parent, children) of position i in NCCL's in-order binary tree over 0..n-1, rooted at 0.
@@ -864,7 +876,13 @@ def hfreduce_hook(state: HFReduceState, bucket: dist.GradBucket) -> torch.future
     grad = bucket.buffer().div_(state.world_size)  # divide first: no low-precision overflow, as DDP does
     if bucket.is_last():
         state.step += 1
-    return state.engine.allreduce_async(grad)  # in place: the future's value is the bucket's own buffer
+    # in place: the value is the bucket's own buffer. The .then() turns a failed request into an error of the future
+    # DDP waits on (a Python future set with an exception would reach DDP as a value it cannot cast to a Tensor)
+    return state.engine.allreduce_async(grad).then(_value)
+
+
+def _value(fut: torch.futures.Future) -> torch.Tensor:
+    return fut.value()
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (from __future__ import annotations)
@@ -881,6 +899,6 @@ def register(ddp_model, engine: HFReduce | None = None, **engine_kw) -> HFReduce
 
 __all__ = [
     "ALGORITHMS", "HFReduce", "HFReduceError", "HFReduceState", "btree", "container_bits", "dorefa_decode",
-    "dorefa_encode",
+    "dorefa_encode", "failure_reason",
     "double_binary_tree", "hfreduce_hook", "message_bytes", "register",
 ]

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qcompile.runtime.distributed import HFReduce, HFReduceError, HFReduceState, Topology, hfreduce_hook
+from qcompile.runtime.distributed import (HFReduce, HFReduceError, HFReduceState, Topology, failure_reason,
+                                          hfreduce_hook, register)
 
 
 def gen(*key) -> torch.Generator:
@@ -117,7 +118,30 @@ def ddp(rank: int, world: int, args: dict) -> dict:
             "ops": engine.stats["ops"], "layout": engine.topo.describe()}
 
 
+def kill_ddp(rank: int, world: int, args: dict, out: Path) -> dict:
+    """DDP with the hook; the victim dies between its forward and its backward, the others are in the hook."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)),
+                bucket_cap_mb=0.05)
+    register(model, HFReduce(algorithm=args["algorithm"], chunk_bytes=4096, timeout_s=args["timeout_s"]))
+    x = torch.randn(8, 64, generator=gen(rank))
+    try:
+        for step in range(1000):
+            loss = model(x).square().mean()
+            if rank == args["victim"] and step == 3:  # after DDP rebuilt its buckets (step 1 syncs in forward)
+                (out / "killed_at").write_text(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss.backward()
+    except RuntimeError as exc:  # DDP re-raises the hook's HFReduceError as a RuntimeError
+        return {"error": failure_reason(exc) or str(exc), "at": time.time(), "type": type(exc).__name__}
+    return {"error": "", "at": time.time()}
+
+
 def kill(rank: int, world: int, args: dict, out: Path) -> dict:
+    if args.get("ddp"):
+        return kill_ddp(rank, world, args, out)
     eng = HFReduce(algorithm=args["algorithm"], chunk_bytes=4096, timeout_s=args["timeout_s"])
     x = torch.ones(args["size"])
     eng.allreduce(x)  # one good op first

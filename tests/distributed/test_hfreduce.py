@@ -225,11 +225,12 @@ def test_no_shared_memory_left_after_a_normal_run(suite):
     assert not suite["leaked"]
 
 
-@pytest.mark.parametrize("algo,victim", [("tree", 3), ("gloo", 2)])  # a non-leader; a node leader
-def test_killed_rank_stops_the_others_naming_it(tmp_path, algo, victim):
+# a non-leader, a node leader, and a non-leader inside DDP's backward (DDP re-raises the hook's error)
+@pytest.mark.parametrize("algo,victim,ddp", [("tree", 3, False), ("gloo", 2, False), ("tree", 1, True)])
+def test_killed_rank_stops_the_others_naming_it(tmp_path, algo, victim, ddp):
     before = _launch.shm_names()
-    job = _launch.Job("kill", tmp_path, sim_nodes=2,
-                      args={"algorithm": algo, "timeout_s": KILL_TIMEOUT, "victim": victim, "size": 200_000})
+    job = _launch.Job("kill", tmp_path, sim_nodes=2, args={"algorithm": algo, "timeout_s": KILL_TIMEOUT,
+                                                           "victim": victim, "size": 200_000, "ddp": ddp})
     codes = job.wait(timeout=60)
     assert codes[victim] == -signal.SIGKILL
     killed_at = float((tmp_path / "killed_at").read_text())
