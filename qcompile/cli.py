@@ -316,9 +316,13 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, 
             return
         result.save(out)
     except QcompileError as exc:
+        from qcompile.finetune.distributed import PeerFailure
         from qcompile.finetune.loop import Interrupted
 
         click.echo(f"error: {exc}", err=True)
+        if isinstance(exc, PeerFailure):  # a peer is gone: gloo's teardown could hang, so leave at once
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(130 if isinstance(exc, Interrupted) else 1)
     except KeyboardInterrupt:  # a second Ctrl-C while saving
         click.echo("error: interrupted", err=True)

@@ -363,7 +363,9 @@ def _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_sha
         why = dist.failure(exc)
         if why is None:
             raise
-        raise QcompileError(why) from None
+        from qcompile.finetune.distributed import PeerFailure
+
+        raise PeerFailure(why) from None
     train_seconds = time.perf_counter() - start
     if not dist.is_main:
         return None

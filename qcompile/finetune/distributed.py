@@ -26,6 +26,11 @@ import torch
 from qcompile.errors import QcompileError
 
 ALLREDUCE = ("hfreduce", "ddp")
+
+
+class PeerFailure(QcompileError):
+    """Another rank died or hung: this one stops too. Exit with os._exit after reporting it (teardown can hang)."""
+
 TIMEOUT_ENV = "QCOMPILE_DIST_TIMEOUT"   # seconds a collective may wait for a rank that does not come (default 120)
 
 
@@ -39,6 +44,7 @@ class DistContext:
     allreduce: str = "hfreduce"
     engine: object = None          # the HFReduce engine when in use (closed by close())
     peers: tuple = ()              # (host, pid) of every rank: a failure names the rank that is gone
+    failed: bool = False           # another rank failed: no orderly teardown (PeerFailure's handler exits)
 
     @property
     def enabled(self) -> bool:
@@ -87,12 +93,15 @@ class DistContext:
             return None
         import torch.distributed as dist
 
-        from qcompile.runtime.distributed import HFReduceError
+        from qcompile.runtime.distributed.hfreduce import HFReduceError, failure_reason
 
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not (isinstance(exc, HFReduceError) or isinstance(exc, getattr(dist, "DistError", ())) or
+        # DDP re-raises a failed comm hook as a plain RuntimeError holding HFReduce's reason
+        text = failure_reason(exc) or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        if not (isinstance(exc, HFReduceError) or failure_reason(exc) or
+                isinstance(exc, getattr(dist, "DistError", ())) or
                 "Connection closed by peer" in text or "Connection reset" in text):
             return None
+        self.failed = True
         gone = self.gone()
         who = (f"rank {', '.join(map(str, gone))} {'is' if len(gone) == 1 else 'are'} gone" if gone else
                "a rank on another machine stopped or hung")
@@ -115,6 +124,8 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
+        if self.failed:  # with a peer gone, gloo's and HFReduce's teardown can hang: the process exits instead
+            return
         if self.engine is not None:
             self.engine.close()
             self.engine = None

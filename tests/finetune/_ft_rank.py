@@ -3,6 +3,7 @@
 argv: kwargs.json result.npz. Rank 0 saves the trained student's parameters and the step losses."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -19,8 +20,8 @@ kw["val"] = (x[n:n + 64], y[n:n + 64])
 try:
     res = qcompile.finetune(datasets.bundled_model("mlp"), log=lambda s: None, **kw)
 except QcompileError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(3)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    os._exit(3)   # as the CLI does: with a peer gone, an orderly teardown could hang
 if res is not None:
     state = res.checkpoint["state"]["student"]
     np.savez(sys.argv[2], step_loss=np.array(res.report["history"]["step_loss"]),

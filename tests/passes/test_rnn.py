@@ -1,0 +1,102 @@
+"""ONNX LSTM/GRU read into one recurrent representation; its numpy reference equals onnxruntime's own ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.passes.rnn import UnsupportedRecurrent, recurrent_spec, run
+
+I, H, SEQ, BATCH = 5, 7, 6, 3
+
+
+def _model(op, direction="forward", *, lens=False, states=False, lbr=0, bias=True, extra=None):
+    rng = np.random.default_rng(hash((op, direction, lens, states, lbr)) % 2**32)
+    g = 4 if op == "LSTM" else 3
+    d = 2 if direction == "bidirectional" else 1
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (d, g * H, I)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (d, g * H, H)).astype(np.float32), "R")]
+    ins = ["x", "W", "R"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (d, 2 * g * H)).astype(np.float32), "B"))
+    ins.append("B" if bias else "")
+    graph_in = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQ, BATCH, I])]
+    ins.append("lens" if lens else "")
+    if lens:
+        graph_in.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [BATCH]))
+    if states:
+        ins.append("h0")
+        graph_in.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [d, BATCH, H]))
+        if op == "LSTM":
+            ins.append("c0")
+            graph_in.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [d, BATCH, H]))
+    while ins and ins[-1] == "":
+        ins.pop()
+    outs = ["y", "y_h"] + (["y_c"] if op == "LSTM" else [])
+    attrs = dict(hidden_size=H, direction=direction, **(extra or {}))
+    if op == "GRU":
+        attrs["linear_before_reset"] = lbr
+    node = helper.make_node(op, ins, outs, name="rnn", **attrs)
+    graph = helper.make_graph([node], "g", graph_in,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _const(model):
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return lambda name: arrays.get(name)
+
+
+@pytest.mark.parametrize("op,lbr", [("LSTM", 0), ("GRU", 0), ("GRU", 1)])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("lens,states", [(False, False), (True, True), (True, False)])
+def test_reference_equals_onnxruntime(op, lbr, direction, lens, states):
+    model = _model(op, direction, lens=lens, states=states, lbr=lbr)
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    assert spec.cell == op and spec.hidden == H and spec.num_directions == (2 if direction == "bidirectional" else 1)
+    rng = np.random.default_rng(0)
+    d = spec.num_directions
+    feeds = {"x": rng.normal(size=(SEQ, BATCH, I)).astype(np.float32)}
+    seq_lens = h0 = c0 = None
+    if lens:
+        seq_lens = np.array([SEQ, 1, 4], np.int32)[:BATCH]
+        feeds["lens"] = seq_lens
+    if states:
+        h0 = rng.normal(0, 0.5, (d, BATCH, H)).astype(np.float32)
+        feeds["h0"] = h0
+        if op == "LSTM":
+            c0 = rng.normal(0, 0.5, (d, BATCH, H)).astype(np.float32)
+            feeds["c0"] = c0
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = run(spec, feeds["x"], seq_lens, h0, c0)
+    for w, g_ in zip(want, got):
+        np.testing.assert_allclose(g_, w, rtol=1e-5, atol=1e-5)
+
+
+def test_no_bias_and_length_one_sequences():
+    model = _model("GRU", bias=False)
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    assert not spec.Wb.any() and not spec.Rb.any()
+    x = np.random.default_rng(1).normal(size=(1, BATCH, I)).astype(np.float32)
+    y, yh, _ = run(spec, x)
+    np.testing.assert_array_equal(y[0, 0], yh[0])
+
+
+@pytest.mark.parametrize("extra,why", [
+    ({"activations": ["Tanh", "Tanh", "Tanh"]}, "activations"),
+    ({"clip": 3.0}, "clip"),
+    ({"input_forget": 1}, "input_forget"),
+])
+def test_what_the_recipe_does_not_cover_is_named(extra, why):
+    model = _model("LSTM", extra=extra)
+    with pytest.raises(UnsupportedRecurrent, match=f"LSTM node 'rnn'.*{why}"):
+        recurrent_spec(model.graph.node[0], _const(model))
+
+
+def test_lengths_past_the_padded_length_are_refused():
+    model = _model("LSTM")
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    with pytest.raises(ValueError, match="outside 0..6"):
+        run(spec, np.zeros((SEQ, BATCH, I), np.float32), np.array([7, 1, 1]))
