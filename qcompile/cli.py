@@ -10,7 +10,8 @@ import click
 
 from qcompile.errors import QcompileError
 
-QUANTIZER_CHOICES = click.Choice(["balanced", "balanced-mean", "dorefa", "uniform", "uniform-percentile", "xnor"])
+QUANTIZER_CHOICES = click.Choice(["balanced", "balanced-mean", "dorefa", "rnn-balanced", "uniform", "uniform-percentile",
+                                  "xnor"])
 
 
 def _fail(exc: Exception) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qcompile.errors import ConfigError
 
-QUANTIZERS = ("balanced", "balanced-mean", "dorefa", "uniform", "uniform-percentile", "xnor")
+QUANTIZERS = ("balanced", "balanced-mean", "dorefa", "rnn-balanced", "uniform", "uniform-percentile", "xnor")
 
 
 @dataclass(frozen=True)

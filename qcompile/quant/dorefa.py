@@ -33,7 +33,26 @@ def sign_mean(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (x2 >= 0).astype(np.int64), 2.0 * np.abs(x2).mean(axis=1)
 
 
-def dorefa_weights(w, bits: int, *, axis=None, scale: str = "max", name: str = "") -> QuantizedTensor:
+SPREADS = ("max", "mean2.5")
+
+
+def tanh_codes(x2: np.ndarray, bits: int, spread: str) -> np.ndarray:
+    """k-bit codes of tanh(W) rows. "max" (DoReFa): u = tanh W / (2 max|tanh W|) + 1/2, the grid spans the row.
+    "mean2.5" (He et al., the RNN paper's released code, papers.md §3.2): u = clip(tanh W / (2.5 mean|tanh W|),
+    -1/2, 1/2) + 1/2; at 2 bits its boundaries sit near the median of a Gaussian's |W|, so the four levels hold
+    about a quarter of the weights each: a balanced code from one mean."""
+    t = np.tanh(x2)
+    if spread == "max":
+        m = np.abs(t).max(axis=1, keepdims=True)
+        u = t / (2 * np.where(m > 0, m, 1.0)) + 0.5  # m = 0 only on all-zero rows (constant rows are replaced)
+    else:
+        m = 2.5 * np.abs(t).mean(axis=1, keepdims=True)
+        u = np.clip(t / np.where(m > 0, m, 1.0), -0.5, 0.5) + 0.5
+    return quantize_k_codes(u, bits).astype(np.int64)
+
+
+def dorefa_weights(w, bits: int, *, axis=None, scale: str = "max", spread: str = "max",
+                   name: str = "") -> QuantizedTensor:
     r"""DoReFa k-bit weights.
 
     k >= 2: u = tanh(W) / (2 max|tanh W|) + 1/2, code q = rint(n u), value = S * (2 quantize_k(u) - 1)
@@ -43,6 +62,7 @@ def dorefa_weights(w, bits: int, *, axis=None, scale: str = "max", name: str = "
     W = 0 gives u = 1/2, n u = n/2 a half-integer tie; round-half-even sends it up to 2**(k-1).
     k = 1: sign(W) * E(|W|), E = mean|W| per tensor (the paper; per channel with axis=0),
     sign(0) := +1; `scale` is ignored because E is the paper's rule and also the least-squares scale.
+    ``spread`` "mean2.5": the RNN paper's codes instead (:func:`tanh_codes`; registered as "rnn-balanced").
     """
     bits = check_bits(bits, name)
     check_choice(scale, DOREFA_SCALES, "dorefa scale rule")
@@ -52,10 +72,8 @@ def dorefa_weights(w, bits: int, *, axis=None, scale: str = "max", name: str = "
     if bits == 1:
         codes, s = sign_mean(x2)
     else:
-        t = np.tanh(x2)
-        m = np.abs(t).max(axis=1, keepdims=True)
-        u = t / (2 * np.where(m > 0, m, 1.0)) + 0.5  # m = 0 only on all-zero rows, replaced below
-        codes = quantize_k_codes(u, bits).astype(np.int64)
+        check_choice(spread, SPREADS, "tanh spread")
+        codes = tanh_codes(x2, bits, spread)
         s = symmetric_scale(scale, x2, 2 * codes - n, n)
     cq, cs = symmetric_constant(x2[:, 0], bits)
     codes = np.where(const[:, None], cq[:, None], codes)

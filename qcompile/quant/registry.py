@@ -53,6 +53,10 @@ _SPECS = {
               balanced_weights, "balanced_weights_t", method="mean", scale="affine"),
         _spec("dorefa", "DoReFa tanh weights (k >= 2), sign * mean|W| (k = 1)",
               dorefa_weights, "dorefa_weights_t"),
+        # the RNN paper's weights (He et al. 2016): balanced codes of tanh W from 2.5 mean|tanh W|, the grid's
+        # scale then fitted to W by least squares (post-training use)
+        _spec("rnn-balanced", "tanh codes balanced by 2.5 mean|tanh W| (the RNN paper), least-squares scale",
+              dorefa_weights, "dorefa_weights_t", scale="lsq", spread="mean2.5"),
         _spec("uniform", "asymmetric min-max uniform with an integer zero point",
               uniform_weights, "uniform_weights_t"),
         _spec("uniform-percentile", "uniform on the [0.1, 99.9] percentile range",

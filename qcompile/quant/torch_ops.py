@@ -198,7 +198,7 @@ def _sign_mean(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x2 >= 0).long(), 2.0 * x2.abs().mean(dim=1)  # sign(0) := +1; E detached by the caller
 
 
-def dorefa_codes_t(w, bits, axis=None, scale="max", *, name="") -> TorchQuantized:
+def dorefa_codes_t(w, bits, axis=None, scale="max", spread="max", *, name="") -> TorchQuantized:
     """Twin of dorefa.dorefa_weights: k >= 2 round_ste through tanh and max|tanh W| (not detached,
     as tensorpack), scale S detached; k = 1 straight-through with E detached."""
     bits = core.check_bits(bits, name)
@@ -210,9 +210,14 @@ def dorefa_codes_t(w, bits, axis=None, scale="max", *, name="") -> TorchQuantize
         codes, s = _sign_mean(x2.detach())
         return _symmetric(w, x2.detach(), codes, s, const, bits, shape, axis, name)
     t = torch.tanh(x2)
-    m = t.abs().amax(dim=1, keepdim=True)
-    u = t / (2 * torch.where(m > 0, m, torch.ones_like(m))) + 0.5
-    q = round_ste(n * u.clamp(0.0, 1.0))
+    if spread == "max":
+        m = t.abs().amax(dim=1, keepdim=True)
+        u = t / (2 * torch.where(m > 0, m, torch.ones_like(m))) + 0.5
+        q = round_ste(n * u.clamp(0.0, 1.0))
+    else:  # the RNN paper's codes: the mean is a constant for the gradient and the clip passes it through
+        m = (2.5 * t.detach().abs().mean(dim=1, keepdim=True))
+        v = n * (t / torch.where(m > 0, m, torch.ones_like(m)) + 0.5)
+        q = round_ste(v + (v.clamp(0.0, float(n)) - v).detach())
     codes = q.detach().long()
     s = _symmetric_scale(scale, x2.detach(), 2 * codes - n, n)
     return _symmetric(w, x2.detach(), codes, s, const, bits, shape, axis, name, codes_ste=q)
@@ -275,8 +280,8 @@ def balanced_weights_t(w, bits, method="exact", axis=None, scale="lsq", *, name=
     return balanced_codes_t(w, bits, method, axis, scale, name=name).values
 
 
-def dorefa_weights_t(w, bits, axis=None, scale="max", *, name=""):
-    return dorefa_codes_t(w, bits, axis, scale, name=name).values
+def dorefa_weights_t(w, bits, axis=None, scale="max", spread="max", *, name=""):
+    return dorefa_codes_t(w, bits, axis, scale, spread, name=name).values
 
 
 def uniform_weights_t(w, bits, axis=None, percentile=None, *, name=""):

@@ -19,7 +19,7 @@ from qcompile.passes.quantize import core_name
 
 CNN = datasets.bundled_model("cnn")
 MLP = datasets.bundled_model("mlp")
-QUANTIZERS = ["balanced", "balanced-mean", "dorefa", "uniform", "uniform-percentile", "xnor"]
+QUANTIZERS = ["balanced", "balanced-mean", "dorefa", "rnn-balanced", "uniform", "uniform-percentile", "xnor"]
 
 
 @pytest.fixture(scope="module")

@@ -61,5 +61,5 @@ def combos(max_bits=4):
     return [(n, b) for n in names() for b in get(n).bits if b <= max_bits]
 
 
-SYMMETRIC = {"dorefa", "xnor"}
+SYMMETRIC = {"dorefa", "xnor", "rnn-balanced"}
 AFFINE = {"balanced", "balanced-mean"}  # registry balanced = scale="affine": half-integer zero point, uniform levels

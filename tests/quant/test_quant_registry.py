@@ -8,7 +8,7 @@ import pytest
 from qcompile.errors import ConfigError
 from qcompile.quant import QuantizedTensor, QuantizerSpec, get, names
 
-EXPECTED = ("balanced", "balanced-mean", "dorefa", "uniform", "uniform-percentile", "xnor")
+EXPECTED = ("balanced", "balanced-mean", "dorefa", "rnn-balanced", "uniform", "uniform-percentile", "xnor")
 
 
 def test_names():
@@ -17,7 +17,7 @@ def test_names():
 
 @pytest.mark.parametrize("bad", ["balance", "", "BALANCED", None, 3])
 def test_unknown_name_lists_valid_names(bad):
-    with pytest.raises(ConfigError, match="valid: balanced, balanced-mean, dorefa, uniform, uniform-percentile, xnor"):
+    with pytest.raises(ConfigError, match="valid: balanced, balanced-mean, dorefa, rnn-balanced, uniform, uniform-percentile, xnor"):
         get(bad)
 
 

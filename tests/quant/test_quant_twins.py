@@ -14,7 +14,7 @@ T = pytest.importorskip("qcompile.quant.torch_ops")
 
 # Rules whose scale is a float64 sum (lsq, mean|W|): torch and numpy add in different orders, so the
 # float32 scale may differ by one ulp in principle. Codes are always compared exactly.
-SUMMED = {"balanced", "balanced-mean", "xnor"}
+SUMMED = {"balanced", "balanced-mean", "xnor", "rnn-balanced"}
 
 
 def twin(name, w, bits, axis):
@@ -92,7 +92,7 @@ def test_every_twin_has_finite_nonzero_gradients(name, bits, axis):
     up = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(9))
     (get(name).torch_fn()(w, bits, axis=axis) * up).sum().backward()
     assert torch.isfinite(w.grad).all() and (w.grad != 0).any()
-    if name in ("balanced", "balanced-mean", "xnor") or (name == "dorefa" and bits == 1):
+    if name in ("balanced", "balanced-mean", "xnor") or (name in ("dorefa", "rnn-balanced") and bits == 1):
         assert torch.equal(w.grad, up)  # whole-quantizer straight-through, statistics detached
 
 
@@ -185,3 +185,15 @@ def test_gradient_quantizer_forward_identity_zero_samples_and_seeding():
     assert not torch.equal(g1, _fg(dr, 2, 8))
     with pytest.raises(QuantizationError):
         T.dorefa_gradients(x, 0)
+
+
+def test_rnn_balanced_codes_are_balanced_and_pass_the_gradient_through_the_clip():
+    """The RNN paper's 2-bit codes put about a quarter of Gaussian weights on each level (papers.md §3.2), and
+    its clip has an identity gradient (the released code's override)."""
+    w = np.random.default_rng(0).normal(0, 0.3, (64, 512)).astype(np.float32)
+    qt = get("rnn-balanced").weights(w, 2, None, "w")
+    share = np.bincount(qt.codes.ravel(), minlength=4) / w.size
+    assert np.all(np.abs(share - 0.25) < 0.03), share
+    wt = torch.tensor([[0.01, 0.02, 3.0, -3.0]], dtype=torch.float64, requires_grad=True)
+    T.dorefa_weights_t(wt, 2, scale="unit", spread="mean2.5").sum().backward()
+    assert torch.all(wt.grad[0, 2:] != 0)   # +-3 are clipped, yet get a gradient
