@@ -143,3 +143,63 @@ def bundled_model(name: str) -> Path:
         raise QcompileError(f"bundled model {name!r} not found at {p}; available: {names} "
                             "(regenerate with: python models/train_fmnist.py)")
     return p
+
+
+# --- bundled word-level language models (models/train_lm.py, models/README_lm.md) ---
+
+#: Bundled language model cell -> file name in the models directory.
+BUNDLED_LMS = {"lstm": "kjv_lstm_lm.onnx", "gru": "kjv_gru_lm.onnx"}
+
+LM_SAMPLE_FILE = "kjv_lm_sample.npz"
+LM_VOCAB_FILE = "kjv_vocab.txt"
+LM_META_FILE = "kjv_lm.json"
+_LM_REGEN = "regenerate with: python models/train_lm.py (needs apt-get install bible-kjv bible-kjv-text)"
+
+
+def bundled_lm(cell: str) -> Path:
+    """Path of a bundled KJV word-level language model: "lstm" (kjv_lstm_lm.onnx) or "gru" (kjv_gru_lm.onnx).
+
+    Inputs tokens int64 [seq, batch], h0 float32 [1, batch, hidden] (+ c0 for the LSTM); outputs logits
+    float32 [seq, batch, vocab], hn (+ cn). Evaluate with qcompile.lm.perplexity.
+    """
+    names = ", ".join(BUNDLED_LMS)
+    if cell not in BUNDLED_LMS:
+        raise QcompileError(f"unknown bundled language model {cell!r}; available: {names}")
+    p = models_dir() / BUNDLED_LMS[cell]
+    if not p.is_file():
+        raise QcompileError(f"bundled language model {cell!r} not found at {p}; {_LM_REGEN}")
+    return p
+
+
+def load_lm_sample(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The bundled language-model data: (tokens, calib), both int64 1-D token-id streams.
+
+    tokens: a held-out sample of the test split (about 30k ids); calib: 16384 ids from the train split, for
+    calibration. Ids index the lines of kjv_vocab.txt (`load_lm_vocab`).
+    """
+    p = Path(path) if path is not None else models_dir() / LM_SAMPLE_FILE
+    if not p.is_file():
+        raise CalibrationError(f"{p}: bundled language-model sample not found; set QCOMPILE_MODELS_DIR or "
+                               f"{_LM_REGEN}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{p}: cannot read .npz ({e})") from e
+    if "tokens" not in arrays or "calib" not in arrays:
+        raise CalibrationError(f"{p}: expected arrays 'tokens' and 'calib', found {sorted(arrays)}")
+    out = []
+    for k in ("tokens", "calib"):
+        a = arrays[k]
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise CalibrationError(f"{p}: {k!r} has shape {a.shape} dtype {a.dtype}, expected 1-D integer ids")
+        out.append(a.astype(np.int64))
+    return out[0], out[1]
+
+
+def load_lm_vocab(path: str | os.PathLike | None = None) -> list[str]:
+    """The bundled language models' vocabulary: line i of kjv_vocab.txt is token id i (0 <unk>, 1 <eos>)."""
+    p = Path(path) if path is not None else models_dir() / LM_VOCAB_FILE
+    if not p.is_file():
+        raise QcompileError(f"{p}: vocabulary file not found; {_LM_REGEN}")
+    return p.read_text(encoding="utf-8").splitlines()
