@@ -163,3 +163,247 @@ def run(spec: RecurrentSpec, x: np.ndarray, seq_lens: np.ndarray | None = None, 
         if Yc is not None:
             Yc[d] = c
     return Y, Yh, Yc
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+def tanh_grid(v: np.ndarray, bits: int) -> np.ndarray:
+    """A value in [-1, 1] (tanh ranges: h, the GRU candidate, r*h) on the 2^bits-level grid of [-1, 1]:
+    u = v/2 + 1/2 quantized to round(n u)/n (the paper's Q on [0, 1]), back as 2u - 1. The codes round(n u) are
+    what the bit kernels multiply: R h = (2/n) R codes - R 1."""
+    n = (1 << bits) - 1
+    u = np.clip(v.astype(np.float32) * np.float32(0.5) + np.float32(0.5), 0, 1)
+    codes = np.rint(u * np.float32(n))          # QuantizeLinear's round-half-even, scale 1/n
+    return (codes * np.float32(1.0 / n)).astype(np.float32) * np.float32(2) - np.float32(1)
+
+
+@dataclass
+class RecurrentQuant:
+    """Where and how a recurrent layer is quantized (papers.md §3.3): the input x_t on a calibrated affine grid
+    (``x_scale``, ``x_zero``: uint8 QuantizeLinear parameters), the hidden state feeding R, the GRU's r*h and
+    candidate, and the new h on the [-1, 1] grid of ``bits_a`` bits; the LSTM's cell state stays float (it never
+    feeds a matrix product). Weights W and R are replaced by their fake-quant values (``Wq``, ``Rq``)."""
+
+    bits_a: int
+    x_scale: float
+    x_zero: int
+    Wq: np.ndarray
+    Rq: np.ndarray
+    points: tuple = ("x", "h", "rh", "cand", "h_new")
+
+    def act(self, name: str, v: np.ndarray) -> np.ndarray:
+        if name not in self.points:
+            return v
+        if name == "x":
+            n = (1 << self.bits_a) - 1
+            s = np.float32(self.x_scale)
+            q = np.clip(np.rint(v.astype(np.float32) / s) + self.x_zero, 0, n)
+            return ((q - self.x_zero).astype(np.float32) * s).astype(np.float32)
+        return tanh_grid(v, self.bits_a)
+
+    def quantized(self, spec: RecurrentSpec) -> RecurrentSpec:
+        """The spec with its weights replaced by their fake-quant values (what run() multiplies)."""
+        import dataclasses
+
+        return dataclasses.replace(spec, W=self.Wq.astype(np.float32), R=self.Rq.astype(np.float32))
+
+    def describe(self, spec: RecurrentSpec) -> str:
+        pts = {"x": "x_t (affine, calibrated)", "h": "h_{t-1} into R", "rh": "r*h into R_h (GRU)",
+               "cand": "candidate (GRU)", "h_new": "new h"}
+        used = [pts[p] for p in self.points if spec.cell == "GRU" or p not in ("rh", "cand")]
+        if spec.cell == "GRU" and spec.linear_before_reset:
+            used = [u for u in used if not u.startswith("r*h")]
+        return (f"A{self.bits_a} on " + ", ".join(used)
+                + ("; cell state float" if spec.cell == "LSTM" else "; gates z, r float"))
+
+
+def quantize_weights(spec: RecurrentSpec, bits_w: int, quantizer: str = "rnn-balanced"):
+    """Per direction and gate row, W and R through a registry quantizer (per output row): the fake-quant values
+    and the QuantizedTensors (integer codes for the kernels)."""
+    from qcompile.quant import get
+
+    q = get(quantizer)
+    Wq, Rq, qts = [], [], []
+    for d in range(spec.num_directions):
+        tw = q.weights(spec.W[d], bits_w, 0, f"{spec.name}.W[{d}]")
+        tr = q.weights(spec.R[d], bits_w, 0, f"{spec.name}.R[{d}]")
+        Wq.append(tw.dequantize())
+        Rq.append(tr.dequantize())
+        qts.append((tw, tr))
+    return np.stack(Wq), np.stack(Rq), qts
+
+
+def x_grid(x_min: float, x_max: float, bits: int) -> tuple[float, int]:
+    """uint8 QuantizeLinear (scale, zero point) of an affine bits-bit grid over [min(x_min, 0), max(x_max, 0)]."""
+    n = (1 << bits) - 1
+    lo, hi = min(float(x_min), 0.0), max(float(x_max), 0.0)
+    if hi - lo <= 0:
+        hi = lo + 1.0
+    scale = np.float32((hi - lo) / n)
+    zero = int(np.clip(np.rint(-lo / scale), 0, n))
+    return float(scale), zero
+
+
+# ---------------------------------------------------------------------------------------------- ONNX form
+def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: int = 21):
+    """The layer as ONNX ``Scan`` loops (one per direction) whose bodies compute the cell step by step, with
+    QuantizeLinear/DequantizeLinear at ``quant``'s points: the fake-quant form onnxruntime runs. Returns
+    (nodes, initializers); the nodes read spec.inputs and write spec.outputs (layout 0), so they replace the
+    LSTM/GRU node in place. Equal to :func:`run` up to float summation order (a test)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if spec.layout != 0:
+        raise UnsupportedRecurrent(f"{spec.cell} node {spec.name!r}: layout=1 is not covered yet; kept in float")
+    H, g = spec.hidden, GATES[spec.cell]
+    p = "".join(ch if ch.isalnum() else "_" for ch in spec.name) + "_q"
+    inits, nodes = [], []
+    W = quant.Wq if quant else spec.W
+    R = quant.Rq if quant else spec.R
+
+    def const(name, arr):
+        if any(t.name == f"{p}_{name}" for t in inits):
+            raise AssertionError(f"decompose: constant {name} added twice")
+        inits.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
+        return f"{p}_{name}"
+
+    def node(op, ins, outs, **kw):
+        nodes.append(helper.make_node(op, ins, outs, **kw))
+        return outs[0]
+
+    x, lens, h0, c0 = (spec.inputs.get(k, "") for k in ("x", "seq_lens", "h0", "c0"))
+    batch_like = node("Shape", [x], [f"{p}_xshape"])
+    bshape = node("Slice", [batch_like, const("one", np.array([1], np.int64)), const("two", np.array([2], np.int64))],
+                  [f"{p}_batch"])
+    zeros_shape = node("Concat", [bshape, const("H", np.array([H], np.int64))], [f"{p}_zshape"], axis=0)
+    zeros = node("ConstantOfShape", [zeros_shape], [f"{p}_zeros"],
+                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
+    if lens:
+        seq = node("Slice", [batch_like, const("zero", np.array([0], np.int64)), const("one_", np.array([1], np.int64))],
+                   [f"{p}_seq1"])
+        seq_s = node("Squeeze", [seq, const("ax0", np.array([0], np.int64))], [f"{p}_seq"])
+        steps = node("Range", [const("r0", np.array(0, np.int64)), seq_s, const("r1", np.array(1, np.int64))],
+                     [f"{p}_steps"])
+        lens64 = node("Cast", [lens], [f"{p}_lens64"], to=TensorProto.INT64)
+        mask = node("Less", [node("Unsqueeze", [steps, const("ax1", np.array([1], np.int64))], [f"{p}_st2"]),
+                             node("Unsqueeze", [lens64, const("ax0b", np.array([0], np.int64))], [f"{p}_l2"])],
+                    [f"{p}_mask2"])
+        mask = node("Unsqueeze", [mask, const("ax2", np.array([2], np.int64))], [f"{p}_mask"])   # [seq, B, 1]
+
+    ys, yhs, ycs = [], [], []
+    for d in range(spec.num_directions):
+        reverse = spec.direction == "reverse" or d == 1
+        q = f"{p}_d{d}"
+        body_nodes, body_inits = [], []
+
+        seen: set[str] = set()
+
+        def bconst(name, arr):
+            if name not in seen:  # shared constants (1/2, 2, 1) are added once
+                seen.add(name)
+                body_inits.append(numpy_helper.from_array(np.asarray(arr), f"{q}_{name}"))
+            return f"{q}_{name}"
+
+        def b(op, ins, outs, **kw):
+            body_nodes.append(helper.make_node(op, ins, [f"{q}_{o}" for o in outs], **kw))
+            return f"{q}_{outs[0]}"
+
+        def tanh_q(v, tag):
+            if quant is None:
+                return v
+            n = (1 << quant.bits_a) - 1
+            u = b("Add", [b("Mul", [v, bconst("half", np.float32(0.5))], [f"{tag}_m"]), bconst("half_b", np.float32(0.5))],
+                  [f"{tag}_u"])
+            codes = b("QuantizeLinear", [u, bconst(f"{tag}_s", np.float32(1.0 / n)), bconst(f"{tag}_z", np.uint8(0))],
+                      [f"{tag}_c"])
+            # a grid wider than n codes (u outside [0, 1]) saturates: clip the codes to n
+            codes = b("Min", [codes, bconst(f"{tag}_n", np.uint8(n))], [f"{tag}_cc"])
+            deq = b("DequantizeLinear", [codes, bconst(f"{tag}_s2", np.float32(1.0 / n)),
+                                         bconst(f"{tag}_z2", np.uint8(0))], [f"{tag}_dq"])
+            return b("Sub", [b("Mul", [deq, bconst("two", np.float32(2))], [f"{tag}_2"]), bconst("onef", np.float32(1))],
+                     [f"{tag}_q"])
+
+        h_in, c_in, x_in, m_in = f"{q}_h", f"{q}_c", f"{q}_x", f"{q}_m"
+        xt = x_in
+        if quant is not None and "x" in quant.points:
+            n = (1 << quant.bits_a) - 1
+            codes = b("QuantizeLinear", [x_in, bconst("xs", np.float32(quant.x_scale)), bconst("xz", np.uint8(quant.x_zero))],
+                      ["xc"])
+            codes = b("Min", [codes, bconst("xn", np.uint8(n))], ["xcc"])
+            xt = b("DequantizeLinear", [codes, bconst("xs2", np.float32(quant.x_scale)),
+                                        bconst("xz2", np.uint8(quant.x_zero))], ["xq"])
+        xw = b("Add", [b("MatMul", [xt, bconst("Wt", np.ascontiguousarray(W[d].T))], ["xw0"]), bconst("Wb", spec.Wb[d])],
+               ["xw"])
+        hq = tanh_q(h_in, "hq") if quant is not None and "h" in quant.points else h_in
+
+        def cols(v, k, tag):  # gate k's columns [k*H, (k+1)*H)
+            return b("Slice", [v, bconst(f"s{k}", np.array([k * H], np.int64)),
+                               bconst(f"e{k}", np.array([(k + 1) * H], np.int64)), bconst("axis1", np.array([1], np.int64))],
+                     [f"{tag}{k}"])
+
+        if spec.cell == "LSTM":
+            gates = b("Add", [xw, b("Add", [b("MatMul", [hq, bconst("Rt", np.ascontiguousarray(R[d].T))], ["hr0"]),
+                                            bconst("Rb", spec.Rb[d])], ["hr"])], ["gates"])
+            i, o, f, cc = (cols(gates, k, "g") for k in range(4))
+            c_new = b("Add", [b("Mul", [b("Sigmoid", [f], ["sf"]), c_in], ["fc"]),
+                              b("Mul", [b("Sigmoid", [i], ["si"]), b("Tanh", [cc], ["tc"])], ["ic"])], ["cnew"])
+            h_new = b("Mul", [b("Sigmoid", [o], ["so"]), b("Tanh", [c_new], ["tcn"])], ["hnew0"])
+        else:
+            hr = b("Add", [b("MatMul", [hq, bconst("Rzr", np.ascontiguousarray(R[d][:2 * H].T))], ["hzr0"]),
+                           bconst("Rbzr", spec.Rb[d][:2 * H])], ["hzr"])
+            xzr = cols(xw, 0, "xz_"), cols(xw, 1, "xr_")
+            z = b("Sigmoid", [b("Add", [xzr[0], cols(hr, 0, "hz_")], ["zpre"])], ["z"])
+            r = b("Sigmoid", [b("Add", [xzr[1], cols(hr, 1, "hr_")], ["rpre"])], ["r"])
+            Rh = bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T))
+            if spec.linear_before_reset:
+                rec = b("Mul", [r, b("Add", [b("MatMul", [hq, Rh], ["hh0"]), bconst("Rbh", spec.Rb[d][2 * H:])],
+                                     ["hh"])], ["rec"])
+            else:
+                rh = b("Mul", [r, h_in], ["rh0"])
+                rh = tanh_q(rh, "rhq") if quant is not None and "rh" in quant.points else rh
+                rec = b("Add", [b("MatMul", [rh, Rh], ["rec0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["rec"])
+            cand = b("Tanh", [b("Add", [cols(xw, 2, "xh_"), rec], ["cpre"])], ["cand"])
+            cand = tanh_q(cand, "candq") if quant is not None and "cand" in quant.points else cand
+            one_minus_z = b("Sub", [bconst("onez", np.float32(1)), z], ["omz"])
+            h_new = b("Add", [b("Mul", [one_minus_z, cand], ["a1"]), b("Mul", [z, h_in], ["a2"])], ["hnew0"])
+        if quant is not None and "h_new" in quant.points:
+            h_new = tanh_q(h_new, "hnq")
+        # steps past a sequence's length keep the state and write zeros
+        h_out = b("Where", [m_in, h_new, h_in], ["hout"]) if lens else b("Identity", [h_new], ["hout"])
+        y_t = b("Where", [m_in, h_out, bconst("zf", np.float32(0))], ["y"]) if lens else b("Identity", [h_out], ["y"])
+        outs = [h_out]
+        ins = [helper.make_tensor_value_info(h_in, TensorProto.FLOAT, ["B", H])]
+        if spec.cell == "LSTM":
+            c_out = b("Where", [m_in, c_new, c_in], ["cout"]) if lens else b("Identity", [c_new], ["cout"])
+            outs.append(c_out)
+            ins.append(helper.make_tensor_value_info(c_in, TensorProto.FLOAT, ["B", H]))
+        outs.append(y_t)
+        ins.append(helper.make_tensor_value_info(x_in, TensorProto.FLOAT, ["B", spec.input_size]))
+        if lens:
+            ins.append(helper.make_tensor_value_info(m_in, TensorProto.BOOL, ["B", 1]))
+        body = helper.make_graph(body_nodes, f"{q}_body", ins,
+                                 [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", H]) for o in outs],
+                                 body_inits)
+
+        def state0(name, tag):
+            if not name:
+                return zeros
+            return node("Squeeze", [node("Slice", [name, const(f"{tag}s{d}", np.array([d], np.int64)),
+                                                   const(f"{tag}e{d}", np.array([d + 1], np.int64)),
+                                                   const(f"{tag}a{d}", np.array([0], np.int64))], [f"{q}_{tag}0s"]),
+                                 const(f"{tag}q{d}", np.array([0], np.int64))], [f"{q}_{tag}0"])
+
+        scan_in = [state0(h0, "h")] + ([state0(c0, "c")] if spec.cell == "LSTM" else []) + [x] + ([mask] if lens else [])
+        scan_out = [f"{q}_hT"] + ([f"{q}_cT"] if spec.cell == "LSTM" else []) + [f"{q}_Y"]
+        n_scan = 2 if lens else 1
+        node("Scan", scan_in, scan_out, body=body, num_scan_inputs=n_scan,
+             scan_input_directions=[int(reverse)] * n_scan, scan_output_directions=[int(reverse)])
+        ax = const(f"yax{d}", np.array([1], np.int64))
+        ax0 = const(f"hax{d}", np.array([0], np.int64))
+        ys.append(node("Unsqueeze", [f"{q}_Y", ax], [f"{q}_Y4"]))
+        yhs.append(node("Unsqueeze", [f"{q}_hT", ax0], [f"{q}_hT3"]))
+        if spec.cell == "LSTM":
+            ycs.append(node("Unsqueeze", [f"{q}_cT", ax0], [f"{q}_cT3"]))
+    for key, parts, axis in (("y", ys, 1), ("y_h", yhs, 0), ("y_c", ycs, 0)):
+        name = spec.outputs.get(key)
+        if name:
+            node("Concat", parts, [name], axis=axis) if len(parts) > 1 else node("Identity", parts, [name])
+    return nodes, inits

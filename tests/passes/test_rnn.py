@@ -100,3 +100,66 @@ def test_lengths_past_the_padded_length_are_refused():
     spec = recurrent_spec(model.graph.node[0], _const(model))
     with pytest.raises(ValueError, match="outside 0..6"):
         run(spec, np.zeros((SEQ, BATCH, I), np.float32), np.array([7, 1, 1]))
+
+
+def _decomposed(model, spec, quant=None):
+    from onnx import helper
+
+    from qcompile.passes.rnn import decompose
+
+    nodes, inits = decompose(spec, quant)
+    g = model.graph
+    graph = helper.make_graph(nodes, "q", list(g.input), list(g.output), list(g.initializer) + inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feeds(spec, lens, states, seed=0):
+    rng = np.random.default_rng(seed)
+    d = spec.num_directions
+    feeds = {"x": rng.normal(size=(SEQ, BATCH, I)).astype(np.float32)}
+    if lens:
+        feeds["lens"] = np.array([SEQ, 1, 4], np.int32)
+    if states:
+        feeds["h0"] = np.tanh(rng.normal(0, 0.5, (d, BATCH, H))).astype(np.float32)
+        if spec.cell == "LSTM":
+            feeds["c0"] = rng.normal(0, 0.5, (d, BATCH, H)).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("op,lbr", [("LSTM", 0), ("GRU", 0), ("GRU", 1)])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("lens,states", [(False, False), (True, True)])
+def test_the_scan_form_equals_the_onnx_op_in_float(op, lbr, direction, lens, states):
+    model = _model(op, direction, lens=lens, states=states, lbr=lbr)
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    feeds = _feeds(spec, lens, states)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = _decomposed(model, spec).run(None, feeds)
+    for w, g_ in zip(want, got):
+        np.testing.assert_allclose(g_, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,lbr", [("LSTM", 0), ("GRU", 0), ("GRU", 1)])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_fake_quant_scan_equals_the_quantized_reference(op, lbr, direction, bits):
+    from qcompile.passes.rnn import RecurrentQuant, quantize_weights, x_grid
+
+    model = _model(op, direction, lens=True, states=True, lbr=lbr)
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    feeds = _feeds(spec, True, True, seed=1)
+    Wq, Rq, _ = quantize_weights(spec, bits)
+    xs, xz = x_grid(feeds["x"].min(), feeds["x"].max(), bits)
+    quant = RecurrentQuant(bits, xs, xz, Wq, Rq)
+    got = _decomposed(model, spec, quant).run(None, feeds)
+    want = run(quant.quantized(spec), feeds["x"], feeds["lens"], feeds["h0"], feeds.get("c0"), quant=quant)
+    # the hidden states sit on the grid; a matmul summed in another order may move one across a rounding boundary,
+    # so compare the states' grid codes: nearly all equal
+    n = (1 << bits) - 1
+    codes = [np.rint((v + 1) / 2 * n) for v in (got[1], want[1])]
+    assert np.mean(codes[0] == codes[1]) > 0.97
+    np.testing.assert_allclose(got[0], want[0], atol=2.0 / n + 1e-6)
+    on_grid = np.rint((got[1] + 1) / 2 * n) / n * 2 - 1
+    np.testing.assert_allclose(got[1], on_grid, atol=1e-6)       # the new h is on the grid
+    assert "A%d" % bits in quant.describe(spec)
