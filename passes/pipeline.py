@@ -50,6 +50,7 @@ class CompileContext:
     second_moments: dict[str, Any] = field(default_factory=dict)   # node name -> E[x x^T] of its input rows (GPTQ)
     float_model: onnx.ModelProto | None = None          # canonical float model (for calibration and eval)
     fixed_inputs: dict[str, Any] = field(default_factory=dict)  # input name -> the constant it was fixed to
+    recurrent: list[dict] = field(default_factory=list)  # report rows of the quantized LSTM/GRU layers (passes/rnn)
     records: list[PassRecord] = field(default_factory=list)
     progress: Callable[[str], None] | None = None       # called with each pass name before it runs
 

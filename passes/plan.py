@@ -17,6 +17,7 @@ from qcompile.config import Config
 from qcompile.passes.graph_utils import const_array, node_label
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU")   # passes/rnn.py: quantized as a whole (its own pass), not as a Gemm
 
 
 @dataclass
@@ -41,8 +42,29 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def recurrent_problem(node: ir.Node) -> str | None:
+    """Why an LSTM/GRU node cannot be quantized (passes/rnn.recurrent_spec refuses it), or None."""
+    from types import SimpleNamespace
+
+    from qcompile.passes.rnn import UnsupportedRecurrent, recurrent_spec
+
+    shim = SimpleNamespace(op_type=node.op_type, name=node.name, attributes=node.attributes,
+                           input=[v.name if v is not None else "" for v in node.inputs],
+                           output=[v.name if v is not None else "" for v in node.outputs])
+    values = {v.name: v for v in node.inputs if v is not None}
+    try:
+        spec = recurrent_spec(shim, lambda n: const_array(values.get(n)))
+    except UnsupportedRecurrent as exc:
+        return str(exc).split(": ", 1)[-1].replace("; kept in float", "")
+    if spec.layout != 0:
+        return "layout=1 (batch first) is not covered yet"
+    return None
+
+
 def weight_layout(node: ir.Node) -> tuple[ir.Value | None, int, str | None]:
     """(weight value, output-channel axis, reason it cannot be a bit kernel or None)."""
+    if node.op_type in RECURRENT_OPS:
+        return node.inputs[1], 0, recurrent_problem(node)
     if node.op_type == "Conv":
         w = node.inputs[1]
         if const_array(w) is None:
@@ -92,8 +114,11 @@ class PlanBits:
     def __call__(self, model: ir.Model, ctx) -> bool:
         NameFixPass()(model)  # every node needs a stable name: plans, reports and overrides key on it
         cfg: Config = ctx.config
-        weighted = [n for n in model.graph if n.op_type in WEIGHTED_OPS and n.domain in ("", "ai.onnx")]
-        first_last = {node_label(weighted[0]), node_label(weighted[-1])} if weighted else set()
+        weighted = [n for n in model.graph
+                    if n.op_type in WEIGHTED_OPS + RECURRENT_OPS and n.domain in ("", "ai.onnx")]
+        # DoReFa's first/last rule is about Conv/Gemm stacks; the RNN paper quantizes every cell
+        ends = [n for n in weighted if n.op_type in WEIGHTED_OPS]
+        first_last = {node_label(ends[0]), node_label(ends[-1])} if ends else set()
         ctx.plan.clear()
         for node in weighted:
             name = node_label(node)
@@ -107,7 +132,7 @@ class PlanBits:
             elif _matches(name, cfg.keep_float):
                 plan.mark_float("kept float by --keep-float pattern")
             elif cfg.keep_first_last_float and name in first_last:
-                which = "first" if name == node_label(weighted[0]) else "last"
+                which = "first" if name == node_label(ends[0]) else "last"
                 plan.mark_float(f"{which} weighted layer stays float (DoReFa convention; override with --quantize)")
             else:
                 plan.quantize, plan.reason = True, "low-bit candidate"

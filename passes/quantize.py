@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from qcompile.errors import ConstantTensorError, QuantizationError
 from qcompile.passes.graph_utils import add_const, const_array, node_label, redirect_uses, remove_dead
+from qcompile.passes.plan import RECURRENT_OPS
 from qcompile.quant import registry
 from qcompile.quant.core import QuantizedTensor
 from qcompile.quant.gptq import gptq_round
@@ -132,7 +133,7 @@ class QuantizeLayers:
         nodes = {node_label(n): n for n in graph}
         modified = False
         for name, plan in ctx.plan.items():
-            if not plan.quantize:
+            if not plan.quantize or plan.op in RECURRENT_OPS:  # recurrent layers: passes/rnn.QuantizeRecurrent
                 continue
             node = nodes[name]
             w_arr = const_array(node.inputs[1]).astype(np.float32)

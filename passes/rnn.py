@@ -407,3 +407,53 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
         if name:
             node("Concat", parts, [name], axis=axis) if len(parts) > 1 else node("Identity", parts, [name])
     return nodes, inits
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+def quantize_recurrent(proto, ctx):
+    """Replace every planned (quantize=True) top-level LSTM/GRU node of the fake-quant model ``proto`` by its
+    quantized Scan form; the x_t grid comes from calibration (ctx.act_ranges; [-1, 1] without data). Returns
+    (the new model, one report row per recurrent layer)."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+
+    def constant(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    rows, new_nodes, new_inits = [], [], []
+    ranges = getattr(ctx, "act_ranges", None) or {}
+    used_weights = set()
+    for node in proto.graph.node:
+        name = node.name or node.output[0]
+        plan = ctx.plan.get(name)
+        if node.op_type not in GATES or plan is None or not plan.quantize:
+            new_nodes.append(node)
+            continue
+        spec = recurrent_spec(node, constant)
+        Wq, Rq, qts = quantize_weights(spec, plan.bits_w, plan.quantizer)
+        st = ranges.get(spec.inputs["x"])
+        lo, hi = (st.min, st.max) if st is not None and st.count else (-1.0, 1.0)
+        xs, xz = x_grid(lo, hi, plan.bits_a)
+        quant = RecurrentQuant(plan.bits_a, xs, xz, Wq, Rq)
+        nodes, extra = decompose(spec, quant)
+        new_nodes.extend(nodes)
+        new_inits.extend(extra)
+        used_weights.update(node.input[1:4])
+        levels = [int(np.unique(t.codes).size) for pair in qts for t in pair]
+        rel = float(np.linalg.norm(np.concatenate([(Wq - spec.W).ravel(), (Rq - spec.R).ravel()]))
+                    / max(np.linalg.norm(np.concatenate([spec.W.ravel(), spec.R.ravel()])), 1e-30))
+        rows.append({"node": name, "op": spec.cell, "bits_w": plan.bits_w, "bits_a": plan.bits_a,
+                     "quantizer": plan.quantizer, "layer": spec.describe(),
+                     "quantized": f"W and R ({plan.quantizer}, per gate row, {min(levels)}-{max(levels)} levels used); "
+                                  + quant.describe(spec) + f"; x_t grid [{lo:.3g}, {hi:.3g}]",
+                     "rel_error": round(rel, 5)})
+    if not rows:
+        return proto, rows
+    still_read = {i for n in new_nodes for i in n.input}
+    graph = helper.make_graph(new_nodes, proto.graph.name, list(proto.graph.input), list(proto.graph.output),
+                              [t for t in proto.graph.initializer if t.name not in used_weights or t.name in still_read]
+                              + new_inits, value_info=list(proto.graph.value_info))
+    out = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    out.metadata_props.extend(proto.metadata_props)
+    return out, rows

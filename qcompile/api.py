@@ -21,7 +21,7 @@ from qcompile.passes.import_fakequant import (CONFIG_KEY, ImportFakeQuant, is_fa
                                               set_metadata)
 from qcompile.passes.load import check_weights_finite, load_model
 from qcompile.passes.pipeline import CompileContext, run_pipeline
-from qcompile.passes.plan import PlanBits
+from qcompile.passes.plan import RECURRENT_OPS, PlanBits
 from qcompile.passes.quantize import QuantizeLayers
 
 
@@ -130,6 +130,11 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
         run_pipeline(irm, front_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
         ctx.float_model = ir.to_proto(irm)
         run_pipeline(irm, quantize_passes(), ctx, verify_each=verify, dump_dir=dump_dir)
+        if any(p.quantize and p.op in RECURRENT_OPS for p in ctx.plan.values()):
+            from qcompile.passes.rnn import quantize_recurrent
+
+            quantized_rnn, ctx.recurrent = quantize_recurrent(ir.to_proto(irm), ctx)
+            irm = ir.from_proto(quantized_rnn)
     result = quantized_result(str(model), cfg, irm, ctx, sha256_file(model))
     if target is not None:
         from qcompile import artifact

@@ -24,7 +24,7 @@ def build_report(result, source_sha256: str) -> dict:
     import onnx_ir as ir
     float_ir = ir.from_proto(result.float_model)
     ops = op_table(float_ir, ctx.plan)
-    kept_float = [r for r in ops if r["status"] == "float" and r["op"] in ("Conv", "Gemm", "MatMul")]
+    kept_float = [r for r in ops if r["status"] == "float" and r["op"] in ("Conv", "Gemm", "MatMul", "LSTM", "GRU")]
     weight_bytes = sum(4 * int(np.prod(v.const_value.shape)) for v in float_ir.graph.initializers.values()
                        if v.const_value is not None)
     quant_float = sum(x["bytes_float"] for x in layers)
@@ -38,6 +38,7 @@ def build_report(result, source_sha256: str) -> dict:
         "source": result.source, "source_sha256": source_sha256, "config": result.config.to_dict(),
         "passes": [r.__dict__ for r in ctx.records],
         "layers": layers,
+        "recurrent": list(getattr(ctx, "recurrent", [])),
         "ops": ops,
         "kept_float_weighted": kept_float,
         "totals": {
@@ -80,6 +81,11 @@ def to_markdown(report: dict) -> str:
              "| " + " | ".join(t for t, _ in LAYER_COLUMNS) + " |",
              "|" + "---|" * len(LAYER_COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in report["layers"]]
+    if report.get("recurrent"):
+        lines += ["", "## Recurrent layers", "", "| node | layer | bits | what is quantized | rel.err (W, R) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['node']} | {r['layer']} | W{r['bits_w']}A{r['bits_a']} | {r['quantized']} | "
+                  f"{r['rel_error']} |" for r in report["recurrent"]]
     lines += ["", "## Kept in float", "", "| node | op | why |", "|---|---|---|"]
     lines += [f"| {r['node']} | {r['op']} | {r['why']} |" for r in report["kept_float_weighted"]]
     t = report["totals"]

@@ -40,7 +40,8 @@ def _model(op, direction="forward", *, lens=False, states=False, lbr=0, bias=Tru
         attrs["linear_before_reset"] = lbr
     node = helper.make_node(op, ins, outs, name="rnn", **attrs)
     graph = helper.make_graph([node], "g", graph_in,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [SEQ, d, BATCH, H] if o == "y"
+                                                             else [d, BATCH, H]) for o in outs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -163,3 +164,61 @@ def test_the_fake_quant_scan_equals_the_quantized_reference(op, lbr, direction, 
     on_grid = np.rint((got[1] + 1) / 2 * n) / n * 2 - 1
     np.testing.assert_allclose(got[1], on_grid, atol=1e-6)       # the new h is on the grid
     assert "A%d" % bits in quant.describe(spec)
+
+
+def _lm_reader(calib, cell, seq=35, batch=8, n=4):
+    from qcompile import lm
+
+    cols = lm.batchify(calib, batch)
+
+    class Reader:
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= n:
+                return None
+            f = {"tokens": cols[self.i * seq:(self.i + 1) * seq], "h0": np.zeros((1, batch, 200), np.float32)}
+            if cell == "lstm":
+                f["c0"] = np.zeros((1, batch, 200), np.float32)
+            self.i += 1
+            return f
+
+        def rewind(self):
+            self.i = 0
+
+    return Reader()
+
+
+@pytest.mark.parametrize("cell,limit", [("lstm", 1.2), ("gru", 1.1)])
+def test_compile_quantizes_the_bundled_language_models(cell, limit, tmp_path):
+    from qcompile import api, datasets, lm
+
+    tokens, calib = datasets.load_lm_sample()
+    tokens = tokens[:3000]
+    path = datasets.bundled_lm(cell)
+    r = api.compile(path, config="w4a4", calib=_lm_reader(calib, cell))
+    op = cell.upper()
+    assert not any(n.op_type == op for n in r.model.graph.node) and any(n.op_type == "Scan" for n in r.model.graph.node)
+    row = r.report["recurrent"][0]
+    assert row["op"] == op and row["bits_w"] == 4 and "A4 on x_t" in row["quantized"] and "new h" in row["quantized"]
+    status = {o["node"]: o["status"] for o in r.report["ops"]}
+    assert status[row["node"]].startswith("W4A4")
+    ppl_float, ppl_q = lm.perplexity(str(path), tokens), lm.perplexity(r.model, tokens)
+    assert ppl_float < ppl_q < limit * ppl_float          # post-training W4A4: close to float
+    r.save(tmp_path / "out")
+    assert "## Recurrent layers" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_recurrent_layer_outside_the_recipe_stays_float_with_its_reason(tmp_path):
+    import onnx
+
+    from qcompile import api
+
+    model = _model("LSTM", extra={"clip": 3.0})
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(size=(SEQ, BATCH, I)).astype(np.float32)
+    r = api.compile(tmp_path / "m.onnx", config="w4a4", calib=x)
+    row = next(o for o in r.report["ops"] if o["op"] == "LSTM")
+    assert row["status"] == "float" and "clip" in row["why"]
+    assert any(n.op_type == "LSTM" for n in r.model.graph.node)
