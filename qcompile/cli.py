@@ -164,14 +164,31 @@ def inspect(model, preset, quantizer, keep_float, force, per_tensor, rounding, f
 @main.command("eval")
 @click.argument("float_model", type=click.Path(dir_okay=False))
 @click.argument("quant_model", type=click.Path())
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help=".npz with x and y.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help=".npz with x and y; for a language model an .npz with tokens, or kjv:test.")
+@click.option("--seq-len", default=35, show_default=True, help="Language models: tokens per window.")
+@click.option("--batch", default=10, show_default=True, help="Language models: stream columns.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(float_model, quant_model, data, as_json):
-    """Top-1 accuracy of FLOAT_MODEL and QUANT_MODEL on DATA, and how often they agree.
+def eval_cmd(float_model, quant_model, data, seq_len, batch, as_json):
+    """Top-1 accuracy of FLOAT_MODEL and QUANT_MODEL on DATA, and how often they agree; for a recurrent language
+    model, their perplexity on the token stream DATA (qcompile.lm.perplexity: --batch columns, windows of
+    --seq-len, states carried).
 
     QUANT_MODEL is a fake-quant .onnx or a compiled artifact folder (then the deployed kernels are evaluated)."""
     from qcompile import evaluate
+    from qcompile.lm import is_language_model
 
+    if is_language_model(float_model):
+        try:
+            res = _eval_lm(float_model, quant_model, data, seq_len, batch)
+        except QcompileError as exc:
+            _fail(exc)
+        if as_json:
+            click.echo(json.dumps(res))
+        else:
+            click.echo(f"n={res['n_tokens']} tokens  float perplexity {res['float_ppl']:.2f}  quantized perplexity "
+                       f"{res['quant_ppl']:.2f} ({res['quant_ppl'] / res['float_ppl'] - 1:+.1%})")
+        return
     try:
         x, y = evaluate.load_labelled(data)
         res = evaluate.compare(float_model, quant_model, x, y)
@@ -182,6 +199,24 @@ def eval_cmd(float_model, quant_model, data, as_json):
     else:
         click.echo(f"n={res['n']}  float top-1 {res['float_top1']:.2%}  quantized top-1 {res['quant_top1']:.2%}  "
                    f"agreement {res['agreement']:.2%}")
+
+
+def _eval_lm(float_model, quant_model, data, seq_len: int, batch: int) -> dict:
+    """Perplexity of a language model and its quantized form (a fake-quant .onnx or an artifact folder)."""
+    from qcompile import lm
+    from qcompile.finetune.data import open_tokens
+
+    tokens = open_tokens(data, name="eval").tokens
+    session, quant = None, quant_model
+    if Path(quant_model).is_dir():
+        from qcompile.runtime import InferenceSession
+
+        session, quant = InferenceSession(quant_model), str(Path(quant_model) / "fakequant.onnx")
+    elif not Path(quant_model).is_file():
+        raise QcompileError(f"{quant_model}: no such model file or artifact folder")
+    return {"n_tokens": int(len(tokens)), "seq_len": seq_len, "batch": batch,
+            "float_ppl": lm.perplexity(float_model, tokens, seq_len=seq_len, batch=batch),
+            "quant_ppl": lm.perplexity(quant, tokens, seq_len=seq_len, batch=batch, session=session)}
 
 
 @main.command()
@@ -258,11 +293,14 @@ def pack(artifact, out, no_strip):
 @click.argument("model", type=click.Path(dir_okay=False))
 @quant_options
 @click.option("--data", default="fashion-mnist", show_default=True, metavar="DATA",
-              help="Training data: .npz (x, y), a folder of images by class, or fashion-mnist[:train|:test].")
+              help="Training data: .npz (x, y), a folder of images by class, or fashion-mnist[:train|:test]; for a "
+                   "recurrent language model a token stream: .npz with tokens, kjv (the bundled sample's train "
+                   "tokens) or kjv:train (the whole split, needs the Debian bible-kjv corpus).")
 @click.option("--val", metavar="DATA", help="Validation data (default: 10% of --data, at most 5,000, held out).")
 @click.option("--epochs", type=int, help="Passes over the training data (default 2).")
 @click.option("--steps", type=int, help="Optimizer steps in all (instead of --epochs).")
-@click.option("--batch", default=64, show_default=True)
+@click.option("--batch", default=64, show_default=True, help="Batch size (language models: stream columns).")
+@click.option("--seq-len", type=int, help="Language models: tokens per truncated-BPTT window (default 35).")
 @click.option("--lr", default=3e-4, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--gbits", type=click.IntRange(1, 8), help="DoReFa stochastic gradient quantization to G bits.")
 @click.option("--distill/--no-distill", default=None,
@@ -281,8 +319,8 @@ def pack(artifact, out, no_strip):
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: model.onnx, float.onnx, checkpoint.pt, report.json/.md, curves.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
-def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, data, val, epochs, steps, batch, lr,
-             gbits, distill, learn_clip, seed, resume, checkpoint_every, nproc, allreduce, sim_nodes, out, as_json):
+def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, data, val, epochs, steps, batch, seq_len,
+             lr, gbits, distill, learn_clip, seed, resume, checkpoint_every, nproc, allreduce, sim_nodes, out, as_json):
     """Quantization-aware fine-tuning of MODEL at --config, starting from its post-training quantization.
 
     Writes a fake-quant model.onnx that `qcompile compile OUT/model.onnx --target cpu` compiles with the trained
@@ -311,7 +349,7 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, 
             result = run_finetune(model, config=preset, data=data, val=val, epochs=epochs, steps=steps, batch=batch,
                                   lr=lr, gbits=gbits, distill=distill, seed=seed, learn_clip=learn_clip,
                                   resume=resume, out=out, log=progress.console.print if progress.console else print,
-                                  allreduce=allreduce, checkpoint_every=checkpoint_every,
+                                  allreduce=allreduce, checkpoint_every=checkpoint_every, seq_len=seq_len,
                                   progress=progress, **_overrides(quantizer, keep_float, force, per_tensor, rounding))
         if result is None:  # a rank other than 0 of a data-parallel job: rank 0 writes and reports
             return
@@ -332,9 +370,14 @@ def finetune(model, preset, quantizer, keep_float, force, per_tensor, rounding, 
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"validation top-1: float {r['float_val_acc']:.2%}, post-training {r['ptq_val_acc']:.2%}, "
-               f"fine-tuned {r['finetuned_val_acc']:.2%}" if r["float_val_acc"] is not None else
-               "no labelled validation data: accuracy not measured")
+    if r.get("task") == "language-model":
+        click.echo(f"validation perplexity: float {r['float_val_ppl']:.2f}, post-training {r['ptq_val_ppl']:.2f}, "
+                   f"fine-tuned {r['finetuned_val_ppl']:.2f}" if r["float_val_ppl"] is not None else
+                   "no validation tokens: perplexity not measured")
+    else:
+        click.echo(f"validation top-1: float {r['float_val_acc']:.2%}, post-training {r['ptq_val_acc']:.2%}, "
+                   f"fine-tuned {r['finetuned_val_acc']:.2%}" if r["float_val_acc"] is not None else
+                   "no labelled validation data: accuracy not measured")
     click.echo(f"wrote {out}/model.onnx (compile it: qcompile compile {out}/model.onnx --target cpu -o ART), "
                "float.onnx, checkpoint.pt, report.md, curves.png")
 

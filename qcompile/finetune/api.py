@@ -124,6 +124,9 @@ def trained_float_model(float_proto: onnx.ModelProto, student) -> onnx.ModelProt
             while len(node.input) < 2:
                 node.input.append("")
             node.input.append(bname)
+    from qcompile.finetune.recurrent import write_back
+
+    write_back(proto, student)   # LSTM/GRU weights and trained embedding tables (language models)
     return proto
 
 
@@ -149,7 +152,28 @@ def export(float_proto: onnx.ModelProto, student, cfg: Config, source: str, sour
     if missing:
         raise QcompileError(f"export: layers {sorted(missing)} were trained quantized but the quantize pass kept "
                             "them float")
+    irm = _export_recurrent(irm, ctx, student)
     return quantized_result(source, cfg, irm, ctx, source_sha), trained
+
+
+def _export_recurrent(irm, ctx, student):
+    """The trained LSTM/GRU layers in their quantized Scan form: passes/rnn.quantize_recurrent on the trained
+    weights, with each layer's trained x_t grid in place of calibration."""
+    from qcompile.finetune.recurrent import recurrent_layers, trained_x_ranges
+    from qcompile.passes.plan import RECURRENT_OPS
+
+    trained = {n: m for n, m in recurrent_layers(student).items() if m.quantized}
+    planned = {n for n, p in ctx.plan.items() if p.quantize and p.op in RECURRENT_OPS}
+    if set(trained) != planned:
+        raise QcompileError(f"export: recurrent layers trained quantized {sorted(trained)} but planned "
+                            f"{sorted(planned)}")
+    if not trained:
+        return irm
+    from qcompile.passes.rnn import quantize_recurrent
+
+    ctx.act_ranges = trained_x_ranges(trained)
+    proto, ctx.recurrent = quantize_recurrent(ir.to_proto(irm), ctx)
+    return ir.from_proto(proto)
 
 
 def check_export(model: onnx.ModelProto, student, x: np.ndarray) -> dict:
@@ -184,8 +208,9 @@ class FinetuneResult:
     def save(self, out_dir: str | Path) -> Path:
         """Write model.onnx (fake-quant), float.onnx, checkpoint.pt, report.json/.md and curves.png into out_dir.
         Each file is written to a temporary name and renamed, so a reader never sees half a file."""
-        from qcompile.finetune import report as ft_report
+        from qcompile.finetune import recurrent, report
 
+        ft_report = recurrent if self.report.get("task") == "language-model" else report  # perplexity or accuracy
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if Path(self.source).resolve().parent == out.resolve() and Path(self.source).name in (
@@ -212,7 +237,7 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
              lr: float = 3e-4, gbits: int | None = None, distill: bool | None = None, seed: int = 0,
              learn_clip: bool = False, resume: bool = False, out: str | Path | None = None,
              log: Callable[[str], None] = print, progress=None, _stop_after_steps: int | None = None,
-             allreduce: str = "hfreduce", checkpoint_every: int | None = None,
+             allreduce: str = "hfreduce", checkpoint_every: int | None = None, seq_len: int | None = None,
              **overrides) -> FinetuneResult | None:
     """Quantization-aware fine-tuning (see the module docstring). `data`/`val`: an .npz (x, y), an image folder,
     "fashion-mnist[:train|:test]", arrays (x, y) or an iterable of (x, y) batches. Without labels (or with
@@ -221,7 +246,12 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
 
     Started by torchrun (RANK/WORLD_SIZE set), it is one rank of a data-parallel job (qcompile.finetune.distributed):
     `batch` is the global batch, `allreduce` "hfreduce" or "ddp"; rank 0 logs, checkpoints and returns the
-    result, the other ranks return None. `checkpoint_every`: also checkpoint every N steps."""
+    result, the other ranks return None. `checkpoint_every`: also checkpoint every N steps.
+
+    A recurrent language model (qcompile.lm.is_language_model) trains on a token stream instead (`data`/`val`: an
+    .npz with `tokens`, "kjv[:test|:train|:valid]", or an id array) in windows of `seq_len` tokens (default 35) with
+    the states carried (truncated BPTT), `batch` columns; the report gives perplexities
+    (qcompile.finetune.recurrent)."""
     from qcompile.passes.import_fakequant import is_fake_quant
     from qcompile.passes.load import load_model
 
@@ -240,6 +270,18 @@ def finetune(model: str | Path, *, config: str | Config | None = "w1a2", data: A
     if is_fake_quant(proto):
         raise QcompileError(f"{model}: is already a quantized (fake-quant) model; fine-tune its float model "
                             "(float.onnx next to it) instead")
+    if seq_len is not None and seq_len < 1:
+        raise QcompileError(f"--seq-len must be at least 1, got {seq_len}")
+    from qcompile.lm import is_language_model
+
+    if is_language_model(proto):
+        from qcompile.finetune.recurrent import finetune_lm
+
+        opts = TrainOptions(epochs=epochs or 2, steps=steps, batch=batch, lr=lr, seed=seed, distill=bool(distill),
+                            gbits=gbits, learn_clip=learn_clip, seq_len=seq_len or 35)
+        return finetune_lm(model, cfg=cfg, proto=proto, source=source, data=data, val=val, opts=opts, out=out,
+                           resume=resume, log=log, progress=progress, stop_after_steps=_stop_after_steps,
+                           checkpoint_every=checkpoint_every)
     input_name, input_shape = _input_shape(proto)
     num_classes = _num_classes(proto)
 
@@ -275,24 +317,7 @@ def _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_sha
     seed, learn_clip, gbits = opts.seed, opts.learn_clip, opts.gbits
     if not dist.is_main:  # one voice: rank 0 logs and writes
         log, progress = (lambda *a, **k: None), None
-    ckpt_path = Path(out) / CHECKPOINT if out is not None else None
-    saved = None
-    if out is not None:
-        out_p = Path(out)
-        if out_p.exists() and not out_p.is_dir():
-            raise QcompileError(f"{out_p}: exists and is not a folder; choose another -o")
-        if resume:
-            if not ckpt_path.is_file():
-                raise QcompileError(f"{ckpt_path}: no checkpoint to resume from; run without --resume first")
-            saved = _load_checkpoint(ckpt_path)
-        elif ckpt_path.is_file():
-            raise QcompileError(f"{out_p}: holds a fine-tuning checkpoint; pass --resume to continue it or choose "
-                                "another -o")
-        elif out_p.is_dir() and any(out_p.iterdir()):
-            raise QcompileError(f"{out_p}: exists and is not empty; choose another -o")
-    elif resume:
-        raise QcompileError("--resume needs the output folder (-o) that holds the checkpoint")
-
+    ckpt_path, saved = output_folder(out, resume)
     torch.manual_seed(seed)
     # the ranks on this machine share its cores
     torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -386,6 +411,29 @@ def _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_sha
         "totals": compiled.report["totals"], "cpu": model_name(),
     }
     return FinetuneResult(source, cfg, opts, compiled, trained_float, checkpoint(), report)
+
+
+def output_folder(out, resume: bool):
+    """(checkpoint path or None, the saved checkpoint to resume or None): -o must be a new or empty folder, or
+    hold a checkpoint when resuming."""
+    ckpt_path = Path(out) / CHECKPOINT if out is not None else None
+    saved = None
+    if out is not None:
+        out_p = Path(out)
+        if out_p.exists() and not out_p.is_dir():
+            raise QcompileError(f"{out_p}: exists and is not a folder; choose another -o")
+        if resume:
+            if not ckpt_path.is_file():
+                raise QcompileError(f"{ckpt_path}: no checkpoint to resume from; run without --resume first")
+            saved = _load_checkpoint(ckpt_path)
+        elif ckpt_path.is_file():
+            raise QcompileError(f"{out_p}: holds a fine-tuning checkpoint; pass --resume to continue it or choose "
+                                "another -o")
+        elif out_p.is_dir() and any(out_p.iterdir()):
+            raise QcompileError(f"{out_p}: exists and is not empty; choose another -o")
+    elif resume:
+        raise QcompileError("--resume needs the output folder (-o) that holds the checkpoint")
+    return ckpt_path, saved
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -4,8 +4,11 @@
 takes the graph inputs in order. Each Conv, Gemm and MatMul whose weight is a stored float constant (an initializer
 or a Constant) becomes a `WeightedLayer` submodule: its weight is an nn.Parameter in the ONNX layout and all of the
 op's math sits in `functional(x, weight, bias)`, the seam a quantization wrapper uses to feed quantized weights and
-inputs. BatchNormalization keeps its inference form (running statistics) with trainable scale and bias; every other
-constant is a buffer. Nodes whose inputs are all constant are evaluated once here (shape arithmetic, Constant).
+inputs. BatchNormalization keeps its inference form (running statistics) with trainable scale and bias; LSTM and GRU
+become `finetune.recurrent.RecurrentLayer` (W, R, B Parameters in the ONNX layout; passes/rnn.run's arithmetic), a
+Gather from a stored float table by computed indices (an embedding) a `GatherTable` whose table is a Parameter;
+every other constant is a buffer. Nodes whose inputs are all constant are evaluated once here (shape arithmetic,
+Constant).
 """
 
 from __future__ import annotations
@@ -322,6 +325,18 @@ class MatMulLayer(WeightedLayer):
         return matmul(x, weight, bias)
 
 
+class GatherTable(nn.Module):
+    """A Gather from a stored float table by indices computed in forward (an embedding). The table is an
+    nn.Parameter so a language model's fine-tuning can train it; `finetune.api.build_student` leaves it frozen."""
+
+    def __init__(self, onnx_name: str, weight: nn.Parameter, axis: int = 0):
+        super().__init__()
+        self.onnx_name, self.weight, self.axis = onnx_name, weight, axis
+
+    def forward(self, indices):
+        return gather(self.weight, indices, self.axis)
+
+
 class BatchNorm(nn.Module):
     """Inference BatchNormalization: trainable scale and bias, frozen running statistics."""
 
@@ -531,6 +546,38 @@ def _layernorm(b, n):
                   epsilon=n.attrs.get("epsilon", 1e-5))
 
 
+def _gather(b, n):
+    table, indices = n.inp(0), n.inp(1)
+    if (n.input_names[0] in b.stored and isinstance(table, torch.Tensor) and table.is_floating_point()
+            and not isinstance(indices, torch.Tensor)):
+        return b.module(GatherTable(n.label, b.param(n.input_names[0]), n.attrs.get("axis", 0)), n.label, indices)
+    return b.call(gather, table, indices, n.attrs.get("axis", 0))
+
+
+def _recurrent(b, n):
+    """ONNX LSTM/GRU -> finetune.recurrent.RecurrentLayer (W, R, B Parameters in the ONNX layout); what
+    passes/rnn.recurrent_spec refuses (activations, clip, input_forget, peepholes) is an UnsupportedOpError."""
+    from qcompile.finetune.recurrent import RecurrentLayer
+    from qcompile.passes.rnn import UnsupportedRecurrent, recurrent_spec
+
+    def constant(name):
+        v = b.values.get(name) if name else None
+        return v.detach().numpy() if isinstance(v, torch.Tensor) else None
+
+    try:
+        spec = recurrent_spec(n.proto, constant)
+    except UnsupportedRecurrent as exc:
+        n.fail(str(exc).split(": ", 1)[-1].replace("; kept in float", ""))
+    names = n.input_names + [""] * 8
+    bias = b.param(names[3]) if names[3] else nn.Parameter(
+        torch.zeros(spec.num_directions, 2 * spec.W.shape[1], dtype=torch.float32))
+    layer = RecurrentLayer(n.label, spec.cell, spec.direction, spec.hidden, b.param(names[1]), b.param(names[2]),
+                           bias, linear_before_reset=spec.linear_before_reset, layout=spec.layout, x_name=names[0],
+                           bias_name=names[3])
+    node = b.module(layer, n.label, n.inp(0), n.inp(4), n.inp(5), n.inp(6) if spec.cell == "LSTM" else None)
+    return b.outputs(node, len(n.proto.output))
+
+
 def _pool_attrs(n):
     a = n.attrs
     if not 1 <= len(a["kernel_shape"]) <= 3:
@@ -687,7 +734,7 @@ OPS: dict[str, Callable[[_Builder, _Node], Value]] = {
     "Unsqueeze": lambda b, n: b.call(unsqueeze, n.inp(0), _axes(b, n, 13)),
     "Identity": lambda b, n: n.inp(0), "Dropout": _dropout,
     "Shape": lambda b, n: b.call(shape_of, n.inp(0), n.attrs.get("start", 0), n.attrs.get("end")),
-    "Gather": lambda b, n: b.call(gather, n.inp(0), n.inp(1), n.attrs.get("axis", 0)),
+    "Gather": _gather, "LSTM": _recurrent, "GRU": _recurrent,
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Slice": _slice,
     "ReduceMean": _reduce_op(reduce_mean, 18), "ReduceSum": _reduce_op(reduce_sum, 13),
     "ReduceMax": _reduce_op(reduce_max, 18), "ReduceMin": _reduce_op(reduce_min, 18),

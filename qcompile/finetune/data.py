@@ -11,6 +11,9 @@ a mapping with "x"/"y", or any iterable of (x, y) batches (materialized by conca
 Inputs follow THE preprocessing of `qcompile.datasets.to_float`: uint8 pixels become x / 255 as float32;
 float inputs are kept (as float32); other integer dtypes are refused.
 
+Language models train on a `TokenStream` instead (`open_tokens`: an .npz with `tokens`, or `kjv[:split]`), walked
+in windows of consecutive tokens with the recurrent state carried between them.
+
 Batch order is a function of (seed, epoch) only, so a run resumed with `start=k` sees exactly the batches
 an uninterrupted run would. numpy only at import time: torch tensors are recognised by `.detach()`.
 """
@@ -27,7 +30,8 @@ from qcompile.datasets import CLASSES as FASHION_MNIST_CLASSES
 from qcompile.datasets import load_fashion_mnist, to_float
 from qcompile.errors import QcompileError
 
-__all__ = ["DataError", "Dataset", "open_data", "check_against_model", "as_float_batch", "IMAGE_EXTENSIONS"]
+__all__ = ["DataError", "Dataset", "open_data", "check_against_model", "as_float_batch", "IMAGE_EXTENSIONS",
+           "TokenStream", "open_tokens"]
 
 #: Image file suffixes read from class folders (case-insensitive).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -445,3 +449,194 @@ def check_against_model(ds: Dataset, *, input_shape, num_classes: int | None, re
             i = int(hi[0])
             raise DataError(f"{where}: label {int(y[i])} at index {i} is out of range; the model has "
                             f"{num_classes} classes (labels 0..{num_classes - 1})")
+
+
+# ---------------------------------------------------------------- token streams (language models)
+
+_TOKENS_ACCEPTED = ("pass an .npz with a 1-D integer array 'tokens', kjv (the bundled KJV sample's train tokens), "
+                    "kjv:test (its held-out test sample) or kjv:train / kjv:valid (the whole split, read from the "
+                    "Debian bible-kjv corpus as models/train_lm.py does)")
+
+
+class TokenStream:
+    """A 1-D stream of token ids (int64) for language-model training, walked PTB-style: `columns(batch)` cuts it
+    into `batch` contiguous columns ([rows, batch], column j = tokens[j*rows:(j+1)*rows], as qcompile.lm.batchify),
+    and `batches` yields the windows of `seq_len` rows in order, each (x, y) with y the next tokens, so the
+    recurrent state can be carried from one window into the next (truncated backpropagation through time).
+
+    Every epoch cuts the stream at an offset in [0, seq_len) drawn from (seed, epoch), so the window boundaries move
+    between epochs; an epoch always has the same number of full windows (`num_batches`), a function of the stream
+    length, batch and seq_len only, and `batches(start=k)` is the tail of the same epoch (exact resume)."""
+
+    def __init__(self, tokens, *, source: str = "array", name: str = "train", seq_len: int = 35):
+        self.name, self.source = name, source
+        a = _to_numpy(tokens)
+        if a.ndim != 1 or a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"{self.describe}: tokens have shape {_shape(a.shape)} and dtype {a.dtype}; expected a "
+                            "1-D stream of integer ids")
+        if a.size and a.min() < 0:
+            raise DataError(f"{self.describe}: token id {int(a.min())} is negative")
+        if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise DataError(f"{self.describe}: seq_len must be >= 1, got {seq_len!r}")
+        self.tokens = np.ascontiguousarray(a, dtype=np.int64)
+        self.seq_len = int(seq_len)
+
+    @property
+    def describe(self) -> str:
+        return f"{self.name} data {self.source}"
+
+    @property
+    def y(self) -> np.ndarray:
+        """The targets are the stream itself (the next token): a language model's data is always labelled."""
+        return self.tokens
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    def __repr__(self) -> str:
+        return f"TokenStream({self.describe}: {len(self)} tokens, windows of {self.seq_len})"
+
+    def with_seq_len(self, seq_len: int) -> "TokenStream":
+        return TokenStream(self.tokens, source=self.source, name=self.name, seq_len=seq_len)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["TokenStream", "TokenStream"]:
+        """(train, val): the last `fraction` of the stream held out, contiguous (a stream cannot be shuffled)."""
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"{self.describe}: validation fraction must be between 0 and 1, got {fraction}")
+        n_val = max(1, int(round(len(self) * fraction)))
+        cut = len(self) - n_val
+        return (TokenStream(self.tokens[:cut], source=f"{self.source} (first {cut} tokens)", name=self.name,
+                            seq_len=self.seq_len),
+                TokenStream(self.tokens[cut:], source=f"{self.source} (last {n_val} tokens)", name="val",
+                            seq_len=self.seq_len))
+
+    def columns(self, batch: int, offset: int = 0) -> np.ndarray:
+        """int64 [rows, batch] of the stream from `offset` on (qcompile.lm.batchify's layout)."""
+        _check_batch_size(batch)
+        t = self.tokens[offset:]
+        rows = len(t) // batch
+        return np.ascontiguousarray(t[:rows * batch].reshape(batch, rows).T)
+
+    def offset(self, *, seed: int, epoch: int, shuffle: bool = True) -> int:
+        if not shuffle or self.seq_len == 1:
+            return 0
+        return int(np.random.default_rng([int(seed), int(epoch), 0x70C]).integers(0, self.seq_len))
+
+    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        """Windows per epoch: the full windows of the stream cut at the largest offset (so every epoch has as
+        many); without drop_last a short last window counts too."""
+        _check_batch_size(batch_size)
+        rows = (len(self) - (self.seq_len - 1)) // batch_size
+        if rows < 2:
+            return 0
+        return (rows - 1) // self.seq_len if drop_last else -(-(rows - 1) // self.seq_len)
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
+                drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x int64 [seq_len, batch], y int64 [seq_len, batch]) windows of epoch `epoch` in stream order, from
+        window `start` on."""
+        total = self.num_batches(batch_size, drop_last)
+        if not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        if start > total:
+            raise DataError(f"{self.describe}: cannot resume at window {start}; an epoch has only {total} windows "
+                            f"of {self.seq_len} x {batch_size} (was the batch size changed?)")
+        cols = self.columns(batch_size, self.offset(seed=seed, epoch=epoch, shuffle=shuffle))
+        return self._windows(cols, int(start), total)
+
+    def _windows(self, cols, start, total):
+        s = self.seq_len
+        for w in range(start, total):
+            i = w * s
+            n = min(s, cols.shape[0] - 1 - i)
+            yield cols[i:i + n], cols[i + 1:i + 1 + n]
+
+    def check_vocab(self, vocab: int | None) -> None:
+        if vocab is not None and len(self) and self.tokens.max() >= vocab:
+            i = int(np.flatnonzero(self.tokens >= vocab)[0])
+            raise DataError(f"{self.describe}: token id {int(self.tokens[i])} at position {i} is out of range; the "
+                            f"model's vocabulary has {vocab} ids (0..{vocab - 1})")
+
+
+def _kjv_split(split: str) -> np.ndarray:
+    """A whole split of the KJV corpus, tokenized as models/train_lm.py does (needs its Debian packages)."""
+    import importlib.util
+    import sys
+
+    from qcompile.datasets import load_lm_vocab
+
+    script = Path(__file__).resolve().parents[2] / "models" / "train_lm.py"
+    if not script.is_file():
+        raise DataError(f"kjv:{split}: models/train_lm.py (the corpus reader) is not in this installation")
+    spec = importlib.util.spec_from_file_location("_qcompile_train_lm", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    import shutil
+    import subprocess
+
+    if shutil.which("bible") is None:
+        raise DataError(f"kjv:{split}: the `bible` reader is not installed; {mod.APT_HINT}")
+    try:
+        verses = mod.read_bible()
+    except SystemExit as e:  # the script reports a missing corpus by exiting
+        raise DataError(f"kjv:{split}: {e}") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise DataError(f"kjv:{split}: cannot read the corpus ({e})") from None
+    vocab, streams, *_ = mod.build(verses, 5000)
+    if vocab != load_lm_vocab():
+        raise DataError(f"kjv:{split}: the corpus gives a different vocabulary than models/kjv_vocab.txt; the "
+                        "installed bible-kjv text differs from the one the bundled models were trained on")
+    return streams[split]
+
+
+def open_tokens(source, *, name: str = "train", seq_len: int = 35) -> TokenStream:
+    """A TokenStream from an .npz (array `tokens`, else a single 1-D integer array), "kjv" / "kjv:calib" (the
+    bundled sample's 16,384 train tokens: enough to test, not to train well), "kjv:test" (the bundled held-out
+    sample), "kjv:train" / "kjv:valid" (the whole split, from the Debian corpus), a 1-D integer array, or a
+    TokenStream."""
+    if isinstance(source, TokenStream):
+        return source if source.seq_len == seq_len else source.with_seq_len(seq_len)
+    if isinstance(source, str) and (source == "kjv" or source.startswith("kjv:")):
+        split = source.partition(":")[2] or "calib"
+        if split in ("calib", "test"):
+            from qcompile.datasets import load_lm_sample
+
+            try:
+                test, calib = load_lm_sample()
+            except QcompileError as e:
+                raise DataError(f"{name} data {source}: {e}") from None
+            return TokenStream(calib if split == "calib" else test, source=f"kjv:{split}", name=name,
+                               seq_len=seq_len)
+        if split in ("train", "valid"):
+            return TokenStream(_kjv_split(split), source=f"kjv:{split}", name=name, seq_len=seq_len)
+        raise DataError(f"{name} data {source}: unknown KJV split {split!r}; use kjv, kjv:test, kjv:train or "
+                        "kjv:valid")
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        where = f"{name} data {source}"
+        if not p.is_file():
+            raise DataError(f"{where}: no such file; {_TOKENS_ACCEPTED}")
+        try:
+            z = np.load(p, allow_pickle=False)
+            if isinstance(z, np.ndarray):   # .npy
+                arr = z
+            else:
+                with z:
+                    keys = list(z.files)
+                    if "tokens" in keys:
+                        arr = z["tokens"]
+                    else:
+                        ints = [k for k in keys if z[k].ndim == 1 and np.issubdtype(z[k].dtype, np.integer)]
+                        if len(ints) != 1:
+                            raise DataError(f"{where}: no array 'tokens' (found {sorted(keys)}); save the stream "
+                                            "with np.savez(path, tokens=ids)")
+                        arr = z[ints[0]]
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, BadZipFile
+            raise DataError(f"{where}: not a readable .npz/.npy file ({type(e).__name__}: {e})") from None
+        return TokenStream(arr, source=str(source), name=name, seq_len=seq_len)
+    if _is_array(source) or isinstance(source, list):
+        return TokenStream(source, source=f"token array [{len(source)}]", name=name, seq_len=seq_len)
+    raise DataError(f"{name} data: cannot use a {type(source).__name__} as a token stream; {_TOKENS_ACCEPTED}")

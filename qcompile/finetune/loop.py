@@ -45,6 +45,7 @@ class TrainOptions:
     gbits: int | None = None          # DoReFa stochastic gradient quantization of each quantized layer's output
     learn_clip: bool = False          # the activation clips are trained (PACT/LSQ-style)
     eval_batch: int = 512
+    seq_len: int | None = None        # language models: tokens per truncated-BPTT window (None: not a language model)
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resume (the loss curve depends on all of it)."""
