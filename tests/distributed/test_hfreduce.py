@@ -112,8 +112,10 @@ def _shm_module():
 
 
 def _holder(name: str) -> subprocess.Popen:
+    # a job started in the background (CI) inherits SIGINT ignored; a user's rank gets Ctrl-C's default action
     code = textwrap.dedent(f"""
-        import importlib.util, sys, time
+        import importlib.util, signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         spec = importlib.util.spec_from_file_location("hfr_shm", {str(SHM_PY)!r})
         shm = importlib.util.module_from_spec(spec); spec.loader.exec_module(shm)
         seg = shm.NodeSegment.create({name!r}, 4096)
