@@ -332,6 +332,10 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
             label = "lut-avx2"  # the AVX2 LUT kernels, on the AVX-512 path too
         why = (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else symbolic.get(name, p.reason)
+        if p.quantize and p.op in ("LSTM", "GRU"):
+            label = "onnxruntime-fp32 (fake-quant Scan)"
+            why = ("recurrent layer: its quantized Scan form runs in onnxruntime (a compiled time loop in the kernel "
+                   "library is not built yet)")
         spec = spec_of.get(name)
         if spec is not None and spec.pool is not None:
             why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs inside this kernel"

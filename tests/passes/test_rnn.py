@@ -222,3 +222,20 @@ def test_a_recurrent_layer_outside_the_recipe_stays_float_with_its_reason(tmp_pa
     row = next(o for o in r.report["ops"] if o["op"] == "LSTM")
     assert row["status"] == "float" and "clip" in row["why"]
     assert any(n.op_type == "LSTM" for n in r.model.graph.node)
+
+
+def test_a_cpu_artifact_of_a_quantized_lm_runs_its_scan_form_exactly(tmp_path):
+    from qcompile import api, datasets, lm
+    from qcompile.runtime import InferenceSession
+
+    tokens, calib = datasets.load_lm_sample()
+    r = api.compile(datasets.bundled_lm("gru"), config="w2a2", calib=_lm_reader(calib, "gru"), target="cpu")
+    plan = {p["node"]: p for p in r.manifest["plan"]}
+    assert plan["/rnn/GRU"]["kernel"] == "onnxruntime-fp32 (fake-quant Scan)"
+    assert "not built yet" in plan["/rnn/GRU"]["why"]
+    r.save(tmp_path / "art")
+    feeds = {"tokens": lm.batchify(tokens[:400], 4)[:20], "h0": np.zeros((1, 4, 200), np.float32)}
+    got = InferenceSession(tmp_path / "art").run(None, feeds)
+    want = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g_, w in zip(got, want):
+        np.testing.assert_array_equal(g_, w)
