@@ -239,3 +239,34 @@ def test_a_cpu_artifact_of_a_quantized_lm_runs_its_scan_form_exactly(tmp_path):
     want = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for g_, w in zip(got, want):
         np.testing.assert_array_equal(g_, w)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_a_torch_exported_two_layer_bidirectional_rnn_quantizes_every_layer(cell, tmp_path):
+    import warnings
+
+    torch = pytest.importorskip("torch")
+
+    from qcompile import api
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(torch.nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    path = tmp_path / "rnn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(2, 9, 12),), str(path), input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False, dynamic_axes={"x": {0: "N"}})
+    x = np.random.default_rng(0).normal(size=(64, 9, 12)).astype(np.float32)
+    r = api.compile(path, config="w8a8", calib=x)
+    assert len(r.report["recurrent"]) == 2                    # both stacked layers, both directions each
+    f = ort.InferenceSession(r.float_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    q = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.linalg.norm(q[0] - f[0]) / np.linalg.norm(f[0]) < 0.05
