@@ -44,6 +44,7 @@ GATES = {"LSTM": 4, "GRU": 3}
 CLIP_NORM = 1.0             # gradient-norm clip of language-model fine-tuning (the bundled LMs trained at 0.5)
 CALIB_WINDOWS = 8           # calibration batches read from the training stream for the post-training compile
 CALIB_SEQ, CALIB_BATCH = 35, 8
+MIN_X_SCALE = 1e-6          # a learned x_t step stays positive
 
 
 # ---------------------------------------------------------------------------------------------- quantizers
@@ -127,7 +128,7 @@ class RecurrentLayer(nn.Module):
 
     def x_grid_values(self) -> tuple[float, int]:
         """(scale, zero point) of the x_t grid as the exported QuantizeLinear takes them."""
-        return float(np.float32(self.x_scale.detach().item())), int(self.x_zero)
+        return float(np.float32(max(self.x_scale.detach().item(), MIN_X_SCALE))), int(self.x_zero)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x, seq_lens=None, h0=None, c0=None):
@@ -164,7 +165,7 @@ class RecurrentLayer(nn.Module):
                 tt = torch.where(live, (lens[None, :] - 1 - t) if reverse else t.expand(seq, batch), 0)
                 xs = x[tt, torch.arange(batch)[None, :]]
             if quant:
-                xs = x_grid(xs, bits, self.x_scale, self.x_zero)
+                xs = x_grid(xs, bits, self.x_scale.clamp_min(MIN_X_SCALE), self.x_zero)
             xw = xs @ Wd.t() + Wb                         # every step's q(x_t) @ W^T + Wb at once
             steps = []
             for t in range(seq):

@@ -167,6 +167,33 @@ def test_straight_through_gradients_reach_every_trained_parameter(tmp_path):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_export_holds_trained_weights_and_x_grid(tmp_path):
+    """Stand-in for training: move W, R, B and the learned x_t step; export's Scan form computes the moved student."""
+    from qcompile.finetune.api import export
+
+    model = _model("LSTM", "bidirectional", lens=True, states=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    spec = recurrent_spec(model.graph.node[0], _const(model))
+    r = api.compile(tmp_path / "m.onnx", config="w2a2", calib=_Once(_feeds(spec, True, True, seed=2)))
+    student = build_lm_student(r, r.config, learn_clip=True, gbits=None)
+    layer = recurrent_layers(student)["rnn"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (layer.W, layer.R, layer.B):
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        layer.x_scale.mul_(1.37)
+    compiled, trained = export(r.float_model, student, r.config, str(tmp_path / "m.onnx"), "0" * 64)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in trained.graph.initializer}
+    np.testing.assert_array_equal(w[model.graph.node[0].input[1]], layer.W.detach().numpy())
+    assert f"x_t grid [{-layer.x_zero * layer.x_grid_values()[0]:.3g}" in compiled.report["recurrent"][0]["quantized"]
+    feeds = _feeds(spec, True, True, seed=4)
+    want = ort.InferenceSession(compiled.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = _torch_out(model, feeds, student)
+    codes = [np.rint((v + 1) / 2 * 3) for v in (got[1], want[1])]
+    assert np.mean(codes[0] == codes[1]) > 0.97
+    assert np.mean(np.abs(got[0] - want[0]) < 1e-5) > 0.97
+
+
 # ------------------------------------------------------------------------------------------- token streams
 def test_token_stream_windows_carry_on_and_resume_exactly():
     s = TokenStream(np.arange(5000) % 97, seq_len=20)
