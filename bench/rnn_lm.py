@@ -107,7 +107,8 @@ def table(rows: dict) -> str:
              "float (the only Conv/Gemm/MatMul is both first and last). `post` = compile's post-training model "
              "(calibrated on 8 windows of 35 x 8 train tokens), `tuned` = finetune's model.onnx (truncated BPTT on "
              "the 801,903-token train split, the embedding, LSTM/GRU and output layer all trained, Adam, cosine "
-             "decay, gradient norm clipped to 1; budget per row below). Goals: tuned W4A4 within 3 % of float "
+             "decay, gradient norm clipped to 1; budget per row below; the two cells ran as two processes side by side, "
+             "about 35 minutes in all). Goals: tuned W4A4 within 3 % of float "
              "perplexity, W2A2 within 10 %.", "",
              "| model | config | float | balanced post / tuned | uniform post / tuned |", "|---|---|---:|---:|---:|"]
     for cell in CELLS:
@@ -141,6 +142,13 @@ def table(rows: dict) -> str:
             lines.append(f"- {cell} {config}: best {best['quantizer']} {best['finetuned']:.2f} vs float "
                          f"{best['float']:.2f}: {gap:+.1%} (goal: within {goal:.0%}) -> "
                          f"**{'met' if gap <= goal else 'not met'}**{also}")
+    if any(k.endswith(":float:trained") for k in rows):
+        lines += ["", "Read the goals with the budget-matched rows: the shipped float models were trained with dropout and "
+                  "kept at their best validation epoch, and the same fine-tuning loop run on the float model alone "
+                  "lowers its test perplexity too (rows 'float, trained with the same budget'). The goals as the "
+                  "issue states them (against the shipped float model) are met, but much of the gain is extra "
+                  "training. Against the float model trained with the same budget, W4A4 is within about 1 % and W2A2 "
+                  "is 12-16 % above: the 10 % W2A2 goal is not met on that fairer baseline."]
     lines += ["", "| run | steps x (seq x batch) | tokens seen | lr | minutes | tokens/s | valid ppl (tuned, torch) | "
               "export: onnxruntime vs torch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in rows.items():
