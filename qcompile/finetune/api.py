@@ -374,24 +374,8 @@ def _finetune(model, dist, cfg, proto, source, train_ds, val_ds, opts, input_sha
         if checkpoint_every and tr.step % checkpoint_every == 0:
             save_checkpoint()
 
-    start = time.perf_counter()
-    try:
-        with _interrupt_as_keyboard():
-            trainer.fit(on_epoch_end, stop_after_steps=_stop_after_steps, on_step=on_step)
-    except KeyboardInterrupt:
-        if ckpt_path is None:
-            raise Interrupted(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
-        save_checkpoint()
-        raise Interrupted(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
-                            f"{ckpt_path}; continue with --resume") from None
-    except Exception as exc:  # noqa: BLE001 - only a failed peer is turned into one line; the rest propagates
-        why = dist.failure(exc)
-        if why is None:
-            raise
-        from qcompile.finetune.distributed import PeerFailure
-
-        raise PeerFailure(why) from None
-    train_seconds = time.perf_counter() - start
+    train_seconds = fit_with_checkpoints(trainer, on_epoch_end, on_step, _stop_after_steps, save_checkpoint,
+                                         ckpt_path, dist)
     if not dist.is_main:
         return None
 
@@ -434,6 +418,30 @@ def output_folder(out, resume: bool):
     elif resume:
         raise QcompileError("--resume needs the output folder (-o) that holds the checkpoint")
     return ckpt_path, saved
+
+
+def fit_with_checkpoints(trainer, on_epoch_end, on_step, stop_after_steps, save_checkpoint, ckpt_path,
+                         dist=None) -> float:
+    """trainer.fit, where Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted, and (with several ranks) a
+    failed peer becomes PeerFailure's one line. Returns the seconds it trained."""
+    start = time.perf_counter()
+    try:
+        with _interrupt_as_keyboard():
+            trainer.fit(on_epoch_end, stop_after_steps=stop_after_steps, on_step=on_step)
+    except KeyboardInterrupt:
+        if ckpt_path is None:
+            raise Interrupted(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
+        save_checkpoint()
+        raise Interrupted(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
+                          f"{ckpt_path}; continue with --resume") from None
+    except Exception as exc:  # noqa: BLE001 - only a failed peer is turned into one line; the rest propagates
+        why = dist.failure(exc) if dist is not None else None
+        if why is None:
+            raise
+        from qcompile.finetune.distributed import PeerFailure
+
+        raise PeerFailure(why) from None
+    return time.perf_counter() - start
 
 
 def _load_checkpoint(path: Path) -> dict:

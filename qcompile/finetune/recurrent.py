@@ -28,7 +28,6 @@ holds exactly the trained parameters.
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -432,7 +431,7 @@ def finetune_lm(model, *, cfg, proto, source: str, data, val, opts, out, resume:
     from qcompile.finetune import api as ft
     from qcompile.finetune.convert import to_torch
     from qcompile.finetune.data import DataError, open_tokens
-    from qcompile.finetune.loop import CHECKPOINT_FORMAT, Interrupted, atomic_torch_save
+    from qcompile.finetune.loop import CHECKPOINT_FORMAT, atomic_torch_save
     from qcompile.finetune.qat import quant_layers
     from qcompile.targets.cpu.caps import model_name, usable_cpus
 
@@ -516,17 +515,8 @@ def finetune_lm(model, *, cfg, proto, source: str, data, val, opts, out, resume:
         if checkpoint_every and tr.step % checkpoint_every == 0:
             save_checkpoint()
 
-    start = time.perf_counter()
-    try:
-        with ft._interrupt_as_keyboard():
-            trainer.fit(on_epoch_end, stop_after_steps=stop_after_steps, on_step=on_step)
-    except KeyboardInterrupt:
-        if ckpt_path is None:
-            raise Interrupted(f"interrupted at step {trainer.step}; nothing saved (no output folder)") from None
-        save_checkpoint()
-        raise Interrupted(f"interrupted at step {trainer.step} of {trainer.total_steps}; checkpoint saved to "
-                          f"{ckpt_path}; continue with --resume") from None
-    train_seconds = time.perf_counter() - start
+    train_seconds = ft.fit_with_checkpoints(trainer, on_epoch_end, on_step, stop_after_steps, save_checkpoint,
+                                            ckpt_path)
 
     compiled, trained_float = ft.export(ptq.float_model, student, cfg, source, source_sha)
     check = {"n_tokens": 0}
