@@ -13,6 +13,7 @@ and the compiled kernels are checked against.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,6 +190,7 @@ class RecurrentQuant:
     Wq: np.ndarray
     Rq: np.ndarray
     points: tuple = ("x", "h", "rh", "cand", "h_new")
+    gates: list | None = None   # per direction IntegerGates: the products on codes (decompose's integer-exact form)
 
     def act(self, name: str, v: np.ndarray) -> np.ndarray:
         if name not in self.points:
@@ -232,6 +234,37 @@ def quantize_weights(spec: RecurrentSpec, bits_w: int, quantizer: str = "rnn-bal
     return np.stack(Wq), np.stack(Rq), qts
 
 
+@dataclass
+class IntegerGates:
+    """One direction's gate products on integer codes, the form the bit kernels compute:
+    ``W x_t = acc(Vw, x codes) * mw + bw`` and ``R h = acc(Vr, h codes) * mr + br`` with ``acc(V, p)[n] =
+    sum_k V[n, k] p[k]`` exact in int32 and float32 (|acc| < 2^24), then one float32 rounding for the product and
+    one for the sum, in that order. V = 2q - wzero2 (the weight codes' integer values; the real weight is
+    scale[n]/2 * V). With x = s (p - z) and h = 2c/n - 1 on the [-1, 1] grid:
+    mw = scale/2 * s, bw = Wb - mw z sum_k Vw; mr = scale/n, br = Rb - scale/2 sum_k Vr (biases in float64, then
+    rounded once). The GRU's third block of R multiplies the codes of r*h (or of h with linear_before_reset)."""
+
+    Vw: np.ndarray      # int32 [G*H, I]
+    mw: np.ndarray      # float32 [G*H]
+    bw: np.ndarray      # float32 [G*H]
+    Vr: np.ndarray      # int32 [G*H, H]
+    mr: np.ndarray      # float32 [G*H]
+    br: np.ndarray      # float32 [G*H]
+
+    @classmethod
+    def build(cls, tw, tr, Wb: np.ndarray, Rb: np.ndarray, x_scale: float, x_zero: int, bits_a: int):
+        """From the QuantizedTensors of W and R (per-row scale) and this direction's biases."""
+        n = (1 << bits_a) - 1
+        Vw, Vr = tw.int_values().astype(np.int32), tr.int_values().astype(np.int32)
+        sw = np.broadcast_to(tw.scale.reshape(-1), (Vw.shape[0],)).astype(np.float64)
+        sr = np.broadcast_to(tr.scale.reshape(-1), (Vr.shape[0],)).astype(np.float64)
+        mw = (sw / 2 * np.float64(np.float32(x_scale))).astype(np.float32)
+        bw = (Wb.astype(np.float64) - mw.astype(np.float64) * x_zero * Vw.sum(1)).astype(np.float32)
+        mr = (sr / n).astype(np.float32)
+        br = (Rb.astype(np.float64) - sr / 2 * Vr.sum(1)).astype(np.float32)
+        return cls(Vw, mw, bw, Vr, mr, br)
+
+
 def x_grid(x_min: float, x_max: float, bits: int) -> tuple[float, int]:
     """uint8 QuantizeLinear (scale, zero point) of an affine bits-bit grid over [min(x_min, 0), max(x_max, 0)]."""
     n = (1 << bits) - 1
@@ -244,6 +277,14 @@ def x_grid(x_min: float, x_max: float, bits: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------- ONNX form
+METADATA_KEY = "qcompile.recurrent"   # model metadata: the quantized recurrent layers (lowering compiles them)
+
+
+def scan_prefix(name: str) -> str:
+    """Prefix of the names decompose gives a layer's constants (direction d's Scan body: prefix + f"_d{d}_...")."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name) + "_q"
+
+
 def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: int = 21):
     """The layer as ONNX ``Scan`` loops (one per direction) whose bodies compute the cell step by step, with
     QuantizeLinear/DequantizeLinear at ``quant``'s points: the fake-quant form onnxruntime runs. Returns
@@ -254,7 +295,7 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
     if spec.layout != 0:
         raise UnsupportedRecurrent(f"{spec.cell} node {spec.name!r}: layout=1 is not covered yet; kept in float")
     H, g = spec.hidden, GATES[spec.cell]
-    p = "".join(ch if ch.isalnum() else "_" for ch in spec.name) + "_q"
+    p = scan_prefix(spec.name)
     inits, nodes = [], []
     W = quant.Wq if quant else spec.W
     R = quant.Rq if quant else spec.R
@@ -265,8 +306,8 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
         inits.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
         return f"{p}_{name}"
 
-    def node(op, ins, outs, **kw):
-        nodes.append(helper.make_node(op, ins, outs, **kw))
+    def node(op, ins, outs, **kw):  # named under the layer: lowering finds the layer's nodes by this prefix
+        nodes.append(helper.make_node(op, ins, outs, name=f"{spec.name}/{outs[0]}", **kw))
         return outs[0]
 
     x, lens, h0, c0 = (spec.inputs.get(k, "") for k in ("x", "seq_lens", "h0", "c0"))
@@ -303,23 +344,36 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
             return f"{q}_{name}"
 
         def b(op, ins, outs, **kw):
-            body_nodes.append(helper.make_node(op, ins, [f"{q}_{o}" for o in outs], **kw))
+            body_nodes.append(helper.make_node(op, ins, [f"{q}_{o}" for o in outs], name=f"{q}_{outs[0]}", **kw))
             return f"{q}_{outs[0]}"
 
-        def tanh_q(v, tag):
-            if quant is None:
-                return v
+        def tanh_codes(v, tag):  # the [-1, 1] grid's uint8 codes of v (tanh_grid)
             n = (1 << quant.bits_a) - 1
             u = b("Add", [b("Mul", [v, bconst("half", np.float32(0.5))], [f"{tag}_m"]), bconst("half_b", np.float32(0.5))],
                   [f"{tag}_u"])
             codes = b("QuantizeLinear", [u, bconst(f"{tag}_s", np.float32(1.0 / n)), bconst(f"{tag}_z", np.uint8(0))],
                       [f"{tag}_c"])
             # a grid wider than n codes (u outside [0, 1]) saturates: clip the codes to n
-            codes = b("Min", [codes, bconst(f"{tag}_n", np.uint8(n))], [f"{tag}_cc"])
-            deq = b("DequantizeLinear", [codes, bconst(f"{tag}_s2", np.float32(1.0 / n)),
+            return b("Min", [codes, bconst(f"{tag}_n", np.uint8(n))], [f"{tag}_cc"])
+
+        def tanh_q(v, tag):
+            if quant is None:
+                return v
+            n = (1 << quant.bits_a) - 1
+            deq = b("DequantizeLinear", [tanh_codes(v, tag), bconst(f"{tag}_s2", np.float32(1.0 / n)),
                                          bconst(f"{tag}_z2", np.uint8(0))], [f"{tag}_dq"])
             return b("Sub", [b("Mul", [deq, bconst("two", np.float32(2))], [f"{tag}_2"]), bconst("onef", np.float32(1))],
                      [f"{tag}_q"])
+
+        ig = quant.gates[d] if quant is not None and quant.gates is not None else None
+
+        def int_product(codes, rows, V, m, bias, tag):
+            """acc(V[rows], codes) * m + bias: codes as floats times integer weights (exact), then the two roundings
+            the bit kernels' float epilogue makes (IntegerGates)."""
+            c = b("Cast", [codes], [f"{tag}_cf"], to=TensorProto.FLOAT)
+            acc = b("MatMul", [c, bconst(f"{tag}_V", np.ascontiguousarray(V[rows].T).astype(np.float32))], [f"{tag}_acc"])
+            return b("Add", [b("Mul", [acc, bconst(f"{tag}_m", m[rows])], [f"{tag}_am"]), bconst(f"{tag}_b", bias[rows])],
+                     [tag])
 
         h_in, c_in, x_in, m_in = f"{q}_h", f"{q}_c", f"{q}_x", f"{q}_m"
         xt = x_in
@@ -328,11 +382,17 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
             codes = b("QuantizeLinear", [x_in, bconst("xs", np.float32(quant.x_scale)), bconst("xz", np.uint8(quant.x_zero))],
                       ["xc"])
             codes = b("Min", [codes, bconst("xn", np.uint8(n))], ["xcc"])
-            xt = b("DequantizeLinear", [codes, bconst("xs2", np.float32(quant.x_scale)),
-                                        bconst("xz2", np.uint8(quant.x_zero))], ["xq"])
-        xw = b("Add", [b("MatMul", [xt, bconst("Wt", np.ascontiguousarray(W[d].T))], ["xw0"]), bconst("Wb", spec.Wb[d])],
-               ["xw"])
-        hq = tanh_q(h_in, "hq") if quant is not None and "h" in quant.points else h_in
+            if ig is None:
+                xt = b("DequantizeLinear", [codes, bconst("xs2", np.float32(quant.x_scale)),
+                                            bconst("xz2", np.uint8(quant.x_zero))], ["xq"])
+        G = slice(None)
+        if ig is not None:
+            xw = int_product(f"{q}_xcc", G, ig.Vw, ig.mw, ig.bw, "xw")
+            hc = tanh_codes(h_in, "hq")
+        else:
+            xw = b("Add", [b("MatMul", [xt, bconst("Wt", np.ascontiguousarray(W[d].T))], ["xw0"]),
+                           bconst("Wb", spec.Wb[d])], ["xw"])
+        hq = tanh_q(h_in, "hq") if quant is not None and "h" in quant.points and ig is None else h_in
 
         def cols(v, k, tag):  # gate k's columns [k*H, (k+1)*H)
             return b("Slice", [v, bconst(f"s{k}", np.array([k * H], np.int64)),
@@ -340,26 +400,34 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
                      [f"{tag}{k}"])
 
         if spec.cell == "LSTM":
-            gates = b("Add", [xw, b("Add", [b("MatMul", [hq, bconst("Rt", np.ascontiguousarray(R[d].T))], ["hr0"]),
-                                            bconst("Rb", spec.Rb[d])], ["hr"])], ["gates"])
+            hr = int_product(hc, G, ig.Vr, ig.mr, ig.br, "hr") if ig is not None else \
+                b("Add", [b("MatMul", [hq, bconst("Rt", np.ascontiguousarray(R[d].T))], ["hr0"]), bconst("Rb", spec.Rb[d])],
+                  ["hr"])
+            gates = b("Add", [xw, hr], ["gates"])
             i, o, f, cc = (cols(gates, k, "g") for k in range(4))
             c_new = b("Add", [b("Mul", [b("Sigmoid", [f], ["sf"]), c_in], ["fc"]),
                               b("Mul", [b("Sigmoid", [i], ["si"]), b("Tanh", [cc], ["tc"])], ["ic"])], ["cnew"])
             h_new = b("Mul", [b("Sigmoid", [o], ["so"]), b("Tanh", [c_new], ["tcn"])], ["hnew0"])
         else:
-            hr = b("Add", [b("MatMul", [hq, bconst("Rzr", np.ascontiguousarray(R[d][:2 * H].T))], ["hzr0"]),
-                           bconst("Rbzr", spec.Rb[d][:2 * H])], ["hzr"])
+            ZR, HH = slice(0, 2 * H), slice(2 * H, 3 * H)
+            hr = int_product(hc, ZR, ig.Vr, ig.mr, ig.br, "hzr") if ig is not None else \
+                b("Add", [b("MatMul", [hq, bconst("Rzr", np.ascontiguousarray(R[d][:2 * H].T))], ["hzr0"]),
+                          bconst("Rbzr", spec.Rb[d][:2 * H])], ["hzr"])
             xzr = cols(xw, 0, "xz_"), cols(xw, 1, "xr_")
             z = b("Sigmoid", [b("Add", [xzr[0], cols(hr, 0, "hz_")], ["zpre"])], ["z"])
             r = b("Sigmoid", [b("Add", [xzr[1], cols(hr, 1, "hr_")], ["rpre"])], ["r"])
-            Rh = bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T))
+            Rh = (lambda: bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T)))
             if spec.linear_before_reset:
-                rec = b("Mul", [r, b("Add", [b("MatMul", [hq, Rh], ["hh0"]), bconst("Rbh", spec.Rb[d][2 * H:])],
-                                     ["hh"])], ["rec"])
+                hh = int_product(hc, HH, ig.Vr, ig.mr, ig.br, "hh") if ig is not None else \
+                    b("Add", [b("MatMul", [hq, Rh()], ["hh0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["hh"])
+                rec = b("Mul", [r, hh], ["rec"])
             else:
                 rh = b("Mul", [r, h_in], ["rh0"])
-                rh = tanh_q(rh, "rhq") if quant is not None and "rh" in quant.points else rh
-                rec = b("Add", [b("MatMul", [rh, Rh], ["rec0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["rec"])
+                if ig is not None:
+                    rec = int_product(tanh_codes(rh, "rhq"), HH, ig.Vr, ig.mr, ig.br, "rec")
+                else:
+                    rh = tanh_q(rh, "rhq") if quant is not None and "rh" in quant.points else rh
+                    rec = b("Add", [b("MatMul", [rh, Rh()], ["rec0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["rec"])
             cand = b("Tanh", [b("Add", [cols(xw, 2, "xh_"), rec], ["cpre"])], ["cand"])
             cand = tanh_q(cand, "candq") if quant is not None and "cand" in quant.points else cand
             one_minus_z = b("Sub", [bconst("onez", np.float32(1)), z], ["omz"])
@@ -421,7 +489,7 @@ def quantize_recurrent(proto, ctx):
     def constant(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    rows, new_nodes, new_inits = [], [], []
+    rows, new_nodes, new_inits, layers_meta = [], [], [], []
     ranges = getattr(ctx, "act_ranges", None) or {}
     used_weights = set()
     for node in proto.graph.node:
@@ -435,8 +503,15 @@ def quantize_recurrent(proto, ctx):
         st = ranges.get(spec.inputs["x"])
         lo, hi = (st.min, st.max) if st is not None and st.count else (-1.0, 1.0)
         xs, xz = x_grid(lo, hi, plan.bits_a)
-        quant = RecurrentQuant(plan.bits_a, xs, xz, Wq, Rq)
+        gates = [IntegerGates.build(tw, tr, spec.Wb[d], spec.Rb[d], xs, xz, plan.bits_a)
+                 for d, (tw, tr) in enumerate(qts)]
+        quant = RecurrentQuant(plan.bits_a, xs, xz, Wq, Rq, gates=gates)
         nodes, extra = decompose(spec, quant)
+        layers_meta.append({"name": name, "cell": spec.cell, "direction": spec.direction, "hidden": spec.hidden,
+                            "input_size": spec.input_size, "linear_before_reset": spec.linear_before_reset,
+                            "bits_w": plan.bits_w, "bits_a": plan.bits_a, "x_scale": xs, "x_zero": xz,
+                            "inputs": spec.inputs, "outputs": spec.outputs, "prefix": scan_prefix(spec.name),
+                            "nodes": [n.name for n in nodes]})
         new_nodes.extend(nodes)
         new_inits.extend(extra)
         used_weights.update(node.input[1:4])
@@ -455,5 +530,6 @@ def quantize_recurrent(proto, ctx):
                               [t for t in proto.graph.initializer if t.name not in used_weights or t.name in still_read]
                               + new_inits, value_info=list(proto.graph.value_info))
     out = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    out.metadata_props.extend(proto.metadata_props)
+    out.metadata_props.extend(p for p in proto.metadata_props if p.key != METADATA_KEY)
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(layers_meta))
     return out, rows

@@ -205,6 +205,7 @@ def build_library(
     extra_cflags: Sequence[str] = (),
     timeout: float = 600.0,
     lut: bool = True,
+    recurrent: Sequence = (),
 ) -> Path:
     """Generate and compile one shared library with a ``qc_layer_*`` function per spec; returns the .so path.
 
@@ -213,6 +214,7 @@ def build_library(
     ``layer_avx512``: give BitGemm layers their own AVX-512 kernel too; default: when emulating, or when this CPU
     has AVX-512 VPOPCNTDQ (an artifact passes its target's capability).
     ``lut=False`` keeps every conv on popcounts (tests use it to check both kernels of the AVX2 path).
+    ``recurrent``: quantized LSTM/GRU layers (targets.cpu.recurrent), each a ``qc_rnn_*`` time loop.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,8 @@ def build_library(
         from .caps import detect
 
         layer_avx512 = emulate_avx512 or detect().avx512_vpopcntdq
-    lib = generate(list(specs), emulate_avx512=emulate_avx512, layer_avx512=layer_avx512, lut=lut)
+    lib = generate(list(specs), emulate_avx512=emulate_avx512, layer_avx512=layer_avx512, lut=lut,
+                   recurrent=recurrent)
     argv = compiler_command()
     flags = list(CFLAGS) + list(extra_cflags)
     if emulate_avx512:

@@ -428,6 +428,35 @@ def _maxpool_source(name: str, cname: str, in_shape, kernel, strides, dilations,
         PPT=max(1, 16384 // (h * w)), EXPORT=export or f"QC_EXPORT int qc_layer_{cname}")
 
 
+def _rnn_source(r, cname: str, symbols: dict[str, str]) -> str:
+    """One recurrent layer's time loop (templates/layer_rnn.c) around its gate-product layers ``symbols``."""
+    floats = lambda a: ", ".join(_c_float(v) for v in a)  # noqa: E731
+    fns = {k: [symbols[d[k].name] if d[k] is not None else "NULL" for d in r.sublayers] for k in ("W", "R", "Rh")}
+    protos = "".join(f"int {sym}(const uint8_t* x, void* y, int64_t batch);\n"
+                     for sym in sorted({f for v in fns.values() for f in v if f != "NULL"}))
+    return _template("layer_rnn.c").substitute(
+        LAYER=comment_text(r.name), CNAME=cname, DESC=r.describe(), NL=r.h_thresholds.size,
+        XTHR=floats(r.x_thresholds), HTHR=floats(r.h_thresholds), HVAL=floats(r.h_values), PROTOS=protos,
+        WFNS=", ".join(fns["W"]), RFNS=", ".join(fns["R"]), RHFNS=", ".join(fns["Rh"]), D=r.num_directions,
+        H=r.hidden, I=r.input_size, G=4 if r.cell == "LSTM" else 3, LSTM=int(r.cell == "LSTM"),
+        LBR=int(r.linear_before_reset), REVERSE=int(r.direction == "reverse"))
+
+
+def _rnn_table(recurrent, rnn: dict) -> str:
+    """qc_rnn_table: every recurrent layer's name, time loop and sizes, for the onnxruntime custom op Recurrent."""
+    protos, rows = [], []
+    for r in recurrent:
+        sym = rnn[r.name]["symbol"]
+        protos.append(f"int {sym}(const float*, const int32_t*, const float*, const float*, float*, float*, float*, "
+                      "int64_t, int64_t);\n")
+        rows.append(f"    {{{_c_literal(r.name)}, {sym}, {r.num_directions}, {r.hidden}, {r.input_size}, "
+                    f"{int(r.cell == 'LSTM')}}},\n")
+    rows = rows or ["    {0}\n"]  # C has no empty arrays: one zeroed entry, count 0
+    return ("/* ---- the recurrent layers, for the onnxruntime custom op Recurrent (ort_ops.c) ---- */\n"
+            + "".join(protos) + "const qc_rnn_entry qc_rnn_table[] = {\n" + "".join(rows) + "};\n"
+            + f"const int qc_rnn_count = {len(recurrent)};\n")
+
+
 def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -478,10 +507,13 @@ def x86_kernels(spec: LayerSpec, *, lut: bool = True, layer_avx512: bool = True)
 
 
 def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False,
-             lut: bool = True) -> GeneratedLibrary:
+             lut: bool = True, recurrent=()) -> GeneratedLibrary:
     """The C source, blobs and manifest of one library holding ``specs``. ``layer_avx512``: the BitGemm layers also
     get their own AVX-512 kernel (for an AVX-512 target; without it that path runs the core's kernels). ``lut``:
-    layers that :func:`lut_layer` accepts sum by lookup tables on the x86 AVX2 path (else by popcounts)."""
+    layers that :func:`lut_layer` accepts sum by lookup tables on the x86 AVX2 path (else by popcounts).
+    ``recurrent``: targets.cpu.recurrent.RecurrentLayer's; their gate products join ``specs`` as BitGemm layers and
+    each gets a ``qc_rnn_<cname>`` time loop (templates/layer_rnn.c)."""
+    specs = list(specs) + [s for r in recurrent for s in r.specs()]
     if not specs:
         raise ValueError("generate: no layers")
     seen = set()
@@ -513,11 +545,19 @@ def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx5
             layers[spec.name]["pool"] = list(spec.pool)
         if spec.in_thresholds is not None:
             layers[spec.name]["in_dtype"] = "float32"
+    rnn = {}
+    for j, r in enumerate(recurrent):
+        cname = c_name(j, r.name)
+        parts.append(_rnn_source(r, cname, {s.name: layers[s.name]["symbol"] for s in r.specs()}))
+        rnn[r.name] = {"symbol": f"qc_rnn_{cname}", "cell": r.cell, "direction": r.direction, "hidden": r.hidden,
+                       "input_size": r.input_size, "bits_a": r.bits_a,
+                       "gate_layers": [{k: (s.name if s is not None else None) for k, s in d.items()}
+                                       for d in r.sublayers]}
     manifest = {"abi": ABI_VERSION, "qcompile": __version__, "emulate_avx512": emulate_avx512,
-                "layer_avx512": layer_avx512, "layers": layers}
+                "layer_avx512": layer_avx512, "layers": layers, **({"recurrent": rnn} if rnn else {})}
     footer = _template("footer.c").substitute(MANIFEST=_c_string(json.dumps(manifest, sort_keys=True)),
                                               ABI=ABI_VERSION) \
-        + _layer_table(specs, [layers[s.name]["symbol"] for s in specs])
+        + _layer_table(specs, [layers[s.name]["symbol"] for s in specs]) + _rnn_table(recurrent, rnn)
     head = ("#define QC_EMULATE_AVX512 1\n" if emulate_avx512 else "") + \
         ("#define QC_LAYER_AVX512 1\n" if layer_avx512 else "") + common
     return GeneratedLibrary(core_source=core_source(emulate_avx512=emulate_avx512), head=head, layer_parts=parts,

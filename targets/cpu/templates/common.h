@@ -321,3 +321,15 @@ typedef struct {
 extern const qc_layer_entry qc_layer_table[];
 extern const int qc_layer_count;
 
+/* every recurrent layer (templates/layer_rnn.c): x float [seq, batch, input], lens int32 [batch] or NULL, h0/c0
+   float [dirs, batch, hidden] or NULL; Y [seq, dirs, batch, hidden], Yh/Yc [dirs, batch, hidden], each may be NULL */
+typedef int (*qc_rnn_fn)(const float* x, const int32_t* lens, const float* h0, const float* c0, float* Y, float* Yh,
+                         float* Yc, int64_t seq, int64_t batch);
+typedef struct {
+    const char* name;
+    qc_rnn_fn fn;
+    int32_t dirs, hidden, input, lstm;
+} qc_rnn_entry;
+extern const qc_rnn_entry qc_rnn_table[];
+extern const int qc_rnn_count;
+
