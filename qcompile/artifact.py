@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 import qcompile
-from qcompile.errors import ConfigError
+from qcompile.errors import ConfigError, QuantizationError
 from qcompile.fileio import sha256_file
 from qcompile.input_quant import fold_input_quantizers
 from qcompile.partition import check_loads, disabled_optimizers, partition, reader_counts
@@ -185,6 +185,45 @@ def custom_op_node(spec, fused_node: onnx.NodeProto) -> onnx.NodeProto:
                             layer=spec.name)
 
 
+def compile_recurrent(model: onnx.ModelProto, layers) -> onnx.ModelProto:
+    """``model`` with each recurrent layer's Scan-form nodes replaced by one ``Recurrent`` node of ai.qcompile (its
+    time loop in the kernel library, templates/layer_rnn.c), where the first of them stood. Every output gets a name
+    (an unused one a placeholder), so the custom op never sees an absent output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for layer in layers:
+        drop = set(layer.nodes)
+        nodes = list(out.graph.node)
+        at = next(i for i, n in enumerate(nodes) if n.name in drop)
+        ins = [layer.inputs.get(k, "") for k in ("x", "seq_lens", "h0", "c0")]
+        while ins[-1] == "":
+            ins.pop()
+        keys = ("y", "y_h", "y_c") if layer.cell == "LSTM" else ("y", "y_h")
+        outs = [layer.outputs.get(k) or f"{layer.name}/unused_{k}" for k in keys]
+        node = helper.make_node("Recurrent", ins, outs, name=layer.name, domain=DOMAIN, layer=layer.name)
+        kept = [n for n in nodes if n.name not in drop]
+        kept.insert(sum(1 for n in nodes[:at] if n.name not in drop), node)
+        del out.graph.node[:]
+        out.graph.node.extend(kept)
+    return out
+
+
+def recurrent_types(model: onnx.ModelProto, layers) -> dict[str, onnx.TypeProto]:
+    """The types of the recurrent layers' outputs (they cross into onnxruntime steps): the model's inferred ones, else
+    [seq, dirs, batch, hidden] / [dirs, batch, hidden] with symbolic seq and batch."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    types = {}
+    for layer in layers:
+        for key, shape in (("y", ["seq", layer.num_directions, "batch", layer.hidden]),
+                           ("y_h", [layer.num_directions, "batch", layer.hidden]),
+                           ("y_c", [layer.num_directions, "batch", layer.hidden])):
+            name = layer.outputs.get(key)
+            if name:
+                types[name] = known.get(name) or helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, shape)
+    return types
+
+
 def deploy_model(fused: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
     """One graph for one onnxruntime session: the float and int8 nodes as they are, each kernel layer a custom-op
     node; only the initializers those nodes read (the bit layers' weights are in the library)."""
@@ -274,10 +313,18 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     specs = layer_specs(fused, model, fold_pools=True)
     # the float layer before a BitConv hands it floats: the conv quantizes them itself (qcompile.input_quant)
     to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
+    from qcompile.targets.cpu.recurrent import recurrent_layers
+    try:
+        rnn = recurrent_layers(result.model)
+        rnn_reason = None
+    except QuantizationError as exc:  # e.g. a fake-quant model from an older qcompile: its Scan form runs as it is
+        rnn, rnn_reason = [], str(exc)
+    if rnn:
+        to_partition = compile_recurrent(to_partition, rnn)
     # the "cpu" target's library carries the AVX-512 BitGemm kernels whatever the build machine has: the path is
     # picked at run time, and an artifact built on an AVX2 box may be deployed on an AVX-512 server
-    library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq or caps.name == "cpu") \
-        if specs else None
+    library = build_library(specs, work / "kernels", layer_avx512=caps.avx512_vpopcntdq or caps.name == "cpu",
+                            recurrent=rnn) if specs or rnn else None
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 
@@ -289,11 +336,17 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
         lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))  # 0: a symbolic size (sequence length)
         types[out_name] = _tensor_type(elem, (*lead, *spec.out_shape))
+    types.update(recurrent_types(model, rnn))
+    rnn_names = {r.name for r in rnn}
     schedule, deploy_nodes, kernel_node = [], [], {}
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
     spec_by_name = {s.name: s for s in specs}
     for index, step in enumerate(partition(to_partition, types)):
-        if step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
+        if step.kind == "kernel" and step.layer in rnn_names:  # a recurrent layer: its time loop in the library
+            deploy_nodes.append(step.nodes[0])
+            schedule.append({"kind": "kernel", "layer": step.layer, "recurrent": True,
+                             "library": f"kernels/{library.name}", "inputs": step.inputs, "outputs": step.outputs})
+        elif step.kind == "kernel" and step.layer in folded:  # its conv's kernel step writes the pooled codes
             next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
             kernel_node[folded[step.layer]].output[0] = step.nodes[0].output[0]
         elif step.kind == "kernel":
@@ -332,10 +385,13 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         if choice and choice.kernel == "bitserial" and name in spec_of and planner.lut_kernel(spec_of[name], caps):
             label = "lut-avx2"  # the AVX2 LUT kernels, on the AVX-512 path too
         why = (result.ctx.fuse_notes.get(name, "") + "; " + choice.why) if choice else symbolic.get(name, p.reason)
-        if p.quantize and p.op in ("LSTM", "GRU"):
+        if p.quantize and p.op in ("LSTM", "GRU") and name in rnn_names:
+            label = f"bitserial-{caps.path} (time loop)"
+            why = ("recurrent layer: one library call per sequence; W x_t of every step in one BitGemm, R h_t-1 one "
+                   "BitGemm per step, gate arithmetic in C (exact against the fake-quant Scan in its integer parts)")
+        elif p.quantize and p.op in ("LSTM", "GRU"):
             label = "onnxruntime-fp32 (fake-quant Scan)"
-            why = ("recurrent layer: its quantized Scan form runs in onnxruntime (a compiled time loop in the kernel "
-                   "library is not built yet)")
+            why = f"recurrent layer: its quantized Scan form runs in onnxruntime ({rnn_reason or 'not compiled'})"
         spec = spec_of.get(name)
         if spec is not None and spec.pool is not None:
             why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs inside this kernel"

@@ -224,21 +224,38 @@ def test_a_recurrent_layer_outside_the_recipe_stays_float_with_its_reason(tmp_pa
     assert any(n.op_type == "LSTM" for n in r.model.graph.node)
 
 
-def test_a_cpu_artifact_of_a_quantized_lm_runs_its_scan_form_exactly(tmp_path):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_cpu_artifact_runs_the_quantized_lm_as_one_compiled_time_loop(cell, tmp_path):
+    """The artifact's recurrent layer is one Recurrent custom-op node (its time loop in the kernel library); its
+    hidden states and the logits equal the fake-quant Scan form's in onnxruntime: the codes are the same, and only
+    an LSTM's float cell state may differ by an ulp (libm's sigmoid/tanh against onnxruntime's)."""
+    import onnx
+
     from qcompile import api, datasets, lm
     from qcompile.runtime import InferenceSession
 
     tokens, calib = datasets.load_lm_sample()
-    r = api.compile(datasets.bundled_lm("gru"), config="w2a2", calib=_lm_reader(calib, "gru"), target="cpu")
+    r = api.compile(datasets.bundled_lm(cell), config="w2a2", calib=_lm_reader(calib, cell), target="cpu")
+    node = f"/rnn/{cell.upper()}"
     plan = {p["node"]: p for p in r.manifest["plan"]}
-    assert plan["/rnn/GRU"]["kernel"] == "onnxruntime-fp32 (fake-quant Scan)"
-    assert "not built yet" in plan["/rnn/GRU"]["why"]
+    assert plan[node]["kernel"].startswith("bitserial-") and "time loop" in plan[node]["kernel"]
     r.save(tmp_path / "art")
-    feeds = {"tokens": lm.batchify(tokens[:400], 4)[:20], "h0": np.zeros((1, 4, 200), np.float32)}
-    got = InferenceSession(tmp_path / "art").run(None, feeds)
-    want = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    for g_, w in zip(got, want):
-        np.testing.assert_array_equal(g_, w)
+    deploy = onnx.load(tmp_path / "art" / "deploy.onnx")
+    assert [n.op_type for n in deploy.graph.node if n.op_type in ("Recurrent", "Scan", "LSTM", "GRU")] == ["Recurrent"]
+    sess = InferenceSession(tmp_path / "art")
+    want_sess = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seq, batch in ((20, 4), (1, 1), (7, 16)):
+        feeds = {"tokens": lm.batchify(tokens[:2000], batch)[:seq], "h0": np.zeros((1, batch, 200), np.float32)}
+        if cell == "lstm":
+            feeds["c0"] = np.zeros((1, batch, 200), np.float32)
+        got = sess.run(None, feeds)
+        want = want_sess.run(None, feeds)
+        names = [o.name for o in want_sess.get_outputs()]
+        for name, g_, w in zip(names, got, want):
+            if name == "cn":  # the float cell state
+                np.testing.assert_allclose(g_, w, rtol=0, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(g_, w, err_msg=f"{cell} output {name} at seq {seq}, batch {batch}")
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])

@@ -57,6 +57,7 @@ typedef __m256 qc_f256;
 #define QC_ERR_PATH (-1)      /* QCOMPILE_CPU_PATH names a path this CPU (or this build) cannot run */
 #define QC_ERR_NOMEM (-2)
 #define QC_ERR_ARG (-3)
+#define QC_ERR_LENS (-4)      /* a recurrent layer's sequence_lens entry outside 0..seq */
 
 /* ---- code paths ---- */
 #define QC_PATH_GENERIC 0

@@ -9,7 +9,6 @@
 #ifndef QC_RNN_HELPERS
 #define QC_RNN_HELPERS
 #include <math.h>
-#define QC_ERR_LENS (-4)
 static inline float qc_sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 #endif
 

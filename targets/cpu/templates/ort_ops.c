@@ -46,6 +46,7 @@ enum {
     QC_SLOT_GetDimensions = 62,                 /* (const OrtTensorTypeAndShapeInfo*, int64_t* dims, size_t n) */
     QC_SLOT_GetTensorTypeAndShape = 65,         /* (const OrtValue*, OrtTensorTypeAndShapeInfo** out) */
     QC_SLOT_KernelInfoGetAttribute_string = 87, /* (const OrtKernelInfo*, const char* name, char* out, size_t* size) */
+    QC_SLOT_KernelContext_GetInputCount = 88,   /* (const OrtKernelContext*, size_t* out) */
     QC_SLOT_KernelContext_GetInput = 90,        /* (const OrtKernelContext*, size_t i, const OrtValue** out) */
     QC_SLOT_KernelContext_GetOutput = 91,       /* (OrtKernelContext*, size_t i, const int64_t* dims, size_t n,
                                                     OrtValue** out) */
@@ -258,9 +259,147 @@ static void qc_op_compute(void* kernel, OrtKernelContext* ctx) {
     if (st) QC_ORT(((const qc_ort_kernel*)kernel)->api, ReleaseStatus, void (*)(OrtStatus*))(st);
 }
 
+/* ---- op "Recurrent": a quantized LSTM/GRU layer (templates/layer_rnn.c), ONNX LSTM/GRU's inputs and outputs:
+ * X float [seq, batch, input], sequence_lens int32 [batch] (optional), initial_h / initial_c float [dirs, batch,
+ * hidden] (optional) -> Y [seq, dirs, batch, hidden], Y_h, Y_c [dirs, batch, hidden] (an LSTM's Y_c; a GRU has two
+ * outputs). An absent optional input is an empty name: onnxruntime hands a NULL value for it. */
+static const int qc_rnn_in_types[4] = {QC_ONNX_FLOAT, QC_ONNX_INT32, QC_ONNX_FLOAT, QC_ONNX_FLOAT};
+
+typedef struct {
+    const OrtApi* api;
+    const qc_rnn_entry* layer;
+} qc_rnn_kernel;
+
+static const char* qc_rnn_name(const OrtCustomOp* op) { (void)op; return "Recurrent"; }
+static int qc_rnn_in_type(const OrtCustomOp* op, size_t i) { (void)op; return qc_rnn_in_types[i < 4 ? i : 0]; }
+static size_t qc_rnn_in_count(const OrtCustomOp* op) { (void)op; return 4; }
+static int qc_rnn_out_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return QC_ONNX_FLOAT; }
+static size_t qc_rnn_out_count(const OrtCustomOp* op) { (void)op; return 3; }
+static int qc_rnn_in_char(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? 0 : 1; }  /* 1: optional */
+static int qc_rnn_out_char(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? 0 : 1; }
+
+static OrtStatus* qc_rnn_create_v2(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                   void** kernel) {
+    (void)op;
+    typedef OrtStatus* (*get_str_fn)(const OrtKernelInfo*, const char*, char*, size_t*);
+    char name[512], msg[640];
+    size_t size = sizeof name;
+    OrtStatus* st = QC_ORT(api, KernelInfoGetAttribute_string, get_str_fn)(info, "layer", name, &size);
+    if (st) return st;
+    for (int i = 0; i < qc_rnn_count; ++i) {
+        if (strcmp(qc_rnn_table[i].name, name) != 0) continue;
+        qc_rnn_kernel* k = (qc_rnn_kernel*)malloc(sizeof *k);
+        if (!k) return QC_ORT(api, CreateStatus, qc_ort_create_status_fn)(QC_ORT_FAIL, "qcompile: out of memory");
+        k->api = api;
+        k->layer = &qc_rnn_table[i];
+        *kernel = k;
+        return NULL;
+    }
+    snprintf(msg, sizeof msg, "no qcompile recurrent layer '%s' in this kernel library (%d): the graph and the "
+             "library come from different compiles", name, qc_rnn_count);
+    return qc_ort_error(api, msg);
+}
+
+static void* qc_rnn_create(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+    void* k = NULL;
+    OrtStatus* st = qc_rnn_create_v2(op, api, info, &k);
+    if (st) QC_ORT(api, ReleaseStatus, void (*)(OrtStatus*))(st);
+    return k;
+}
+
+/* the dims of input i, or nd = 0 and *data = NULL when it is absent */
+static OrtStatus* qc_rnn_input(const OrtApi* api, OrtKernelContext* ctx, size_t count, size_t i, int64_t* dims,
+                               size_t* nd, void** data) {
+    typedef OrtStatus* (*get_input_fn)(const OrtKernelContext*, size_t, const OrtValue**);
+    typedef OrtStatus* (*type_shape_fn)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+    typedef OrtStatus* (*dims_count_fn)(const OrtTensorTypeAndShapeInfo*, size_t*);
+    typedef OrtStatus* (*dims_fn)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+    typedef OrtStatus* (*data_fn)(OrtValue*, void**);
+    *nd = 0;
+    *data = NULL;
+    if (i >= count) return NULL;
+    const OrtValue* v = NULL;
+    OrtStatus* st = QC_ORT(api, KernelContext_GetInput, get_input_fn)(ctx, i, &v);
+    if (st || !v) return st;
+    OrtTensorTypeAndShapeInfo* info = NULL;
+    if ((st = QC_ORT(api, GetTensorTypeAndShape, type_shape_fn)(v, &info))) return st;
+    st = QC_ORT(api, GetDimensionsCount, dims_count_fn)(info, nd);
+    if (!st && *nd > 4) *nd = 5;  /* more than any input takes: the caller refuses it */
+    else if (!st) st = QC_ORT(api, GetDimensions, dims_fn)(info, dims, *nd);
+    QC_ORT(api, ReleaseTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*))(info);
+    if (st) return st;
+    return QC_ORT(api, GetTensorMutableData, data_fn)((OrtValue*)v, data);
+}
+
+static OrtStatus* qc_rnn_compute_v2(void* kernel, OrtKernelContext* ctx) {
+    typedef OrtStatus* (*count_fn)(const OrtKernelContext*, size_t*);
+    typedef OrtStatus* (*get_output_fn)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+    typedef OrtStatus* (*data_fn)(OrtValue*, void**);
+    const qc_rnn_kernel* k = (const qc_rnn_kernel*)kernel;
+    const OrtApi* api = k->api;
+    const qc_rnn_entry* e = k->layer;
+    char msg[640];
+    size_t count = 0, nd[4];
+    int64_t dims[4][5];
+    void* in[4];
+    OrtStatus* st = QC_ORT(api, KernelContext_GetInputCount, count_fn)(ctx, &count);
+    for (size_t i = 0; i < 4 && !st; ++i) st = qc_rnn_input(api, ctx, count, i, dims[i], &nd[i], &in[i]);
+    if (st) return st;
+    const int64_t seq = nd[0] == 3 ? dims[0][0] : -1, batch = nd[0] == 3 ? dims[0][1] : -1;
+    if (nd[0] != 3 || dims[0][2] != e->input) {
+        snprintf(msg, sizeof msg, "qcompile recurrent layer '%s': X must be [seq, batch, %d] (layout 0)", e->name,
+                 (int)e->input);
+        return qc_ort_error(api, msg);
+    }
+    if (in[1] && (nd[1] != 1 || dims[1][0] != batch)) {
+        snprintf(msg, sizeof msg, "qcompile recurrent layer '%s': sequence_lens must be [%lld]", e->name,
+                 (long long)batch);
+        return qc_ort_error(api, msg);
+    }
+    for (int i = 2; i < 4; ++i)
+        if (in[i] && (nd[i] != 3 || dims[i][0] != e->dirs || dims[i][1] != batch || dims[i][2] != e->hidden)) {
+            snprintf(msg, sizeof msg, "qcompile recurrent layer '%s': initial_%c must be [%d, %lld, %d]", e->name,
+                     i == 2 ? 'h' : 'c', (int)e->dirs, (long long)batch, (int)e->hidden);
+            return qc_ort_error(api, msg);
+        }
+    const int64_t ydims[4] = {seq, e->dirs, batch, e->hidden}, sdims[3] = {e->dirs, batch, e->hidden};
+    float* out[3] = {NULL, NULL, NULL};
+    const int nout = e->lstm ? 3 : 2;
+    for (int i = 0; i < nout; ++i) {
+        OrtValue* v = NULL;
+        st = QC_ORT(api, KernelContext_GetOutput, get_output_fn)(ctx, (size_t)i, i == 0 ? ydims : sdims,
+                                                                 i == 0 ? 4 : 3, &v);
+        if (st) return st;
+        if (v && (st = QC_ORT(api, GetTensorMutableData, data_fn)(v, (void**)&out[i]))) return st;
+    }
+    qc_ort_pool pool = {api, ctx};
+    const char* threads = getenv("QCOMPILE_THREADS");
+    const int on_ort = qc_ort_parallel_for && !(threads && strcmp(threads, "own") == 0);
+    if (on_ort) qc_thread_pool_hook = (qc_pool_hook){qc_ort_run, &pool};
+    const int rc = e->fn((const float*)in[0], (const int32_t*)in[1], (const float*)in[2], (const float*)in[3],
+                         out[0], out[1], out[2], seq, batch);
+    if (on_ort) qc_thread_pool_hook = (qc_pool_hook){NULL, NULL};
+    if (rc == QC_OK) return NULL;
+    if (rc == QC_ERR_LENS)
+        snprintf(msg, sizeof msg, "qcompile recurrent layer '%s': a sequence_lens entry is negative or longer than "
+                 "the padded length %lld", e->name, (long long)seq);
+    else if (rc == QC_ERR_PATH)
+        snprintf(msg, sizeof msg, "qcompile recurrent layer '%s': QCOMPILE_CPU_PATH names a code path this CPU "
+                 "lacks (unset it or choose avx2/generic)", e->name);
+    else
+        snprintf(msg, sizeof msg, "qcompile recurrent layer '%s' failed (code %d)", e->name, rc);
+    return qc_ort_error(api, msg);
+}
+
+static void qc_rnn_compute(void* kernel, OrtKernelContext* ctx) {
+    OrtStatus* st = qc_rnn_compute_v2(kernel, ctx);
+    if (st) QC_ORT(((const qc_rnn_kernel*)kernel)->api, ReleaseStatus, void (*)(OrtStatus*))(st);
+}
+
 /* onnxruntime keeps pointers to the ops for the life of every session registered with them: made once, shared */
 static qc_ort_op qc_ort_ops[6];
 static int qc_ort_nops;
+static OrtCustomOp qc_rnn_op;
 static pthread_once_t qc_ort_once = PTHREAD_ONCE_INIT;
 
 static void qc_ort_make_ops(void) {
@@ -295,6 +434,26 @@ static void qc_ort_make_ops(void) {
         c->CreateKernelV2 = qc_op_create_v2;
         c->KernelComputeV2 = qc_op_compute_v2;
     }
+    OrtCustomOp* r = &qc_rnn_op;
+    r->version = QC_ORT_API_VERSION;
+    r->CreateKernel = qc_rnn_create;
+    r->GetName = qc_rnn_name;
+    r->GetExecutionProviderType = qc_op_ep;
+    r->GetInputType = qc_rnn_in_type;
+    r->GetInputTypeCount = qc_rnn_in_count;
+    r->GetOutputType = qc_rnn_out_type;
+    r->GetOutputTypeCount = qc_rnn_out_count;
+    r->KernelCompute = qc_rnn_compute;
+    r->KernelDestroy = qc_op_destroy;
+    r->GetInputCharacteristic = qc_rnn_in_char;
+    r->GetOutputCharacteristic = qc_rnn_out_char;
+    r->GetInputMemoryType = qc_op_mem_default;
+    r->GetVariadicInputMinArity = qc_op_arity;
+    r->GetVariadicInputHomogeneity = qc_op_homogeneous;
+    r->GetVariadicOutputMinArity = qc_op_arity;
+    r->GetVariadicOutputHomogeneity = qc_op_homogeneous;
+    r->CreateKernelV2 = qc_rnn_create_v2;
+    r->KernelComputeV2 = qc_rnn_compute_v2;
 }
 
 /* onnxruntime dlcloses a custom-op library when the session options that registered it go away, but the kernels'
@@ -328,6 +487,7 @@ QC_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiB
     pthread_once(&qc_ort_once, qc_ort_make_ops);
     for (int j = 0; j < qc_ort_nops && !st; ++j)
         st = QC_ORT(api, CustomOpDomain_Add, domain_add_fn)(domain, &qc_ort_ops[j].op);
+    if (!st && qc_rnn_count) st = QC_ORT(api, CustomOpDomain_Add, domain_add_fn)(domain, &qc_rnn_op);
     if (!st) st = QC_ORT(api, AddCustomOpDomain, add_domain_fn)(options, domain);
     return st;   /* the domain lives as long as the process: sessions made with these options refer to it */
 }
