@@ -436,7 +436,8 @@ def _rnn_source(r, cname: str, symbols: dict[str, str]) -> str:
                      for sym in sorted({f for v in fns.values() for f in v if f != "NULL"}))
     return _template("layer_rnn.c").substitute(
         LAYER=comment_text(r.name), CNAME=cname, DESC=r.describe(), NL=r.h_thresholds.size,
-        XTHR=floats(r.x_thresholds), HTHR=floats(r.h_thresholds), HVAL=floats(r.h_values), PROTOS=protos,
+        XTHR=floats(r.x_thresholds), HTHR=floats(r.h_thresholds), INV_N=_c_float(1.0 / ((1 << r.bits_a) - 1)),
+        PROTOS=protos,
         WFNS=", ".join(fns["W"]), RFNS=", ".join(fns["R"]), RHFNS=", ".join(fns["Rh"]), D=r.num_directions,
         H=r.hidden, I=r.input_size, G=4 if r.cell == "LSTM" else 3, LSTM=int(r.cell == "LSTM"),
         LBR=int(r.linear_before_reset), REVERSE=int(r.direction == "reverse"))
