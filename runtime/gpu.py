@@ -1,0 +1,308 @@
+"""GPU runtime: load a gpu artifact's fatbin through the CUDA driver API (ctypes, libcuda.so.1) and run its layers.
+
+No CUDA toolkit, CuPy, torch or onnxruntime-gpu is needed at run time: the driver that comes with the GPU loads
+the fatbin (cuModuleLoadData) and launches the kernels (cuLaunchKernel). Without a driver or a device every entry
+point raises :class:`GpuUnavailableError` with one line saying which.
+
+The same launcher drives the host emulation of the kernels (``EmuDevice``, a qc_gpu_emu.so built by
+qcompile.targets.gpu.build_emulation), so the argument marshalling, buffers and launch geometry that a GPU run
+uses are tested on any machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import ArtifactError, QcompileError, RuntimeInputError
+
+__all__ = ["GpuUnavailableError", "CudaDevice", "EmuDevice", "GpuLibrary", "QcArgs", "open_device"]
+
+
+class GpuUnavailableError(QcompileError):
+    """No CUDA driver, no device, or a device too old for the kernels."""
+
+
+class QcArgs(ctypes.Structure):
+    """The kernels' single by-value parameter (templates/bitkernels.cuh ``struct QcArgs``)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("x", "act", "rowsum", "w", "wz2", "mult", "bias", "thr", "wtap", "in_thr", "out")] + \
+        [("batch", ctypes.c_int64)]
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+class CudaDevice:
+    """One GPU through libcuda (driver API): primary context of ``device``, one module (the fatbin)."""
+
+    kind = "cuda"
+
+    def __init__(self, fatbin: bytes, device: int = 0):
+        try:
+            self._cu = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            raise GpuUnavailableError("no CUDA driver (libcuda.so.1 not found): the gpu target needs an NVIDIA GPU "
+                                      "and its driver; run a cpu artifact here instead") from None
+        cu = self._cu
+        cu.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        rc = cu.cuInit(0)
+        count = ctypes.c_int(0)
+        if rc == 0:
+            rc = cu.cuDeviceGetCount(ctypes.byref(count))
+        if rc != 0 or count.value == 0:
+            why = "no CUDA device" if rc in (0, 100) else f"the CUDA driver failed to start ({self._name(rc)})"
+            raise GpuUnavailableError(f"{why}: the gpu target needs an NVIDIA GPU (sm_75 or newer); run a cpu "
+                                      "artifact here instead")
+        if device >= count.value:
+            raise GpuUnavailableError(f"CUDA device {device} does not exist ({count.value} found)")
+        self._dev = ctypes.c_int(0)
+        self._check(cu.cuDeviceGet(ctypes.byref(self._dev), device), "cuDeviceGet")
+        major, minor = ctypes.c_int(0), ctypes.c_int(0)
+        self._check(cu.cuDeviceGetAttribute(ctypes.byref(major), 75, self._dev), "cuDeviceGetAttribute")
+        self._check(cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, self._dev), "cuDeviceGetAttribute")
+        self.cc = (major.value, minor.value)
+        if self.cc < (7, 5):
+            raise GpuUnavailableError(f"CUDA device {device} is sm_{major.value}{minor.value}; the gpu kernels need "
+                                      "sm_75 or newer")
+        self._ctx = ctypes.c_void_p()
+        self._check(cu.cuDevicePrimaryCtxRetain(ctypes.byref(self._ctx), self._dev), "cuDevicePrimaryCtxRetain")
+        self._check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        self._module = ctypes.c_void_p()
+        self._fatbin = ctypes.create_string_buffer(fatbin, len(fatbin))
+        self._check(cu.cuModuleLoadData(ctypes.byref(self._module), self._fatbin), "cuModuleLoadData (the fatbin "
+                    "has no code for this GPU: rebuild with --target gpu:sm_XY)")
+        cu.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+        cu.cuMemFree_v2.argtypes = [ctypes.c_uint64]
+        cu.cuMemcpyHtoD_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        cu.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        cu.cuMemsetD8_v2.argtypes = [ctypes.c_uint64, ctypes.c_ubyte, ctypes.c_size_t]
+        cu.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p,
+                                                                                ctypes.c_void_p, ctypes.c_void_p]
+        self._functions: dict[str, ctypes.c_void_p] = {}
+        self.name = f"CUDA device {device} (sm_{major.value}{minor.value})"
+
+    def _name(self, rc: int) -> str:
+        s = ctypes.c_char_p()
+        return s.value.decode() if self._cu.cuGetErrorName(rc, ctypes.byref(s)) == 0 and s.value else f"error {rc}"
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise GpuUnavailableError(f"{what} failed: {self._name(rc)}")
+
+    def alloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_uint64(0)
+        self._check(self._cu.cuMemAlloc_v2(ctypes.byref(ptr), max(int(nbytes), 1)), f"cuMemAlloc({nbytes})")
+        return ptr.value
+
+    def free(self, ptr: int) -> None:
+        self._cu.cuMemFree_v2(ptr)
+
+    def htod(self, ptr: int, arr: np.ndarray) -> None:
+        self._check(self._cu.cuMemcpyHtoD_v2(ptr, arr.ctypes.data, arr.nbytes), "cuMemcpyHtoD")
+
+    def dtoh(self, arr: np.ndarray, ptr: int) -> None:
+        self._check(self._cu.cuMemcpyDtoH_v2(arr.ctypes.data, ptr, arr.nbytes), "cuMemcpyDtoH")
+
+    def memset(self, ptr: int, nbytes: int) -> None:
+        self._check(self._cu.cuMemsetD8_v2(ptr, 0, nbytes), "cuMemsetD8")
+
+    def launch(self, name: str, grid, block, args: QcArgs) -> None:
+        f = self._functions.get(name)
+        if f is None:
+            f = ctypes.c_void_p()
+            self._check(self._cu.cuModuleGetFunction(ctypes.byref(f), self._module, name.encode()),
+                        f"cuModuleGetFunction({name})")
+            self._functions[name] = f
+        params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+        self._check(self._cu.cuLaunchKernel(f, *grid, *block, 0, None, params, None), f"launch of {name}")
+
+    def sync(self) -> None:
+        self._check(self._cu.cuCtxSynchronize(), "kernel execution")
+
+
+class EmuDevice:
+    """The host emulation of the same kernels (qc_gpu_emu.so): "device memory" is host memory, launches run the
+    grid's blocks one by one on this CPU. For tests; reports itself as an sm_90 device unless ``cc`` says."""
+
+    kind = "emulation"
+
+    def __init__(self, so_path: str | os.PathLike, cc: tuple[int, int] = (9, 0)):
+        self._lib = ctypes.CDLL(str(so_path))
+        self._lib.qc_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+        self._buffers: dict[int, np.ndarray] = {}
+        self.cc = cc
+        self.name = f"host emulation of sm_{cc[0]}{cc[1]}"
+
+    def alloc(self, nbytes: int) -> int:
+        buf = np.full(int(nbytes) + 256, 0xA5, np.uint8)  # garbage, like cuMemAlloc: kernels must not rely on 0
+        ptr = (buf.ctypes.data + 255) // 256 * 256
+        self._buffers[ptr] = buf
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        self._buffers.pop(ptr, None)
+
+    def htod(self, ptr: int, arr: np.ndarray) -> None:
+        ctypes.memmove(ptr, arr.ctypes.data, arr.nbytes)
+
+    def dtoh(self, arr: np.ndarray, ptr: int) -> None:
+        ctypes.memmove(arr.ctypes.data, ptr, arr.nbytes)
+
+    def memset(self, ptr: int, nbytes: int) -> None:
+        ctypes.memset(ptr, 0, nbytes)
+
+    def launch(self, name: str, grid, block, args: QcArgs) -> None:
+        params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+        if self._lib.qc_emu_launch(name.encode(), *grid, *block, params) != 0:
+            raise RuntimeInputError(f"emulation: no kernel named {name}")
+
+    def sync(self) -> None:
+        pass
+
+
+def open_device(fatbin: bytes, emulation: str | os.PathLike | None = None):
+    """The CUDA device (or, with ``emulation`` / $QCOMPILE_GPU_EMULATION, the emulation library)."""
+    emulation = emulation or os.environ.get("QCOMPILE_GPU_EMULATION")
+    return EmuDevice(emulation) if emulation else CudaDevice(fatbin)
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GpuLibrary:
+    """The layers of one built GPU kernel library (qc_gpu.json), their constants uploaded once to the device.
+
+    ``run(layer, x)``: numpy in, numpy out. ``run_device(layer, x_ptr, batch)``: device pointer in, device pointer
+    out (the layer's own output buffer, valid until its next call): chains of layers never leave the device."""
+
+    def __init__(self, manifest: str | os.PathLike, device=None, *, emulation: str | os.PathLike | None = None):
+        self.path = Path(manifest)
+        try:
+            self.manifest = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{self.path}: not a GPU kernel manifest ({exc})") from None
+        folder = self.path.parent
+        for rel, digest in self.manifest.get("sha256", {}).items():
+            p = folder / rel
+            if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+                raise ArtifactError(f"{p}: missing or not the file the manifest lists; rebuild the kernels")
+        if device is None:
+            fatbin = self.manifest.get("fatbin")
+            if fatbin is None and not (emulation or os.environ.get("QCOMPILE_GPU_EMULATION")):
+                raise ArtifactError(f"{self.path}: built without nvcc (no fatbin); rebuild with the CUDA toolkit")
+            device = open_device((folder / fatbin).read_bytes() if fatbin else b"", emulation)
+        self.device = device
+        self.layers = {entry["name"]: entry for entry in self.manifest["layers"]}
+        constants = np.frombuffer((folder / self.manifest["constants"]).read_bytes(), np.uint8)
+        self._const = device.alloc(constants.nbytes)
+        if constants.nbytes:
+            device.htod(self._const, constants)
+        self._work: dict[tuple[str, int], dict[str, int]] = {}
+        self._outputs: dict[str, tuple[int, int]] = {}
+
+    # which GEMM kernel: tensor cores on sm_80+, CUDA cores below (QCOMPILE_GPU_PATH=mma|popc forces one)
+    @property
+    def gemm_path(self) -> str:
+        forced = os.environ.get("QCOMPILE_GPU_PATH", "")
+        if forced not in ("", "mma", "popc"):
+            raise RuntimeInputError(f"QCOMPILE_GPU_PATH={forced!r}: use mma or popc")
+        if forced == "mma" and self.device.cc < (8, 0):
+            raise GpuUnavailableError(f"QCOMPILE_GPU_PATH=mma needs sm_80 or newer; this is {self.device.name}")
+        return forced or ("mma" if self.device.cc >= (8, 0) else "popc")
+
+    def _const_ptr(self, entry: dict, name: str) -> int | None:
+        where = entry["blob"].get(name)
+        return None if where is None else self._const + entry["blob_offset"] + where[0]
+
+    def _buffers(self, entry: dict, batch: int) -> dict[str, int]:
+        key = (entry["name"], batch)
+        if key not in self._work:
+            for old in [k for k in self._work if k[0] == entry["name"]]:  # one batch size cached per layer
+                for ptr in self._work.pop(old).values():
+                    self.device.free(ptr)
+            bufs = {}
+            if entry["op"] == "gemm":
+                rows = _cdiv(batch, 128) * 128
+                bufs["act"] = self.device.alloc(4 * rows * entry["act_words_per_row"])
+                bufs["rowsum"] = self.device.alloc(4 * rows)
+            elif entry["op"] == "conv":
+                bufs["act"] = self.device.alloc(4 * batch * entry["act_words_per_sample"])
+                bufs["rowsum"] = self.device.alloc(4 * batch * entry["rowsum_per_sample"])
+                if "pool" in entry:
+                    bufs["codes"] = self.device.alloc(batch * int(np.prod(entry["conv_out_shape"])))
+            bufs["out"] = self.device.alloc(batch * int(np.prod(entry["out_shape"])) *
+                                            np.dtype(entry["out_dtype"]).itemsize)
+            self._work[key] = bufs
+        return self._work[key]
+
+    def run_device(self, layer: str, x_ptr: int, batch: int) -> int:
+        """Launch ``layer`` on ``batch`` samples at device address ``x_ptr``; returns its output's address."""
+        entry = self.layers.get(layer)
+        if entry is None:
+            raise RuntimeInputError(f"no layer {layer!r} in {self.path}; layers: {sorted(self.layers)}")
+        bufs = self._buffers(entry, batch)
+        k = entry["kernels"]
+        if entry["op"] == "maxpool":
+            c, ho, wo = entry["out_shape"]
+            args = QcArgs(x=x_ptr, out=bufs["out"], batch=batch)
+            self.device.launch(k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), args)
+            return bufs["out"]
+        args = QcArgs(x=x_ptr, act=bufs["act"], rowsum=bufs["rowsum"], batch=batch,
+                      out=bufs.get("codes", bufs["out"]))
+        for name in ("w", "wz2", "mult", "bias", "thr", "wtap", "in_thr"):
+            setattr(args, name, self._const_ptr(entry, name))
+        threads = entry["pack_threads"]
+        if entry["op"] == "gemm":
+            pack_grid = _cdiv(_cdiv(batch, 128) * 128, threads // 32)
+        else:
+            c, h, w = entry["in_shape"]
+            pack_grid = _cdiv(batch * entry["groups"] * h * w, threads)
+        self.device.launch(k["pack"], (pack_grid, 1, 1), (threads, 1, 1), args)
+        tile = entry[self.gemm_path]
+        rows = batch * entry["rows_per_sample"]
+        grid = (_cdiv(rows, tile["tm"]), _cdiv(entry["ng"], tile["tn"]), entry["groups"])
+        self.device.launch(k[self.gemm_path], grid, (tile["threads"], 1, 1), args)
+        if "pool" in entry:
+            c, ho, wo = entry["pool"]["out_shape"]
+            pool = QcArgs(x=bufs["codes"], out=bufs["out"], batch=batch)
+            self.device.launch(k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), pool)
+        return bufs["out"]
+
+    def upload(self, x: np.ndarray) -> int:
+        ptr = self.device.alloc(x.nbytes)
+        self.device.htod(ptr, np.ascontiguousarray(x))
+        return ptr
+
+    def download(self, ptr: int, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        self.device.sync()
+        self.device.dtoh(out, ptr)
+        return out
+
+    def run(self, layer: str, x: np.ndarray) -> np.ndarray:
+        """``x``: [batch, K] for a gemm (uint8, or float32 for a layer that quantizes its input), NCHW for a conv
+        or a pool. Returns [batch, *out_shape]."""
+        entry = self.layers.get(layer)
+        if entry is None:
+            raise RuntimeInputError(f"no layer {layer!r} in {self.path}; layers: {sorted(self.layers)}")
+        want = np.dtype(entry["in_dtype"])
+        if not isinstance(x, np.ndarray) or x.dtype != want or tuple(x.shape[1:]) != tuple(entry["in_shape"]):
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise RuntimeInputError(f"layer {layer}: input {got}, expected {want} [batch, "
+                                    f"{', '.join(map(str, entry['in_shape']))}]")
+        batch = x.shape[0]
+        if batch == 0:
+            return np.zeros((0, *entry["out_shape"]), entry["out_dtype"])
+        xp = self.upload(x)
+        try:
+            out = self.run_device(layer, xp, batch)
+            return self.download(out, (batch, *entry["out_shape"]), entry["out_dtype"])
+        finally:
+            self.device.free(xp)
