@@ -9,13 +9,17 @@
  * sits on a grid boundary can then take the neighbouring code. The gate loops run over a row of H values, written
  * branch-free so the compiler vectorizes them; the AVX2 / AVX-512 copies differ only in vector width (no FMA
  * contraction: -ffp-contract=off), so every path gives the same bits. ---- */
+/* no-trapping-math: lets the gate loops if-convert (the clamps, the code search); it changes no result */
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
 #ifndef QC_RNN_HELPERS
 #define QC_RNN_HELPERS
 #define QC_INLINE static inline __attribute__((always_inline))
 /* exp in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n through the exponent bits),
    ~1 ulp on [-87, 88], clamped outside; branch-free so loops over it vectorize */
 QC_INLINE float qc_rnn_exp(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* nearest integer */
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -168,3 +172,4 @@ done:
     free(xc); free(xw); free(st); free(codes);
     return rc;
 }
+#pragma GCC pop_options
