@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["mvau_cycles", "mvau_resources", "PIPELINE_LATENCY", "acc_bits"]
+__all__ = ["mvau_cycles", "mvau_resources", "PIPELINE_LATENCY", "BRAM_MIN_DEPTH", "acc_bits"]
 
 # Cycles from the last input beat of a frame to its last output beat with the stream always ready:
 # issue register (weight ROM read), popcount + accumulate, threshold compare into the output register.
 PIPELINE_LATENCY = 3
-# A weight memory below this many bits stays in LUTs (distributed ROM); above it, BRAM18 (18 Kib, 36 bits wide).
-_LUTROM_MAX_BITS = 16 * 1024
+# The weight ROM (synchronous read) goes to BRAM from this depth on, as yosys synth_xilinx maps it; below, LUTs.
+BRAM_MIN_DEPTH = 512
 _BRAM18_BITS, _BRAM18_MAX_WIDTH = 18 * 1024, 36
+# LUT model, fitted (least relative error) to yosys 0.23 synth_xilinx of qc_mvau.sv on 9 foldings from
+# K=64..784, N=12..256, PE=1..16, SIMD=8..64, 1-2 bit activations (docs/fpga.md): per LUT-ROM bit and 64 words,
+# per lane-bit of the adder trees, per accumulator bit and wzero2 bit (the shift-add), per comparator bit, fixed.
+_LUT_PER_ROM_BIT, _LUT_PER_LANE_BIT, _LUT_PER_ACC_BIT, _LUT_PER_CMP_BIT, _LUT_FIXED = 0.85, 2.87, 1.32, 0.77, 61
+_FF_FIXED = 27
 
 
 def _folds(K: int, N: int, pe: int, simd: int) -> tuple[int, int]:
@@ -41,36 +46,31 @@ def mvau_cycles(rows: int, K: int, N: int, pe: int, simd: int) -> int:
     return rows * nf * sf + PIPELINE_LATENCY
 
 
-def _rom_cost(width: int, depth: int) -> tuple[int, int]:
-    """(LUTs, BRAM18) of a ROM of ``depth`` words of ``width`` bits: LUT6 = 64 x 1 bit in LUTs, else BRAM18s."""
-    bits = width * depth
-    if bits <= _LUTROM_MAX_BITS:
+def _weight_rom(width: int, depth: int) -> tuple[int, int]:
+    """(LUT-ROM bits x 64-word columns, BRAM18) of the weight ROM: ``depth`` words of ``width`` bits."""
+    if depth < BRAM_MIN_DEPTH:
         return width * math.ceil(depth / 64), 0
-    per_bram_width = max(1, min(_BRAM18_MAX_WIDTH, _BRAM18_BITS // max(depth, 512)))
-    return 0, math.ceil(width / per_bram_width) * math.ceil(depth / max(512, _BRAM18_BITS // per_bram_width))
+    per_bram_width = max(1, min(_BRAM18_MAX_WIDTH, _BRAM18_BITS // depth))
+    return 0, math.ceil(width / per_bram_width) * math.ceil(depth / (_BRAM18_BITS // per_bram_width))
 
 
-def mvau_resources(K: int, N: int, pe: int, simd: int, bits_a: int, bits_w: int, n_thresholds: int) -> dict:
-    """LUT / FF / BRAM18 / DSP estimate of one MVAU (1-bit weights: no DSPs).
+def mvau_resources(K: int, N: int, pe: int, simd: int, bits_a: int, bits_w: int, n_thresholds: int, *,
+                   xor: bool = False) -> dict:
+    """LUT / FF / BRAM18 / DSP estimate of one MVAU (1-bit weights: no DSPs) as yosys ``synth_xilinx`` maps it.
 
-    Weights: a ROM ``PE*SIMD*bits_w`` bits wide and ``NF*SF`` deep. Per PE: ``SIMD`` lanes of XNOR/AND (or a
-    ``bits_a``-bit mux) feeding a popcount / adder tree, an accumulator, ``n_thresholds`` comparators against the
-    threshold ROM. FFs: the vector buffer (when ``NF > 1``), pipeline registers, accumulators, counters.
+    Weights: a ROM ``PE*SIMD*bits_w`` bits wide and ``NF*SF`` deep (LUTs, or BRAM18 when deep). Per PE: ``SIMD``
+    lanes of AND/XNOR (or a ``bits_a``-bit mux) into an adder tree, an accumulator, the ``2*acc - wzero2*sum(p)``
+    shift-add (AND form; ``xor``: ``2*acc - K``), ``n_thresholds`` comparators and their LUT ROM. FFs: the issue
+    registers, accumulators, output register (the vector buffer is LUTRAM).
     """
     nf, sf = _folds(K, N, pe, simd)
     acc = acc_bits(K, bits_a)
-    bits_out = max(1, n_thresholds.bit_length())
-    w_lut, w_bram = _rom_cost(pe * simd * bits_w, nf * sf)
-    t_lut, t_bram = _rom_cost(pe * n_thresholds * acc, nf)
-    # a LUT6 compresses ~3 lane products into a 2-bit partial sum; the adder tree then costs ~1 LUT per lane-bit
-    tree = pe * simd * bits_a * bits_w
-    accumulate = pe * acc
-    compare = pe * n_thresholds * math.ceil(acc / 2)
-    buffer_lut = math.ceil(K / simd) * simd * bits_a // 64 if nf > 1 else 0  # vector buffer read mux (LUTRAM)
-    control = 2 * (nf.bit_length() + sf.bit_length()) + 10
-    lut = w_lut + t_lut + tree + accumulate + compare + buffer_lut + control
-    ff = (simd * bits_a + pe * simd * bits_w  # issue registers
-          + (sf * simd * bits_a if nf > 1 else 0)  # vector buffer
-          + pe * acc + pe * bits_out  # accumulators, output register
-          + nf.bit_length() + sf.bit_length() + 8)  # counters and valid bits
-    return {"lut": int(lut), "ff": int(ff), "bram": int(w_bram + t_bram), "dsp": 0}
+    z_bits = 1 if xor else 3
+    bits_out = max(1, n_thresholds.bit_length()) if n_thresholds else acc
+    rom_cols, bram = _weight_rom(pe * simd * bits_w, nf * sf)
+    lut = (_LUT_PER_ROM_BIT * rom_cols + _LUT_PER_LANE_BIT * pe * simd * bits_a * bits_w
+           + _LUT_PER_ACC_BIT * pe * acc * z_bits
+           + _LUT_PER_CMP_BIT * pe * n_thresholds * acc * math.ceil(nf / 64) + _LUT_FIXED)
+    ff = (simd * bits_a + (pe * simd * bits_w if not bram else 0)  # issue registers (a BRAM has its own)
+          + (pe + 1) * acc + pe * bits_out + _FF_FIXED)
+    return {"lut": round(lut), "ff": int(ff), "bram": int(bram), "dsp": 0}

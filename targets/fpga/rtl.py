@@ -93,8 +93,16 @@ def _pack(values: np.ndarray, width: int) -> int:
     return word
 
 
-def layer_rtl(spec, pe: int, simd: int, index: int = 0) -> LayerRTL:
-    """MVAU parameters and ROM contents of a BitGemm/BitConv LayerSpec folded as ``pe`` x ``simd``."""
+def need_z(spec) -> int:
+    """Bits of the signed wzero2 field."""
+    return int(np.abs(spec.wzero2).max()).bit_length() + 1
+
+
+def layer_rtl(spec, pe: int, simd: int, index: int = 0, *, acc_w: int | None = None,
+              z_w: int | None = None) -> LayerRTL:
+    """MVAU parameters and ROM contents of a BitGemm/BitConv LayerSpec folded as ``pe`` x ``simd``.
+
+    ``acc_w`` / ``z_w``: wider accumulator / wzero2 fields than this layer needs (one build for many layers)."""
     where = f"layer {spec.name!r}"
     if spec.op not in ("gemm", "conv"):
         raise QuantizationError(f"{where}: the RTL MVAU takes gemm and conv layers, not {spec.op}")
@@ -115,11 +123,14 @@ def layer_rtl(spec, pe: int, simd: int, index: int = 0) -> LayerRTL:
     nf, sf = n // pe, -(-k // simd)
     pmax = (1 << spec.bits_a) - 1
     if spec.xor_mode:
-        acc_max, z_w = k, 1
+        acc_max, z_w_needed = k, 1
     else:
         acc_max = int(np.abs(weight_values(w, spec.wzero2)).sum(axis=1).max()) * pmax
-        z_w = int(np.abs(spec.wzero2).max()).bit_length() + 1
-    acc_w = (acc_max + 1).bit_length() + 1  # signed, holds [-(acc_max+1), acc_max+1]
+        z_w_needed = need_z(spec)
+    need_acc = (acc_max + 1).bit_length() + 1  # signed, holds [-(acc_max+1), acc_max+1]
+    if (acc_w or need_acc) < need_acc or (z_w or z_w_needed) < z_w_needed:
+        raise QuantizationError(f"{where}: needs ACC_W >= {need_acc} and Z_W >= {z_w_needed}")
+    acc_w, z_w = acc_w or need_acc, z_w or z_w_needed
     n_thr = spec.thresholds.shape[1] if spec.epilogue == "threshold" else 0
     params = {"K": k, "N": n, "PE": pe, "SIMD": simd, "BITS_A": spec.bits_a, "XOR_MODE": int(spec.xor_mode),
               "L": n_thr, "ACC_W": acc_w, "Z_W": z_w,
