@@ -35,11 +35,15 @@ from qcompile.passes.quantize import core_name
 SCHEMA = "qcompile.artifact"
 SCHEMA_VERSION = 1
 TARGETS = ("cpu", "cpu:avx2", "cpu:generic")
+GPU_TARGETS = ("gpu", "gpu:sm_80", "gpu:sm_90")  # any gpu:sm_XY (XY >= 75) works; these are the listed ones
 
 
 def get_target(name: str):
+    if name.startswith("gpu"):
+        from qcompile.targets.gpu.caps import detect as gpu_detect
+        return gpu_detect(name)
     if name not in TARGETS:
-        raise ConfigError(f"unknown target '{name}'; available: {', '.join(TARGETS)} (gpu and fpga are planned)")
+        raise ConfigError(f"unknown target '{name}'; available: {', '.join(TARGETS + GPU_TARGETS)} or gpu:sm_<arch> (fpga is planned)")
     from qcompile.targets.cpu import caps as cpu_caps
     return cpu_caps.detect(name)
 
@@ -270,7 +274,11 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
         raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
     work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
     try:
-        manifest = _build(result, target_name, caps, work, autotune=autotune, batch=batch, kernel=kernel)
+        if target_name.startswith("gpu"):
+            from qcompile.targets.gpu.lower import build_gpu_artifact
+            manifest = build_gpu_artifact(result, target_name, caps, work)
+        else:
+            manifest = _build(result, target_name, caps, work, autotune=autotune, batch=batch, kernel=kernel)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -90,7 +90,7 @@ def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
 @quant_options
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz with array x).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (atomic write).")
-@click.option("--target", type=click.Choice(["cpu", "cpu:avx2", "cpu:generic"]),
+@click.option("--target", type=click.Choice(["cpu", "cpu:avx2", "cpu:generic", "gpu", "gpu:sm_80", "gpu:sm_90"]),
               help="Also build a deployable artifact for this target (bitwise kernels).")
 @click.option("--autotune", is_flag=True, help="Time each layer's kernel candidates and keep the fastest.")
 @click.option("--kernel", type=click.Choice(["bitserial", "int8", "float"]),
