@@ -85,11 +85,19 @@ class InferenceSession:
         # the kernels run on onnxruntime's intra-op pool (ort_ops.c) unless QCOMPILE_THREADS=own: then its
         # workers may spin between them
         so = session_options(intra_op_num_threads, spinning=os.environ.get("QCOMPILE_THREADS", "") != "own")
-        deploy = self.manifest.get("deploy")
+        self._gpu = None
+        if str((self.manifest.get("target") or {}).get("name", "")).startswith("gpu"):
+            # a gpu artifact: kernels through the CUDA driver, float partitions on onnxruntime (runtime/gpu.py)
+            from qcompile.runtime.gpu import GpuSession
+
+            self._gpu = GpuSession(self.path, self.manifest, so)
+            deploy = {"model": None}
+        else:
+            deploy = self.manifest.get("deploy")
         if not deploy:
             raise ArtifactError(f"{manifest_path}: no deployable graph in the manifest (an artifact from an older "
                                 "qcompile); recompile the model")
-        if deploy.get("library"):
+        if self._gpu is None and deploy.get("library"):
             # dlopen by a name made of the verified sha256 (runtime.kernels._content_alias): a recompiled library
             # in the same folder is never mistaken for the one already loaded
             from qcompile.runtime.kernels import _content_alias
@@ -97,7 +105,7 @@ class InferenceSession:
             lib = self.path / deploy["library"]
             so.register_custom_ops_library(str(_content_alias(lib, self.manifest["files"].get(deploy["library"]))))
         try:
-            self._session = ort.InferenceSession(str(self.path / deploy["model"]), so,
+            self._session = self._gpu or ort.InferenceSession(str(self.path / deploy["model"]), so,
                                                  providers=["CPUExecutionProvider"],
                                                  disabled_optimizers=deploy.get("disabled_optimizers") or None)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
