@@ -306,3 +306,69 @@ class GpuLibrary:
             return self.download(out, (batch, *entry["out_shape"]), entry["out_dtype"])
         finally:
             self.device.free(xp)
+
+
+# ---------------------------------------------------------------------------------------------------- artifacts
+class GpuSession:
+    """Follow a gpu artifact's schedule: kernel steps on the GPU, onnxruntime partitions for the float remainder
+    (onnxruntime's CUDA provider when this onnxruntime has it, else the CPU with explicit copies). A value a kernel
+    writes stays on the device while only kernels read it; it is copied to the host once, when onnxruntime or the
+    caller needs it."""
+
+    def __init__(self, path: Path, manifest: dict, session_options=None, *, emulation=None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.manifest = manifest
+        kernels = (manifest.get("gpu") or {}).get("kernels")
+        self.lib = GpuLibrary(self.path / kernels, emulation=emulation) if kernels else None
+        self.layers = self.lib.layers if self.lib else {}
+        providers = [p for p in ("CUDAExecutionProvider",) if p in ort.get_available_providers()] + \
+            ["CPUExecutionProvider"]
+        self._ort = {}
+        for step in manifest["schedule"]:
+            if step["kind"] == "onnxruntime":
+                try:
+                    self._ort[step["model"]] = ort.InferenceSession(str(self.path / step["model"]), session_options,
+                                                                    providers=providers)
+                except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+                    raise ArtifactError(f"{self.path / step['model']}: onnxruntime cannot load it: "
+                                        f"{str(exc).strip().splitlines()[0][:200]}") from None
+
+    def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
+        host = dict(feeds)
+        device: dict[str, tuple[int, tuple, str]] = {}   # value -> (pointer, shape, dtype) on the GPU
+        uploads = []
+        try:
+            for step in self.manifest["schedule"]:
+                if step["kind"] == "kernel":
+                    name = step["inputs"][0]
+                    entry = self.layers[step["layer"]]
+                    if name in device:
+                        ptr, shape, _ = device[name]
+                    else:
+                        x = np.ascontiguousarray(host[name])
+                        ptr, shape = self.lib.upload(x), x.shape
+                        uploads.append(ptr)
+                    lead = tuple(step.get("rows", ()))
+                    batch = int(np.prod(shape[:1 + len(lead)]))
+                    out = self.lib.run_device(step["layer"], ptr, batch)
+                    device[step["outputs"][0]] = (out, (*shape[:1 + len(lead)], *entry["out_shape"]),
+                                                  entry["out_dtype"])
+                else:
+                    for name in step["inputs"]:
+                        if name not in host and name in device:
+                            ptr, shape, dtype = device[name]
+                            host[name] = self.lib.download(ptr, shape, dtype)
+                    sess = self._ort[step["model"]]
+                    wanted = [o.name for o in sess.get_outputs()]
+                    host.update(zip(wanted, sess.run(wanted, {k: host[k] for k in step["inputs"]})))
+            names = output_names or [o["name"] for o in self.manifest["outputs"]]
+            for name in names:
+                if name not in host and name in device:
+                    ptr, shape, dtype = device[name]
+                    host[name] = self.lib.download(ptr, shape, dtype)
+            return [host[name] for name in names]
+        finally:
+            for ptr in uploads:
+                self.lib.device.free(ptr)

@@ -1,0 +1,104 @@
+"""Lower a fake-quant model to a gpu artifact: every fixed-size quantized layer a GPU bit kernel, the float
+remainder onnxruntime partitions, one schedule the runtime (qcompile.runtime.gpu.GpuSession) follows.
+
+The folder has the same manifest schema as a cpu artifact; ``target.name`` starts with ``gpu`` and ``gpu.kernels``
+names the kernel manifest (kernels/qc_gpu.json: the fatbin and the packed constants, each with its sha256, are also
+in the artifact's ``files``). There is no ``deploy.onnx``: the kernels are launched through the CUDA driver, not
+registered in onnxruntime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+import qcompile
+from qcompile.fileio import sha256_file
+from qcompile.input_quant import fold_input_quantizers
+from qcompile.partition import partition
+from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+
+from .build import build_gpu_library
+
+KERNEL_LABEL = "bitserial-gpu"
+
+
+def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
+    from qcompile import artifact as art
+
+    (work / "kernels").mkdir()
+    (work / "partitions").mkdir()
+    calib_batch = art._first_calibration_batch(result.ctx.calib)
+    model, specialized, symbolic = art.specialize_shapes(result.model, calib_batch, result.ctx.layers)
+    result.ctx.fuse_notes = {}
+    fused_ir = ir.from_proto(model)
+    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(fused_ir, result.ctx)
+    fused = ir.to_proto(fused_ir)
+    specs = art.layer_specs(fused, model, fold_pools=True)
+    to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
+    kernels = build_gpu_library(specs, work / "kernels", archs=caps.archs) if specs else None
+
+    types = {i.name: i.type for i in fused.graph.input}
+    for spec in specs:
+        out_name = spec.extra.get("output") or \
+            next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
+        elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
+            {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8,
+             "none": onnx.TensorProto.INT32}[spec.epilogue]
+        lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))
+        types[out_name] = art._tensor_type(elem, (*lead, *spec.out_shape))
+    schedule = []
+    folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
+    spec_by_name = {s.name: s for s in specs}
+    for index, step in enumerate(partition(to_partition, types)):
+        if step.kind == "kernel" and step.layer in folded:   # the conv's kernel step writes the pooled codes
+            next(e for e in schedule if e.get("layer") == folded[step.layer])["outputs"] = step.outputs
+        elif step.kind == "kernel":
+            entry = {"kind": "kernel", "layer": step.layer, "inputs": step.inputs[:1], "outputs": step.outputs}
+            lead = spec_by_name[step.layer].extra.get("lead_shape")
+            if lead:
+                entry["rows"] = list(lead)
+            schedule.append(entry)
+        else:
+            rel = f"partitions/p{index:02d}.onnx"
+            onnx.save(step.model, work / rel)
+            schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs})
+    onnx.save(fused, work / "graph.onnx")
+    onnx.save(result.model, work / "fakequant.onnx")
+
+    def signature(values):
+        return [{"name": v.name, "dtype": art._dtype_name(v.type.tensor_type.elem_type),
+                 "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                           for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    plan, spec_of = [], {s.name: s for s in specs}
+    for name, p in result.ctx.plan.items():
+        spec = spec_of.get(name)
+        if spec is not None:
+            label = KERNEL_LABEL
+            why = (result.ctx.fuse_notes.get(name, "") + "; " if result.ctx.fuse_notes.get(name) else "") + \
+                "b1 tensor-core MMA (AND + popc) on sm_80+, __popc on sm_75"
+            if spec.pool is not None:
+                why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs on the GPU after it"
+            if spec.in_thresholds is not None:
+                why += "; quantizes its float input on the GPU"
+        else:
+            label = "onnxruntime-fp32"
+            why = symbolic.get(name, p.reason)
+        plan.append({"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
+                     "kernel": label, "why": why})
+    return {
+        "schema": art.SCHEMA, "schema_version": art.SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
+        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
+        "config": result.config.to_dict(),
+        "target": {"name": target_name, "caps": caps.__dict__, "plan_batch": None, "autotuned": False,
+                   "cost_model": "none: every fixed-size quantized layer runs on the GPU"},
+        "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
+        "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,
+        "plan": plan, "schedule": schedule,
+        "gpu": {"kernels": f"kernels/{kernels.name}" if kernels else None},
+        "deploy": None,
+        "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
+    }
