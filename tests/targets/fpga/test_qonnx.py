@@ -1,0 +1,67 @@
+"""QONNX export (targets/fpga/qonnx_export.py): the exported graph, run by the qonnx package's own executor, equals
+qcompile's fake-quant model in onnxruntime: every activation code exactly, and (since the integer products are exact
+and the float epilogues are the same ops) the logits too."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qcompile import api, datasets
+from qcompile.errors import ArtifactError
+from qcompile.targets.fpga.qonnx_export import QONNX_DOMAIN, export_qonnx
+
+qonnx = pytest.importorskip("qonnx", reason="qonnx not installed (pip install qonnx)")
+from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from qonnx.core.onnx_exec import execute_onnx  # noqa: E402
+from qonnx.util.cleanup import cleanup_model  # noqa: E402
+
+BATCH = 8
+
+
+def _fakequant_values(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> dict:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    sess = ort.InferenceSession(m.SerializeToString())
+    out = sess.run(names, {sess.get_inputs()[0].name: x})
+    return dict(zip(names, out))
+
+
+@pytest.mark.parametrize("model_name,config", [("mlp", "w1a1"), ("mlp", "w1a2"), ("cnn", "w1a2")])
+def test_qonnx_execution_equals_fakequant(model_name, config, tmp_path):
+    result = api.compile(datasets.bundled_model(model_name), config=config, calib=datasets.load_calib()[:64])
+    path = tmp_path / "model.qonnx.onnx"
+    counts = export_qonnx(result, path)
+    exported = onnx.load(path)
+    ops = {n.op_type for n in exported.graph.node if n.domain == QONNX_DOMAIN}
+    assert "Quant" in ops and "BipolarQuant" in ops, counts
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in exported.graph.node}
+    # the activation codes: the activation Quant nodes keep the names of the DequantizeLinear outputs they replace
+    code_names = [n.output[0] for n in exported.graph.node if n.op_type == "Quant" and n.input[0].endswith("_qonnx_div")]
+    assert len(code_names) == counts["Quant (activations)"] >= 2
+
+    x = datasets.load_calib()[100:100 + BATCH].copy()
+    want = _fakequant_values(result.model, x, [result.model.graph.output[0].name] + code_names)
+
+    clean = cleanup_model(ModelWrapper(str(path)), override_inpsize=BATCH)
+    got = execute_onnx(clean, {clean.graph.input[0].name: x}, return_full_exec_context=True)
+    np.testing.assert_array_equal(got[clean.graph.output[0].name], want[result.model.graph.output[0].name])
+    # cleanup renames tensors: the activation Quant nodes (fed by a Div) in graph order are the code tensors
+    producer = {o: n for n in clean.graph.node for o in n.output}
+    act = [n.output[0] for n in clean.graph.node
+           if n.op_type == "Quant" and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "Div"]
+    assert len(act) == len(code_names)
+    for name, out in zip(code_names, act):
+        codes = got[out]
+        assert np.array_equal(codes, np.round(codes)) and codes.min() >= 0 and want[name].max() >= 1
+        np.testing.assert_array_equal(codes, want[name], err_msg=name)
+
+
+def test_float_model_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="fake-quant"):
+        export_qonnx(datasets.bundled_model("mlp"), tmp_path / "x.onnx")
+    with pytest.raises(ArtifactError, match="no such file"):
+        export_qonnx(tmp_path / "missing.onnx", tmp_path / "x.onnx")
