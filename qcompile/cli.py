@@ -289,6 +289,20 @@ def pack(artifact, out, no_strip):
     click.echo(f"wrote {out}: {', '.join(manifest['files'])} and manifest.json, {total / 1024:.0f} KiB")
 
 
+@main.command("export-qonnx")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="QONNX .onnx file to write.")
+def export_qonnx_cmd(model, out):
+    """Write MODEL (a compile output folder or its fake-quant model.onnx) as QONNX (Quant / BipolarQuant) for FINN."""
+    from qcompile.targets.fpga.qonnx_export import export_qonnx
+
+    try:
+        counts = export_qonnx(model, out)
+    except QcompileError as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}: " + ", ".join(f"{n} {op}" for op, n in counts.items() if n))
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @quant_options

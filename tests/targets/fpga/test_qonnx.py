@@ -65,3 +65,17 @@ def test_float_model_is_refused(tmp_path):
         export_qonnx(datasets.bundled_model("mlp"), tmp_path / "x.onnx")
     with pytest.raises(ArtifactError, match="no such file"):
         export_qonnx(tmp_path / "missing.onnx", tmp_path / "x.onnx")
+
+
+def test_cli_export_qonnx(tmp_path):
+    from click.testing import CliRunner
+
+    from qcompile.cli import main
+
+    result = api.compile(datasets.bundled_model("mlp"), config="w1a1", calib=datasets.load_calib()[:64])
+    result.save(tmp_path / "out")
+    run = CliRunner().invoke(main, ["export-qonnx", str(tmp_path / "out"), "-o", str(tmp_path / "m.onnx")])
+    assert run.exit_code == 0, run.output
+    assert "BipolarQuant" in run.output and (tmp_path / "m.onnx").is_file()
+    bad = CliRunner().invoke(main, ["export-qonnx", str(datasets.bundled_model("mlp")), "-o", str(tmp_path / "f.onnx")])
+    assert bad.exit_code == 1 and "error: no qcompile quantizer" in bad.output
