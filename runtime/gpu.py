@@ -242,8 +242,9 @@ class GpuLibrary:
             self._work[key] = bufs
         return self._work[key]
 
-    def run_device(self, layer: str, x_ptr: int, batch: int) -> int:
-        """Launch ``layer`` on ``batch`` samples at device address ``x_ptr``; returns its output's address."""
+    def launches(self, layer: str, x_ptr: int, batch: int) -> tuple[list[tuple[str, tuple, tuple, QcArgs]], int]:
+        """The kernel launches (name, grid, block, args) that run ``layer`` on ``batch`` samples at device address
+        ``x_ptr``, in order (pack, GEMM, pool), and the output's device address."""
         entry = self.layers.get(layer)
         if entry is None:
             raise RuntimeInputError(f"no layer {layer!r} in {self.path}; layers: {sorted(self.layers)}")
@@ -252,8 +253,7 @@ class GpuLibrary:
         if entry["op"] == "maxpool":
             c, ho, wo = entry["out_shape"]
             args = QcArgs(x=x_ptr, out=bufs["out"], batch=batch)
-            self.device.launch(k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), args)
-            return bufs["out"]
+            return [(k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), args)], bufs["out"]
         args = QcArgs(x=x_ptr, act=bufs["act"], rowsum=bufs["rowsum"], batch=batch,
                       out=bufs.get("codes", bufs["out"]))
         for name in ("w", "wz2", "mult", "bias", "thr", "wtap", "in_thr"):
@@ -264,16 +264,24 @@ class GpuLibrary:
         else:
             c, h, w = entry["in_shape"]
             pack_grid = _cdiv(batch * entry["groups"] * h * w, threads)
-        self.device.launch(k["pack"], (pack_grid, 1, 1), (threads, 1, 1), args)
-        tile = entry[self.gemm_path]
+        path = self.gemm_path
+        tile = entry[path]
         rows = batch * entry["rows_per_sample"]
-        grid = (_cdiv(rows, tile["tm"]), _cdiv(entry["ng"], tile["tn"]), entry["groups"])
-        self.device.launch(k[self.gemm_path], grid, (tile["threads"], 1, 1), args)
+        steps = [(k["pack"], (pack_grid, 1, 1), (threads, 1, 1), args),
+                 (k[path], (_cdiv(rows, tile["tm"]), _cdiv(entry["ng"], tile["tn"]), entry["groups"]),
+                  (tile["threads"], 1, 1), args)]
         if "pool" in entry:
             c, ho, wo = entry["pool"]["out_shape"]
             pool = QcArgs(x=bufs["codes"], out=bufs["out"], batch=batch)
-            self.device.launch(k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), pool)
-        return bufs["out"]
+            steps.append((k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), pool))
+        return steps, bufs["out"]
+
+    def run_device(self, layer: str, x_ptr: int, batch: int) -> int:
+        """Launch ``layer`` on ``batch`` samples at device address ``x_ptr``; returns its output's address."""
+        steps, out = self.launches(layer, x_ptr, batch)
+        for name, grid, block, args in steps:
+            self.device.launch(name, grid, block, args)
+        return out
 
     def upload(self, x: np.ndarray) -> int:
         ptr = self.device.alloc(x.nbytes)
