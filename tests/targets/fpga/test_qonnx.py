@@ -30,34 +30,40 @@ def _fakequant_values(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -
     return dict(zip(names, out))
 
 
-@pytest.mark.parametrize("model_name,config", [("mlp", "w1a1"), ("mlp", "w1a2"), ("cnn", "w1a2")])
-def test_qonnx_execution_equals_fakequant(model_name, config, tmp_path):
+def _layer_inputs(graph, weight_ops: set) -> list[str]:
+    """The activation input of each Gemm/Conv whose weights come from one of ``weight_ops``, in graph order."""
+    producer = {o: n for n in graph.node for o in n.output}
+    return [n.input[0] for n in graph.node if n.op_type in ("Gemm", "Conv") and len(n.input) > 1
+            and n.input[1] in producer and producer[n.input[1]].op_type in weight_ops]
+
+
+@pytest.mark.parametrize("model_name,config,form", [("mlp", "w1a1", "quant"), ("mlp", "w1a2", "quant"),
+                                                    ("cnn", "w1a2", "quant"), ("mlp", "w1a2", "thresholds"),
+                                                    ("cnn", "w1a1", "thresholds")])
+def test_qonnx_execution_equals_fakequant(model_name, config, form, tmp_path):
     result = api.compile(datasets.bundled_model(model_name), config=config, calib=datasets.load_calib()[:64])
     path = tmp_path / "model.qonnx.onnx"
-    counts = export_qonnx(result, path)
+    counts = export_qonnx(result, path, form=form)
     exported = onnx.load(path)
     ops = {n.op_type for n in exported.graph.node if n.domain == QONNX_DOMAIN}
-    assert "Quant" in ops and "BipolarQuant" in ops, counts
+    assert {"Quant", "BipolarQuant"} <= ops and (form == "quant" or "MultiThreshold" in ops), counts
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in exported.graph.node}
-    # the activation codes: the activation Quant nodes keep the names of the DequantizeLinear outputs they replace
-    code_names = [n.output[0] for n in exported.graph.node if n.op_type == "Quant" and n.input[0].endswith("_qonnx_div")]
-    assert len(code_names) == counts["Quant (activations)"] >= 2
+    assert not any(n.domain == "ai.qcompile" for n in exported.graph.node)
 
     x = datasets.load_calib()[100:100 + BATCH].copy()
+    code_names = _layer_inputs(result.model.graph, {"DequantizeLinear"})  # each quantized layer's input codes
     want = _fakequant_values(result.model, x, [result.model.graph.output[0].name] + code_names)
 
     clean = cleanup_model(ModelWrapper(str(path)), override_inpsize=BATCH)
     got = execute_onnx(clean, {clean.graph.input[0].name: x}, return_full_exec_context=True)
+    # logits: the integer products are exact in float32 and the float epilogues are the same ops -> bit-equal
     np.testing.assert_array_equal(got[clean.graph.output[0].name], want[result.model.graph.output[0].name])
-    # cleanup renames tensors: the activation Quant nodes (fed by a Div) in graph order are the code tensors
-    producer = {o: n for n in clean.graph.node for o in n.output}
-    act = [n.output[0] for n in clean.graph.node
-           if n.op_type == "Quant" and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "Div"]
-    assert len(act) == len(code_names)
-    for name, out in zip(code_names, act):
-        codes = got[out]
-        assert np.array_equal(codes, np.round(codes)) and codes.min() >= 0 and want[name].max() >= 1
-        np.testing.assert_array_equal(codes, want[name], err_msg=name)
+    # codes: exactly equal, layer by layer (cleanup renames tensors, so layers are matched in graph order)
+    layer_inputs = _layer_inputs(clean.graph, {"Quant", "BipolarQuant"})
+    assert len(layer_inputs) == len(code_names) >= 2
+    for name, out in zip(code_names, layer_inputs):
+        assert want[name].max() >= 1
+        np.testing.assert_array_equal(got[out], want[name], err_msg=f"{form}: {name}")
 
 
 def test_float_model_is_refused(tmp_path):
