@@ -23,7 +23,7 @@ from qcompile.errors import QuantizationError, ToolchainError
 from qcompile.packing import conv_weight_rows
 from qcompile.reference import weight_values
 
-__all__ = ["LayerRTL", "ProjectRTL", "layer_rtl", "emit_layer_rtl", "emit_project_rtl", "input_beats",
+__all__ = ["LayerRTL", "ProjectRTL", "layer_rtl", "emit_layer_rtl", "emit_project_rtl", "input_beats", "im2col_rows",
            "output_values", "verilator_build", "verilator_run", "verilator_lint", "yosys_stat", "TEMPLATES"]
 
 TEMPLATES = Path(__file__).parent / "templates" / "rtl"
@@ -268,6 +268,18 @@ def input_beats(codes: np.ndarray, simd: int) -> np.ndarray:
     return pad.reshape(rows * sf, simd)
 
 
+def im2col_rows(spec, x: np.ndarray) -> np.ndarray:
+    """A conv layer's input stream: codes [C, H, W] of one image -> rows [Ho*Wo, kh*kw*C], tap-major (ky, kx, c)
+    as packing.conv_weight_rows orders the weights; padded taps are code 0 (what a sliding-window unit emits)."""
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    top, left, bottom, right = spec.pads
+    xp = np.pad(np.asarray(x, np.int64), ((0, 0), (top, bottom), (left, right)))
+    ho, wo = spec.out_hw
+    taps = [xp[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh, kx * dw: kx * dw + sw * (wo - 1) + 1: sw]
+            for ky in range(kh) for kx in range(kw)]  # each [C, Ho, Wo]
+    return np.stack(taps).transpose(2, 3, 0, 1).reshape(ho * wo, kh * kw * x.shape[0])
+
+
 def output_values(beats: np.ndarray, layer: LayerRTL) -> np.ndarray:
     """Output beats [rows * N/PE, PE] -> [rows, N] (accumulators sign extended when the layer outputs them)."""
     v = np.asarray(beats, np.int64).reshape(-1, layer.params["N"])
@@ -308,7 +320,7 @@ def verilator_lint(rtl_dir, sources: list, top: str, params: dict | None = None)
 
 
 def verilator_build(rtl_dir, sources: list, top: str, *, in_lanes: int, in_bits: int, out_lanes: int,
-                    out_bits: int, build_dir, params: dict | None = None, opt: str = "-O1") -> Path:
+                    out_bits: int, build_dir, params: dict | None = None, opt: str = "-O0") -> Path:
     """Verilate ``top`` with the stream harness into ``build_dir``; returns the executable.
 
     ``params`` override top-level parameters (-G): a bare qc_mvau can be built once for a geometry and run on many

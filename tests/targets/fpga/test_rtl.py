@@ -170,8 +170,7 @@ def test_rejects_what_it_cannot_build():
 # --- yosys -------------------------------------------------------------------------------------------------------
 
 @needs_yosys
-@pytest.mark.parametrize("case", [(64, 16, 4, 16, 1, 1, False), (64, 16, 4, 16, 1, 1, True),
-                                  (100, 12, 3, 8, 2, 3, False)])
+@pytest.mark.parametrize("case", [(64, 16, 4, 16, 1, 1, True), (100, 12, 3, 8, 2, 3, False)])
 def test_yosys_luts_within_30_percent_of_estimate(case, tmp_path):
     K, N, PE, SIMD, bits_a, L, xor = case
     spec = random_spec(np.random.default_rng(5), K, N, bits_a, L, xor)
@@ -180,3 +179,25 @@ def test_yosys_luts_within_30_percent_of_estimate(case, tmp_path):
     est = estimate.mvau_resources(K, N, PE, SIMD, bits_a, 1, L, xor=xor)
     assert got["dsp"] == est["dsp"] == 0
     assert abs(est["lut"] - got["lut"]) <= 0.3 * got["lut"], (case, got, est)
+
+
+def test_conv_layer_as_mvau_over_im2col_rows(tmp_path):
+    """A padded 3x3 conv (W1A2, thresholds) streamed as its im2col rows: bit-exact against reference.bit_conv."""
+    rng = np.random.default_rng(11)
+    C, H, W, N = 3, 5, 6, 4
+    w = rng.integers(0, 2, (N, C, 3, 3)).astype(np.uint8)
+    z = rng.choice([1, 2], N).astype(np.int32)
+    t = np.sort(rng.integers(-30, 30, (N, 3)), axis=1).astype(np.int32)
+    spec = LayerSpec("conv1", "conv", 2, 1, w, z, in_shape=(C, H, W), pads=(1, 1, 1, 1), strides=(1, 2),
+                     epilogue="threshold", thresholds=t)
+    layer = rtl.emit_layer_rtl(spec, 2, 9, tmp_path)
+    exe = rtl.verilator_build(tmp_path, [rtl.MVAU_SOURCE, f"{layer.module}.sv"], layer.module, in_lanes=9, in_bits=2,
+                              out_lanes=2, out_bits=layer.out_bits, build_dir=tmp_path / "obj")
+    x = rng.integers(0, 4, (C, H, W)).astype(np.uint8)
+    rows = rtl.im2col_rows(spec, x)
+    assert layer.rows == rows.shape[0] == spec.out_hw[0] * spec.out_hw[1]
+    beats, cycles = rtl.verilator_run(exe, rtl.input_beats(rows, 9), layer.rows * N // 2, tmp_path)
+    acc = ref.bit_conv(x[None], w, z, spec.strides, spec.pads)
+    want = ref.epilogue_threshold(acc, t)[0].reshape(N, -1).T  # [pixels, N]
+    np.testing.assert_array_equal(rtl.output_values(beats, layer), want)
+    assert cycles == estimate.mvau_cycles(layer.rows, 27, N, 2, 9)
