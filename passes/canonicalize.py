@@ -13,6 +13,7 @@ from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
 
 from qcompile.passes.graph_utils import add_const, const_array, redirect_uses, remove_dead, unique_name
+from qcompile.passes.rnn_import import RecogniseRecurrentCells
 
 fold_bn_rules = RewriteRuleSet([
     fuse_batchnorm_into_conv_rule,   # Conv(x, W, b) -> BN  ==  Conv(x, W*g/s, (b-mean)*g/s + beta)
@@ -120,4 +121,5 @@ class Conv1dAs2d:
 
 
 def canonicalize_passes() -> list:
-    return [RemoveNoOps(), FoldBatchNorm(), FoldConstants(), Conv1dAs2d(), RemoveDeadCode()]
+    # cells decomposed into Loop/Scan bodies become LSTM/GRU nodes after folding (their weights are constants then)
+    return [RemoveNoOps(), FoldBatchNorm(), FoldConstants(), RecogniseRecurrentCells(), Conv1dAs2d(), RemoveDeadCode()]
