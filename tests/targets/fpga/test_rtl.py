@@ -16,8 +16,8 @@ from qcompile import reference as ref
 from qcompile.targets.cpu.spec import LayerSpec
 from qcompile.targets.fpga import estimate, rtl
 
-pytestmark = pytest.mark.skipif(shutil.which("verilator") is None,
-                                reason="verilator not installed (apt-get install verilator)")
+needs_verilator = pytest.mark.skipif(shutil.which("verilator") is None,
+                                     reason="verilator not installed (apt-get install verilator)")
 needs_yosys = pytest.mark.skipif(shutil.which("yosys") is None, reason="yosys not installed (apt-get install yosys)")
 
 # (K, N, PE, SIMD, bits_a, L, xor): K never a multiple of SIMD or 64 except the fully parallel one; L = 0 is the
@@ -68,6 +68,7 @@ def built(request, tmp_path_factory):
     return request.param, GEOMETRIES[request.param], exe, d, acc_w
 
 
+@needs_verilator
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_layer_bit_exact_with_backpressure(built, seed):
     name, (K, N, PE, SIMD, bits_a, L, xor), exe, d, acc_w = built
@@ -92,6 +93,7 @@ def test_random_layer_bit_exact_with_backpressure(built, seed):
             assert cycles >= estimate.mvau_cycles(rows, K, N, PE, SIMD) - estimate.PIPELINE_LATENCY
 
 
+@needs_verilator
 @pytest.mark.parametrize("params", [
     {}, {"XOR_MODE": 1}, {"L": 0}, {"BITS_A": 2, "L": 3}, {"K": 4, "SIMD": 4, "PE": 8}, {"K": 50, "SIMD": 7, "PE": 3, "N": 9}])
 def test_mvau_lint_clean(params, tmp_path):
@@ -99,6 +101,7 @@ def test_mvau_lint_clean(params, tmp_path):
     assert "Warning" not in rtl.verilator_lint(tmp_path, [rtl.MVAU_SOURCE], "qc_mvau", params)
 
 
+@needs_verilator
 def test_lint_reports_a_warning_as_an_error(tmp_path):
     (tmp_path / "bad.sv").write_text("module bad(input logic [3:0] a, output logic [1:0] y); assign y = a; endmodule\n")
     with pytest.raises(Exception, match="WIDTH"):
@@ -129,6 +132,7 @@ def mlp_chain(request, tmp_path_factory):
     return request.param, specs, foldings, project, exe, d
 
 
+@needs_verilator
 def test_mlp_layers_bit_exact_and_lint_clean(mlp_chain):
     cfg, specs, foldings, project, exe, d = mlp_chain
     assert "Warning" not in rtl.verilator_lint(d, project.sources, project.top)
@@ -144,6 +148,7 @@ def test_mlp_layers_bit_exact_and_lint_clean(mlp_chain):
         np.testing.assert_array_equal(rtl.output_values(beats, project.last), want, err_msg=f"{cfg} {valid}/{ready}")
 
 
+@needs_verilator
 def test_mlp_chain_throughput_matches_the_slowest_layer(mlp_chain):
     cfg, specs, foldings, project, exe, d = mlp_chain
     rng = np.random.default_rng(1)
@@ -181,6 +186,7 @@ def test_yosys_luts_within_30_percent_of_estimate(case, tmp_path):
     assert abs(est["lut"] - got["lut"]) <= 0.3 * got["lut"], (case, got, est)
 
 
+@needs_verilator
 def test_conv_layer_as_mvau_over_im2col_rows(tmp_path):
     """A padded 3x3 conv (W1A2, thresholds) streamed as its im2col rows: bit-exact against reference.bit_conv."""
     rng = np.random.default_rng(11)
