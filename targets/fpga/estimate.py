@@ -13,8 +13,9 @@ import math
 
 __all__ = ["mvau_cycles", "mvau_resources", "PIPELINE_LATENCY", "BRAM_MIN_DEPTH", "acc_bits"]
 
-# Cycles from the last input beat of a frame to its last output beat with the stream always ready:
-# issue register (weight ROM read), popcount + accumulate, threshold compare into the output register.
+# Cycles a frame takes beyond rows * NF * SF, from its first input handshake to its last output handshake with the
+# streams never stalling: issue register (weight ROM read), popcount + accumulate, threshold compare into the
+# output register (Verilator counts exactly this).
 PIPELINE_LATENCY = 3
 # The weight ROM (synchronous read) goes to BRAM from this depth on, as yosys synth_xilinx maps it; below, LUTs.
 BRAM_MIN_DEPTH = 512
