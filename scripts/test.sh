@@ -4,9 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # dataset-fashion-mnist: the data-loader tests; libsimde-dev: the AVX-512 kernel path is checked bit-exact
-    # through SIMDe's portable emulation on CPUs without AVX-512
+    # through SIMDe's portable emulation on CPUs without AVX-512; verilator, yosys: the FPGA target's RTL is
+    # simulated cycle by cycle, linted and synthesised
     missing=""
-    for pkg in dataset-fashion-mnist libsimde-dev; do
+    for pkg in dataset-fashion-mnist libsimde-dev verilator yosys; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
     done
     if [ -n "$missing" ]; then
