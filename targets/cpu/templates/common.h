@@ -290,6 +290,7 @@ __attribute__((target("avx2"), always_inline)) static inline void qc_rowc_to_nch
 typedef int64_t (*qc_pack_fn)(const uint8_t*, int64_t, int, uint64_t*, int64_t);
 QC_CORE int qc_path_supported(int path);
 QC_CORE int qc_select_path(void);
+extern __thread int qc_pinned_path, qc_pinned_threads;  /* core.c: >= 0 / > 0 while a caller pins them */
 QC_CORE int qc_num_threads(void);
 QC_CORE void* qc_alloc(size_t bytes);
 QC_CORE qc_pack_fn qc_packer(int path);

@@ -22,8 +22,14 @@ QC_CORE int qc_path_supported(int path) {
     return 0;
 }
 
+/* A caller that calls layers back to back (a recurrent layer's time loop: its gate products once per step) pins the
+   path and thread count it chose for its own duration, so those calls skip the getenv below (a visible share of a
+   one-row call). */
+__thread int qc_pinned_path = -1, qc_pinned_threads = 0;
+
 /* Read at every call so a test (or a user) can switch paths without reloading the library. */
 QC_CORE int qc_select_path(void) {
+    if (qc_pinned_path >= 0) return qc_pinned_path;
     const char* env = getenv("QCOMPILE_CPU_PATH");
     if (env && *env && strcmp(env, "auto") != 0) {
         int p = !strcmp(env, "avx512") ? QC_PATH_AVX512 : !strcmp(env, "avx2") ? QC_PATH_AVX2
@@ -50,6 +56,7 @@ static int qc_affinity_cpus(void) {
 }
 
 QC_CORE int qc_num_threads(void) {
+    if (qc_pinned_threads > 0) return qc_pinned_threads;
     const char* env = getenv("QCOMPILE_NUM_THREADS");
     int n = env ? atoi(env) : 0;
     if (n <= 0) n = qc_affinity_cpus();

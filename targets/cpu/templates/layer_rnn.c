@@ -128,6 +128,9 @@ QC_EXPORT int qc_rnn_${CNAME}(const float* x, const int32_t* lens, const float* 
     if (path == QC_PATH_AVX512) { row = ${CNAME}_row_avx512; rh = ${CNAME}_rh_avx512; codes_of = ${CNAME}_codes_avx512; }
     if (path == QC_PATH_AVX2) { row = ${CNAME}_row_avx2; rh = ${CNAME}_rh_avx2; codes_of = ${CNAME}_codes_avx2; }
 #endif
+    const int pinned_path = qc_pinned_path, pinned_threads = qc_pinned_threads;
+    qc_pinned_threads = qc_num_threads();
+    qc_pinned_path = path;   /* the gate products below skip the environment lookups (restored at the end) */
     const int64_t SB = seq * batch;
     if (Y) memset(Y, 0, (size_t)(SB * D * H) * sizeof(float));
     uint8_t* xc = (uint8_t*)qc_alloc((size_t)(SB * I) + 1);
@@ -169,6 +172,8 @@ QC_EXPORT int qc_rnn_${CNAME}(const float* x, const int32_t* lens, const float* 
         if (LSTM && Yc) memcpy(Yc + d * batch * H, c, (size_t)(batch * H) * sizeof(float));
     }
 done:
+    qc_pinned_path = pinned_path;
+    qc_pinned_threads = pinned_threads;
     free(xc); free(xw); free(st); free(codes);
     return rc;
 }
