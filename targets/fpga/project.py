@@ -1,0 +1,170 @@
+"""The FPGA project folder: HLS sources, testbench and test vectors, the Vitis HLS Tcl script, the RTL, the report;
+and the C simulation that checks the HLS code here with g++ and Xilinx's open-source ap_types headers.
+
+    fpga/hls/       qc_hls.h qc_params.h qc_top.h qc_top.cpp tb_qc_top.cpp run_hls.tcl csim.sh
+    fpga/hls/vectors/input.txt expected.txt
+    fpga/rtl/       targets/fpga/rtl.py's chain (or NOT_GENERATED.txt saying why)
+    fpga/report.md  the folding table (targets/fpga/folding.py)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import QuantizationError, ToolchainError
+
+from . import hls
+
+__all__ = ["ap_types_dir", "write_vectors", "random_input", "write_hls_project", "csim", "TESTBENCH"]
+
+TESTBENCH = "tb_qc_top.cpp"
+CSIM_FLAGS = ["-std=c++14", "-O1", "-ffp-contract=off", "-w"]
+
+
+def ap_types_dir() -> Path | None:
+    """Xilinx's open-source ap_types headers (ap_int.h, hls_stream.h): $QCOMPILE_AP_TYPES, else the copy the hls4ml
+    wheel ships (``pip install --no-deps hls4ml``; found without importing hls4ml, which needs more packages)."""
+    env = os.environ.get("QCOMPILE_AP_TYPES")
+    if env:
+        return Path(env) if (Path(env) / "ap_int.h").is_file() else None
+    spec = importlib.util.find_spec("hls4ml")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "templates" / "vivado" / "ap_types"
+        if (path / "ap_int.h").is_file() and (path / "hls_stream.h").is_file():
+            return path
+    return None
+
+
+def random_input(design: hls.HlsDesign, frames: int, seed: int = 0) -> np.ndarray:
+    """Test frames [frames, *in_shape]: codes, or for a folded input quantizer floats at and between its
+    thresholds (every boundary's neighbours, so an off-by-one-ulp comparison shows)."""
+    rng = np.random.default_rng(seed)
+    spec = design.specs[0]
+    shape = (frames, *design.in_shape)
+    if spec.in_thresholds is None:
+        return rng.integers(0, 1 << spec.bits_a, shape).astype(np.uint8)
+    t = spec.in_thresholds[np.isfinite(spec.in_thresholds)]
+    near = np.concatenate([t, np.nextafter(t, np.float32(-np.inf)), np.nextafter(t, np.float32(np.inf)),
+                           np.array([0.0, -1.0], np.float32)]).astype(np.float32)
+    lo, hi = (float(t.min()), float(t.max())) if t.size else (-1.0, 1.0)
+    span = max(hi - lo, 1e-3)
+    x = rng.uniform(lo - 0.2 * span, hi + 0.2 * span, shape).astype(np.float32)
+    pick = rng.random(shape) < 0.3
+    x[pick] = rng.choice(near, int(pick.sum()))
+    return x
+
+
+def _write_values(path: Path, values: np.ndarray) -> None:
+    rows = [" ".join(map(str, r.tolist())) for r in values]
+    path.write_text(f"{values.shape[0]} {values.shape[1]}\n" + "\n".join(rows) + "\n")
+
+
+def write_vectors(design: hls.HlsDesign, x: np.ndarray, out_dir) -> np.ndarray:
+    """input.txt (x in stream order) and expected.txt (reference_chain of x) into ``out_dir``; returns expected
+    in stream order [frames, values] as uint32."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    want = hls.to_stream(hls.reference_chain(design.specs, x))
+    _write_values(out / "input.txt", hls.to_stream(np.asarray(x, np.float32) if design.in_float else x))
+    _write_values(out / "expected.txt", want)
+    return want
+
+
+def _tcl(part: str, clock_mhz: float, top: str) -> str:
+    period = 1000.0 / clock_mhz
+    return f"""# Vitis HLS: C simulation, synthesis and IP export of the qcompile accelerator for {part} at {clock_mhz:g} MHz.
+# Run in this folder: vitis_hls -f run_hls.tcl   (or vitis-run --mode hls --tcl run_hls.tcl)
+open_project -reset qc_hls_prj
+set_top {top}
+add_files qc_top.cpp -cflags "-std=c++14"
+add_files -tb {TESTBENCH} -cflags "-std=c++14"
+open_solution -reset solution1 -flow_target vivado
+set_part {part}
+create_clock -period {period:.3f} -name default
+# the float epilogue is written as a float32 multiply then a separate add, the CPU kernel's order
+csim_design -argv "vectors/input.txt vectors/expected.txt vectors/csim_output.txt"
+csynth_design
+export_design -format ip_catalog
+exit
+"""
+
+
+def _csim_script() -> str:
+    return """#!/bin/sh
+# C simulation without Vitis: g++ against Xilinx's open-source ap_types (ap_int.h, hls_stream.h), e.g. from the
+# hls4ml wheel: AP_TYPES=$(python -c "import importlib.util as u; print(u.find_spec('hls4ml').submodule_search_locations[0])")/templates/vivado/ap_types
+set -e
+cd "$(dirname "$0")"
+: "${AP_TYPES:?set AP_TYPES to the folder holding ap_int.h and hls_stream.h}"
+${CXX:-g++} """ + " ".join(CSIM_FLAGS) + """ -I"$AP_TYPES" -I. qc_top.cpp tb_qc_top.cpp -o tb_qc_top
+./tb_qc_top vectors/input.txt vectors/expected.txt vectors/csim_output.txt
+"""
+
+
+def write_hls_project(design: hls.HlsDesign, out_dir, *, part: str, clock_mhz: float, frames: int = 8,
+                      x: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Sources, testbench, vectors (``x`` or ``frames`` random frames), run_hls.tcl and csim.sh into ``out_dir``.
+    Returns the expected output in stream order."""
+    out = Path(out_dir)
+    hls.write_sources(design, out)
+    shutil.copyfile(hls.TEMPLATES / TESTBENCH, out / TESTBENCH)
+    (out / "run_hls.tcl").write_text(_tcl(part, clock_mhz, "qc_top"))
+    (out / "csim.sh").write_text(_csim_script())
+    (out / "csim.sh").chmod(0o755)
+    if x is None:
+        x = random_input(design, frames, seed)
+    return write_vectors(design, x, out / "vectors")
+
+
+def csim(project_dir, *, build_dir=None, timeout: float = 600) -> np.ndarray:
+    """Compile the HLS sources and testbench with g++ (one translation unit each, -O1) and run the vectors.
+    Returns the testbench's outputs [frames, values] (uint32); raises ToolchainError when it fails or mismatches."""
+    inc = ap_types_dir()
+    if inc is None:
+        raise ToolchainError("Xilinx ap_types headers not found: pip install --no-deps hls4ml (or set "
+                             "QCOMPILE_AP_TYPES to a folder with ap_int.h and hls_stream.h)")
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise ToolchainError("g++ not found: apt-get install g++")
+    src = Path(project_dir)
+    build = Path(build_dir) if build_dir else src
+    build.mkdir(parents=True, exist_ok=True)
+    exe = build / "tb_qc_top"
+    cmd = [cxx, *CSIM_FLAGS, f"-I{inc}", f"-I{src}", str(src / "qc_top.cpp"), str(src / TESTBENCH), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise ToolchainError(f"g++ failed on the HLS sources in {src}: " + proc.stderr.strip()[-2000:])
+    vec = src / "vectors"
+    out_file = build / "csim_output.txt"
+    run = subprocess.run([str(exe), str(vec / "input.txt"), str(vec / "expected.txt"), str(out_file)],
+                         capture_output=True, text=True, timeout=timeout)
+    if run.returncode:
+        raise ToolchainError(f"C simulation of {src} failed: " + (run.stdout + run.stderr).strip()[-2000:])
+    lines = out_file.read_text().split("\n")
+    frames, count = (int(v) for v in lines[0].split())
+    return np.array([[int(v) for v in line.split()] for line in lines[1:1 + frames]], np.uint64).astype(np.uint32)
+
+
+def write_rtl(specs, foldings: dict, out_dir) -> str:
+    """PART B's RTL chain (targets/fpga/rtl.py) of the same layers and foldings into ``out_dir``: its top reads
+    codes (a folded input quantizer stays on the HLS side). Returns a line for the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        from . import rtl
+    except ImportError:
+        (out / "NOT_GENERATED.txt").write_text("targets/fpga/rtl.py is not available in this qcompile\n")
+        return "RTL: not generated (targets/fpga/rtl.py missing)"
+    rtl_specs = [s.replace(in_thresholds=None) for s in specs]
+    try:
+        project = rtl.emit_project_rtl(rtl_specs, foldings, out)
+    except QuantizationError as exc:
+        (out / "NOT_GENERATED.txt").write_text(f"{exc}\n")
+        return f"RTL: not generated ({exc})"
+    return f"RTL: top `{project.top}` in rtl/ ({len(project.layers)} MVAU(s); sources {', '.join(project.sources)})"
