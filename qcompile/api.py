@@ -66,6 +66,7 @@ class CompileResult:
             md = report_mod.to_markdown(self.report)
             if self.manifest is not None:
                 md += "\n" + report_mod.plan_markdown(self.manifest["plan"])
+                md += "\n" + self.manifest.get("report_markdown", "")  # e.g. the fpga target's folding table
             (tmp / "report.md").write_text(md)
             if plots and self.ctx.layers:
                 png = self._weights_png.result() if self._weights_png is not None else None
@@ -96,13 +97,14 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
             target: str | None = None, autotune: bool = False, kernel: str | None = None,
             plan_batch: int = 64, verify: bool = False, fix_inputs: dict | None = None,
             dump_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-            **overrides) -> CompileResult:
+            target_options: dict | None = None, **overrides) -> CompileResult:
     """Quantize an ONNX model (path) to a fake-quant ONNX model.
 
     config: a preset (w1a1, w1a2, w2a2, w4a4), a .toml file, or a Config; keyword overrides such as
     quantizer="uniform", bits_w=4 or keep_float=["conv3"] replace single fields. calib: a .npz path, an array,
     or a CalibrationDataReader (get_next() -> {input: batch} or None). fix_inputs: {input name: value(s)} turns
-    those inputs into constants (e.g. {"sr": 16000}), so the If branches they select are folded and quantized."""
+    those inputs into constants (e.g. {"sr": 16000}), so the If branches they select are folded and quantized.
+    target_options: passed to the target's lowering (target "fpga:<part>": {"fps": frames per second})."""
     from qcompile import report as report_mod
 
     cfg = resolve_config(config, **overrides)
@@ -143,7 +145,8 @@ def compile(model: str | Path, *, config: str | Config | None = "w2a2", calib: A
             progress(f"lower to {target}")
         if ctx.layers and not autotune:  # draw the figure while the C compiler runs (not while timing kernels)
             result._weights_png = _background(report_mod.weights_png, ctx.layers)
-        result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel)
+        result.lowered = artifact.lower(result, target, autotune=autotune, batch=plan_batch, kernel=kernel,
+                                        options=target_options)
         result.report["plan"] = result.lowered.manifest["plan"]
     return result
 

@@ -39,11 +39,14 @@ GPU_TARGETS = ("gpu", "gpu:sm_80", "gpu:sm_90")  # any gpu:sm_XY (XY >= 75) work
 
 
 def get_target(name: str):
+    if name == "fpga" or name.startswith("fpga:"):  # fpga:<part>; the part's budget is the target's "caps"
+        from qcompile.targets.fpga.parts import get_part
+        return get_part(name.split(":", 1)[1] if ":" in name else "xc7z020")
     if name.startswith("gpu"):
         from qcompile.targets.gpu.caps import detect as gpu_detect
         return gpu_detect(name)
     if name not in TARGETS:
-        raise ConfigError(f"unknown target '{name}'; available: {', '.join(TARGETS + GPU_TARGETS)} or gpu:sm_<arch> (fpga is planned)")
+        raise ConfigError(f"unknown target '{name}'; available: {', '.join(TARGETS + GPU_TARGETS)} or gpu:sm_<arch>, fpga or fpga:<part>")
     from qcompile.targets.cpu import caps as cpu_caps
     return cpu_caps.detect(name)
 
@@ -263,7 +266,7 @@ class Lowered:
 
 
 def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
-          kernel: str | None = None) -> Lowered:
+          kernel: str | None = None, options: dict | None = None) -> Lowered:
     """Plan each layer's kernel, fuse/lower, generate and build kernels, partition the rest, write a manifest.
 
     Everything is built in a temporary folder, removed on failure and when the Lowered object goes away."""
@@ -274,7 +277,10 @@ def lower(result, target_name: str, *, autotune: bool = False, batch: int = 64,
         raise ConfigError(f"unknown kernel '{kernel}'; choose one of {', '.join(planner.KERNELS)}")
     work = Path(tempfile.mkdtemp(prefix="qcompile-artifact-"))
     try:
-        if target_name.startswith("gpu"):
+        if target_name.startswith("fpga"):  # options: fps, utilization (targets/fpga/folding.py)
+            from qcompile.targets.fpga.project import build_fpga_artifact
+            manifest = build_fpga_artifact(result, target_name, caps, work, **(options or {}))
+        elif target_name.startswith("gpu"):
             from qcompile.targets.gpu.lower import build_gpu_artifact
             manifest = build_gpu_artifact(result, target_name, caps, work)
         else:

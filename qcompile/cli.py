@@ -90,8 +90,10 @@ def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
 @quant_options
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz with array x).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (atomic write).")
-@click.option("--target", type=click.Choice(["cpu", "cpu:avx2", "cpu:generic", "gpu", "gpu:sm_80", "gpu:sm_90"]),
-              help="Also build a deployable artifact for this target (bitwise kernels).")
+@click.option("--target", type=click.Choice(["cpu", "cpu:avx2", "cpu:generic", "gpu", "gpu:sm_80", "gpu:sm_90", "fpga"]),
+              help="Also build a deployable artifact for this target (bitwise kernels; fpga: an HLS/RTL project).")
+@click.option("--part", default="xc7z020", show_default=True, help="fpga: the FPGA part (its LUT/BRAM/DSP budget).")
+@click.option("--fps", type=float, help="fpga: target frames per second (default: the cheapest folding).")
 @click.option("--autotune", is_flag=True, help="Time each layer's kernel candidates and keep the fastest.")
 @click.option("--kernel", type=click.Choice(["bitserial", "int8", "float"]),
               help="Use this kernel for every quantized layer instead of the planner's choice.")
@@ -100,8 +102,8 @@ def _overrides(quantizer, keep_float, force, per_tensor, rounding=None) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verify", is_flag=True, help="Check the model after every pass (debug).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after every pass here.")
-def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, rounding, calib, out, target, autotune,
-                kernel, plan_batch, fix_input, as_json, verify, dump_dir):
+def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, rounding, calib, out, target, part, fps,
+                autotune, kernel, plan_batch, fix_input, as_json, verify, dump_dir):
     """Quantize MODEL into OUT: fake-quant model.onnx, report.json/.md, weights.png; with --target, also a
     deployable artifact (manifest.json, kernels/, partitions/) that `qcompile run` and the runtime load."""
     from qcompile import api, report
@@ -110,10 +112,14 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, roundin
         from qcompile.passes.load import parse_fixed_inputs
 
         fixed = parse_fixed_inputs(fix_input)
+        options = None
+        if target == "fpga":
+            target, options = f"fpga:{part}", {"fps": fps}
         with _progress() as prog:
             task = prog.add_task("compiling", total=None)
             result = api.compile(model, config=preset, calib=calib, verify=verify, dump_dir=dump_dir, fix_inputs=fixed,
-                                 target=target, autotune=autotune, kernel=kernel, plan_batch=plan_batch,
+                                 target=target, target_options=options, autotune=autotune, kernel=kernel,
+                                 plan_batch=plan_batch,
                                  progress=lambda name: prog.update(task, description=name),
                                  **_overrides(quantizer, keep_float, force, per_tensor, rounding))
             prog.update(task, description="writing")
@@ -126,7 +132,10 @@ def compile_cmd(model, preset, quantizer, keep_float, force, per_tensor, roundin
         report.print_report(result.report)
         if result.manifest is not None:
             report.print_plan(result.manifest["plan"])
-            click.echo(f"wrote artifact {out} (run it: qcompile run {out} --input x.npy)")
+            if target.startswith("fpga"):
+                click.echo(f"wrote FPGA project {Path(out) / 'fpga'} (report.md; hls/csim.sh, hls/run_hls.tcl)")
+            else:
+                click.echo(f"wrote artifact {out} (run it: qcompile run {out} --input x.npy)")
         else:
             click.echo(f"wrote {Path(out) / 'model.onnx'} and the report")
 
