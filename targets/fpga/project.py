@@ -168,3 +168,150 @@ def write_rtl(specs, foldings: dict, out_dir) -> str:
         (out / "NOT_GENERATED.txt").write_text(f"{exc}\n")
         return f"RTL: not generated ({exc})"
     return f"RTL: top `{project.top}` in rtl/ ({len(project.layers)} MVAU(s); sources {', '.join(project.sources)})"
+
+
+# ---- the artifact: qcompile compile MODEL --target fpga --part P --fps F -o OUT -------------------------------------
+
+# ops between two layers of the chain that leave the stream as it is (codes are >= 0, so Relu is the identity)
+_PASS_THROUGH = {"Flatten", "Reshape", "Identity", "Relu"}
+
+
+def _check_chain(graph, specs, domain: str) -> tuple[str, str]:
+    """The layers must form one chain (each reads the one before, through pass-through ops); returns the chain's
+    input and output value names."""
+    from qcompile.partition import reader_counts
+
+    node_of = {n.name: n for n in graph.node if n.domain == domain}
+    readers = reader_counts(graph)
+    by_input: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            by_input.setdefault(i, []).append(n)
+
+    def out_value(spec) -> str:
+        return spec.extra.get("output") or node_of[spec.name].output[0]
+
+    for a, b in zip(specs, specs[1:]):
+        v, want = out_value(a), node_of[b.name].input[0]
+        while v != want:
+            nxt = by_input.get(v, [])
+            if readers.get(v) != 1 or len(nxt) != 1 or nxt[0].op_type not in _PASS_THROUGH:
+                raise QuantizationError(f"layers {a.name!r} and {b.name!r} are not one chain (the fpga target "
+                                        "streams a single chain of quantized layers); keep the others in float")
+            v = nxt[0].output[0]
+    return node_of[specs[0].name].input[0], out_value(specs[-1])
+
+
+def _readme(design: hls.HlsDesign, plan, rtl_line: str, in_name: str, out_name: str, frames: int) -> str:
+    first, last = design.first, design.last
+    stages = "\n".join(f"| {i} | {s.kind} | `{s.layer}` | {s.in_lanes} x {s.in_bits} | {s.out_lanes} x {s.out_bits} | "
+                       f"{s.words_in} | {s.words_out} | {s.cycles} |" for i, s in enumerate(design.stages))
+    in_what = "float32 (IEEE bit patterns; the first layer's input quantizer runs on the device)" if design.in_float \
+        else f"{first.in_bits}-bit codes"
+    out_what = {"codes": f"{last.out_bits}-bit codes", "int32": "int32 accumulators (the host applies the rest)",
+                "float32": "float32 (the last layer's float epilogue, float(acc) * mult + bias, runs on the device "
+                           "in the CPU kernel's order, bit-exact)"}[design.out_kind]
+    return f"""{plan.markdown()}
+## The accelerator
+
+`hls/qc_top.cpp`: one dataflow stage per layer (`#pragma HLS DATAFLOW`, every loop `PIPELINE II=1`), weights and
+thresholds as ROM arrays partitioned by PE (`qc_params.h`), building blocks in `qc_hls.h`.
+
+| # | stage | layer | in (lanes x bits) | out (lanes x bits) | words in / frame | words out / frame | cycles / frame |
+|---|---|---|---|---|---:|---:|---:|
+{stages}
+
+- AXI-stream in: `{first.in_lanes * first.in_bits}`-bit words of {first.in_lanes} lanes, {first.words_in} words per
+  frame: the value `{in_name}` of `graph.onnx`, {in_what}, shape {design.in_shape} sent channels innermost (NHWC).
+- AXI-stream out: `{last.out_lanes * last.out_bits}`-bit words of {last.out_lanes} lanes, {last.words_out} words per
+  frame: the value `{out_name}`, {out_what}, shape {design.out_shape} channels innermost.
+- The float layers before and after the chain run on the host (`graph.onnx` holds the whole fused graph).
+- {rtl_line}
+
+## Check and build
+
+- C simulation without Vitis: `AP_TYPES=<folder with ap_int.h, hls_stream.h> hls/csim.sh` (the hls4ml wheel ships
+  Xilinx's open-source ap_types: `pip install --no-deps hls4ml`, folder `hls4ml/templates/vivado/ap_types`). The
+  testbench streams `hls/vectors/input.txt` ({frames} random frames at and around the input
+  thresholds) and compares every value with `expected.txt` (qcompile.reference, layer by layer).
+- Vitis HLS (csim, csynth, IP export for {plan.part.full} at {plan.clock_mhz:g} MHz): `cd hls && vitis_hls -f run_hls.tcl`.
+"""
+
+
+def build_fpga_artifact(result, target_name: str, part, work: Path, *, fps: float | None = None,
+                        utilization: float | None = None, frames: int = 8) -> dict:
+    """The fpga target's artifact folder: fpga/ (HLS project, RTL, report.md), graph.onnx, fakequant.onnx, manifest."""
+    import onnx
+    import onnx_ir as ir
+
+    import qcompile
+    from qcompile import artifact as art
+    from qcompile.fileio import sha256_file
+    from qcompile.input_quant import fold_input_quantizers
+    from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+
+    from .folding import DEFAULT_UTILIZATION, choose_folding
+
+    calib_batch = art._first_calibration_batch(result.ctx.calib)
+    model, specialized, symbolic = art.specialize_shapes(result.model, calib_batch, result.ctx.layers)
+    result.ctx.fuse_notes = {}
+    fused_ir = ir.from_proto(model)
+    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(fused_ir, result.ctx)
+    fused = ir.to_proto(fused_ir)
+    specs = art.layer_specs(fused, model, fold_pools=True)
+    graph, specs = fold_input_quantizers(fused, specs, DOMAIN)
+    if not specs:
+        raise QuantizationError(f"{result.source}: no quantized layer became a bit kernel, so there is nothing to "
+                                "put on the FPGA (check the config's keep_float and the report's plan)")
+    in_name, out_name = _check_chain(graph.graph, specs, DOMAIN)
+    plan = choose_folding(specs, part, fps, utilization=utilization or DEFAULT_UTILIZATION)
+    design = hls.build_design(specs, plan.foldings)
+    root = work / "fpga"
+    write_hls_project(design, root / "hls", part=part.full, clock_mhz=plan.clock_mhz, frames=frames)
+    rtl_line = write_rtl(specs, plan.foldings, root / "rtl")
+    report = _readme(design, plan, rtl_line, in_name, out_name, frames)
+    (root / "report.md").write_text("# qcompile FPGA project\n\n" + report)
+    onnx.save(graph, work / "graph.onnx")
+    onnx.save(result.model, work / "fakequant.onnx")
+
+    spec_of = {s.name: s for s in specs}
+    fold_of = {lay.name: lay for lay in plan.layers}
+    entries = []
+    for name, p in result.ctx.plan.items():
+        spec = spec_of.get(name)
+        if spec is not None:
+            lay = fold_of[name]
+            label = f"fpga-mvau PE={lay.pe} SIMD={lay.simd}"
+            why = (f"{lay.cycles:,} cycles/frame, ~{lay.res['lut']:,} LUT, {lay.res['bram18']} BRAM18 "
+                   f"({'XNOR/AND popcount' if spec.bits_a == spec.bits_w == 1 else 'bit-plane popcount'}, "
+                   f"{spec.epilogue} epilogue)")
+            if spec.pool is not None:
+                why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs on the device after it"
+            if spec.in_thresholds is not None:
+                why += "; quantizes its float input on the device"
+        else:
+            label = "host onnxruntime-fp32"
+            why = symbolic.get(name, p.reason)
+        entries.append({"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
+                        "kernel": label, "why": why})
+    return {
+        "schema": art.SCHEMA, "schema_version": art.SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
+        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
+        "config": result.config.to_dict(),
+        "target": {"name": target_name, "caps": {"part": part.name, "full": part.full, "board": part.board},
+                   "plan_batch": None, "autotuned": False, "cost_model": "targets/fpga/estimate.py (MVAU)"},
+        "inputs": [], "outputs": [],
+        "generic": {"model": "fakequant.onnx"} if specialized else None,
+        "plan": entries, "schedule": [],
+        "fpga": {"part": part.name, "clock_mhz": plan.clock_mhz, "target_fps": fps, "fps": plan.fps,
+                 "cycles_per_frame": plan.cycles_per_frame, "latency_cycles": plan.latency_cycles,
+                 "foldings": {k: list(v) for k, v in plan.foldings.items()}, "totals": plan.totals,
+                 "stream_in": {"value": in_name, "lanes": design.first.in_lanes, "bits": design.first.in_bits,
+                               "words": design.first.words_in, "float": design.in_float},
+                 "stream_out": {"value": out_name, "lanes": design.last.out_lanes, "bits": design.last.out_bits,
+                                "words": design.last.words_out, "kind": design.out_kind},
+                 "project": "fpga/", "report": "fpga/report.md"},
+        "report_markdown": report,
+        "deploy": None,
+        "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
+    }
