@@ -618,7 +618,7 @@ def match_lstm(reader: BodyReader, h_new, c_new, h_id: int, c_id: int, x_id: int
         return None  # h' must read tanh of the new cell state itself
     gates = [atoms[a][1] for a in (i, o, f, g)]          # ONNX's order: i, o, f, c
     if not all(isinstance(lin, Lin) for lin in gates):
-        raise NotACell("an LSTM gate is not an affine map of x and h")
+        raise NotACell("an LSTM gate is not an affine map of x and h (a peephole reads c)")
     H = gates[0].rows
     x, h = (x_id,), (h_id,)
     I = _input_width(reader, gates, x)

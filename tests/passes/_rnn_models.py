@@ -36,11 +36,13 @@ class Body:
 
 
 def weights(cell: str, I: int, H: int, seed: int, bias: bool = True) -> dict:
+    """PyTorch's initialisation, U(-1/sqrt(H), 1/sqrt(H)), widened to 2/sqrt(H) so small cells are not near-linear."""
     g = 4 if cell == "LSTM" else 3
     rng = np.random.default_rng(seed)
-    w = {"w_ih": rng.normal(0, 0.4, (g * H, I)), "w_hh": rng.normal(0, 0.4, (g * H, H))}
+    k = 2 / np.sqrt(H)
+    w = {"w_ih": rng.uniform(-k, k, (g * H, I)), "w_hh": rng.uniform(-k, k, (g * H, H))}
     if bias:
-        w.update(b_ih=rng.normal(0, 0.3, g * H), b_hh=rng.normal(0, 0.3, g * H))
+        w.update(b_ih=rng.uniform(-k, k, g * H), b_hh=rng.uniform(-k, k, g * H))
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
@@ -69,8 +71,10 @@ def _chunks(b: Body, v: str, n: int, H: int, style: str) -> list[str]:
     return [b.op("Slice", [v, bounds[k], bounds[k + 1], axis]) for k in range(n)]
 
 
-def lstm_step(b: Body, x: str, h: str, c: str, w: dict, *, style="gemm", chunks="split", outer=True, cat=False):
-    """PyTorch's LSTMCell: gates = x W_ih^T + b_ih + h W_hh^T + b_hh; i, f, g, o = chunk(4)."""
+def lstm_step(b: Body, x: str, h: str, c: str, w: dict, *, style="gemm", chunks="split", outer=True, cat=False,
+              peephole=False):
+    """PyTorch's LSTMCell: gates = x W_ih^T + b_ih + h W_hh^T + b_hh; i, f, g, o = chunk(4). peephole: the forget
+    gate also reads c (not an ONNX-recipe cell: refused)."""
     H = w["w_hh"].shape[1]
     if cat:  # one MatMul of [x, h] by the stacked weights
         xh = b.op("Concat", [x, h], axis=1)
@@ -80,6 +84,8 @@ def lstm_step(b: Body, x: str, h: str, c: str, w: dict, *, style="gemm", chunks=
         gates = b.op("Add", [_linear(b, x, w["w_ih"], w.get("b_ih"), style, outer),
                              _linear(b, h, w["w_hh"], w.get("b_hh"), style, outer)])
     i, f, g, o = _chunks(b, gates, 4, H, chunks)
+    if peephole:
+        f = b.op("Add", [f, b.op("Mul", [c, b.const(np.full(H, 0.5, np.float32))])])
     i, f, o = (b.op("Sigmoid", [v]) for v in (i, f, o))
     g = b.op("Tanh", [g])
     c_new = b.op("Add", [b.op("Mul", [f, c]), b.op("Mul", [i, g])])
@@ -87,7 +93,8 @@ def lstm_step(b: Body, x: str, h: str, c: str, w: dict, *, style="gemm", chunks=
     return h_new, c_new
 
 
-def gru_step(b: Body, x: str, h: str, w: dict, *, lbr=1, form="torch", style="gemm", chunks="split", outer=True):
+def gru_step(b: Body, x: str, h: str, w: dict, *, lbr=1, form="torch", style="gemm", chunks="split", outer=True,
+             act="Tanh"):
     """PyTorch's GRUCell (r, z, n); lbr=1 is PyTorch's n = tanh(W_in x + b_in + r (W_hn h + b_hn)), lbr=0 the other
     candidate tanh(W_in x + b + W_hn (r h)). form: 'torch' h' = n + z (h - n); 'onnx' (1 - z) n + z h written with
     Sub(1, z); 'swapped' h' = (1 - z) h + z n with Neg + Add (z is the gate on the candidate)."""
@@ -105,9 +112,9 @@ def gru_step(b: Body, x: str, h: str, w: dict, *, lbr=1, form="torch", style="ge
     r = b.op("Sigmoid", [b.op("Add", [ir_, hr])])
     z = b.op("Sigmoid", [b.op("Add", [iz, hz])])
     if lbr:
-        n = b.op("Tanh", [b.op("Add", [in_, b.op("Mul", [r, hn])])])
+        n = b.op(act, [b.op("Add", [in_, b.op("Mul", [r, hn])])])
     else:
-        n = b.op("Tanh", [b.op("Add", [in_, _linear(b, b.op("Mul", [r, h]), w_hn, b_hn, style, outer)])])
+        n = b.op(act, [b.op("Add", [in_, _linear(b, b.op("Mul", [r, h]), w_hn, b_hn, style, outer)])])
     if form == "torch":
         return b.op("Add", [n, b.op("Mul", [z, b.op("Sub", [h, n])])])
     if form == "onnx":
@@ -122,9 +129,10 @@ def _vi(name, shape):
 
 
 def scan_model(cell: str, I: int, H: int, *, seed=0, init="zeros", reverse=False, out_dir=None, x_axis=0,
-               outputs=("y", "h", "c"), opset=18, weights_in="outer", prefix="", **step):
+               outputs=("y", "h", "c"), opset=18, weights_in="outer", prefix="", per_step="h", **step):
     """A Scan over x [seq, batch, I] (x_axis=1: [batch, seq, I]) whose body is one cell step; outputs y (per-step h),
-    h_n and c_n (LSTM); every name but x's starts with prefix."""
+    h_n and c_n (LSTM); every name but x's starts with prefix. per_step='c' emits the cell state per step instead
+    of h (refused: an LSTM node gives only h per step)."""
     g = Body(prefix)
     b = Body(prefix + "b_", outer=g)
     w = weights(cell, I, H, seed, bias=step.pop("bias", True))
@@ -135,14 +143,15 @@ def scan_model(cell: str, I: int, H: int, *, seed=0, init="zeros", reverse=False
         news = [h_new, c_new]
     else:
         news = [gru_step(b, x_t, states[0], w, outer=weights_in == "outer", **step)]
-    y_t = b.op("Identity", [news[0]])
+    y_t = b.op("Identity", [news[0] if per_step == "h" else news[1]])
     body = helper.make_graph(b.nodes, prefix + "body", [_vi(s, ["B", H]) for s in states] + [_vi(x_t, ["B", I])],
                              [_vi(v, ["B", H]) for v in news] + [_vi(y_t, ["B", H])], b.inits)
     xshape = ["S", "B", I] if x_axis == 0 else ["B", "S", I]
     inputs = [_vi("x", xshape)]
     if init == "zeros":
-        shape = g.op("Concat", [g.op("Shape", ["x"], start=1 - x_axis, end=2 - x_axis),
-                                g.const(np.array([H], np.int64))], axis=0)
+        batch = g.op("Slice", [g.op("Shape", ["x"]), g.const(np.array([1 - x_axis], np.int64)),
+                               g.const(np.array([2 - x_axis], np.int64))])
+        shape = g.op("Concat", [batch, g.const(np.array([H], np.int64))], axis=0)
         init_states = [g.op("ConstantOfShape", [shape], value=helper.make_tensor("v", F, [1], [0.0]))] * len(states)
     else:
         init_states = [f"{prefix}{s}0" for s in ("h", "c")[:len(states)]]
@@ -218,4 +227,25 @@ def if_model(cell_then: str, cell_else: str, I: int, H: int, **kw):
     graph = helper.make_graph([node], "if_cell", [_vi("x", ["S", "B", I]),
                                                   helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
                               [_vi("y", ["S", "B", H]), _vi("h_n", ["B", H])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def native_model(cell: str, I: int, H: int, *, seed=0, lbr=1):
+    """The same cell as scan_model's (same seed) written as one ONNX LSTM/GRU node: PyTorch's gate blocks reordered
+    to ONNX's (LSTM i, f, g, o -> i, o, f, c; GRU r, z, n -> z, r, h). Outputs y [seq, batch, H] and h_n."""
+    w = weights(cell, I, H, seed)
+    order = [0, 3, 1, 2] if cell == "LSTM" else [1, 0, 2]
+
+    def onnx_order(a):
+        return np.concatenate([np.split(a, len(order))[k] for k in order])[None]
+
+    W, R = onnx_order(w["w_ih"]), onnx_order(w["w_hh"])
+    B = np.concatenate([onnx_order(w["b_ih"]), onnx_order(w["b_hh"])], 1)
+    attrs = {"hidden_size": H} | ({"linear_before_reset": lbr} if cell == "GRU" else {})
+    nodes = [helper.make_node(cell, ["x", "W", "R", "B"], ["y4", "h3"], name="native", **attrs),
+             helper.make_node("Squeeze", ["y4", "ax1"], ["y"]), helper.make_node("Squeeze", ["h3", "ax0"], ["h_n"])]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (R, "R"), (B, "B"), (np.array([1]), "ax1"),
+                                                       (np.array([0]), "ax0"))]
+    graph = helper.make_graph(nodes, "native", [_vi("x", ["S", "B", I])], [_vi("y", ["S", "B", H]),
+                                                                            _vi("h_n", ["B", H])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
