@@ -323,10 +323,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
             # one row streams every index byte once (2x the packed planes' bytes at W1): when they spill the
             # last-level cache (> 4 MiB) the popcount kernel is faster (measured: W2A2 K=N=4096 M=1 0.33 vs 0.26 ms)
             wl_bytes = geo["NB"] * geo["G4"] * spec.bits_w * 32
-            # a short row (K <= 256: at most 4 words a plane) fills half an AVX-512 vector or less, so the LUT kernel
-            # wins on that path too (W2A2 N=800, 16 rows: K=200 8.9 vs 15.5 us, K=128 5.9 vs 9.1; Zen 4)
-            short = f" || (path == QC_PATH_AVX512 && batch > 1)" if spec.K <= 256 else ""
-            lut_call = (f"#if defined(QC_X86)\n    if ((QC_LUT_GEMM(path){short}) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
+            lut_call = (f"#if defined(QC_X86)\n    if (QC_LUT_GEMM(path) && (batch > 1 || {wl_bytes} <= (4 << 20)))"
                         f" return {cname}_lut(x, y, batch);\n#endif\n")
         # a BitGemm that quantizes its float input itself: the exported function makes the codes, then calls it
         quantizing = spec.in_thresholds is not None
@@ -506,9 +503,8 @@ def x86_kernels(spec: LayerSpec, *, lut: bool = True, layer_avx512: bool = True)
     the planner reads the same): the AVX-512 path runs the LUT kernels too, except a BitGemm that has its own
     AVX-512 kernel (QC_LUT_GEMM, the C side of this rule)."""
     on = lut and lut_layer(spec)
-    short = spec.op == "gemm" and spec.K <= 256   # the LUT kernel on AVX-512 too (above batch 1: _layer_source)
     return {"avx2_kernel": "lut" if on else "popcount",
-            "avx512_kernel": "lut" if on and (spec.op == "conv" or not layer_avx512 or short) else "popcount"}
+            "avx512_kernel": "lut" if on and (spec.op == "conv" or not layer_avx512) else "popcount"}
 
 
 def generate(specs: list[LayerSpec], *, emulate_avx512: bool = False, layer_avx512: bool = False,

@@ -499,9 +499,8 @@ def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
     kernels = native_lib.manifest["layers"]
     assert {n for n, v in kernels.items() if v.get("avx2_kernel") == "lut"} == set(LUT_LAYERS)
     assert all(v["avx2_kernel"] == "popcount" for v in popcount_lib.manifest["layers"].values())
-    # the AVX-512 path runs the LUT convs too, and the LUT GEMMs in a library without AVX-512 layer kernels or with
-    # short rows (K <= 256: a plane fills at most half an AVX-512 vector)
-    lut_convs = {n for n in LUT_LAYERS if BY_NAME[n].op == "conv" or BY_NAME[n].K <= 256}
+    # the AVX-512 path runs the LUT convs too, and the LUT GEMMs only in a library without AVX-512 layer kernels
+    lut_convs = {n for n in LUT_LAYERS if BY_NAME[n].op == "conv"}
     want = lut_convs if native_lib.manifest["layer_avx512"] else set(LUT_LAYERS)
     assert {n for n, v in kernels.items() if v.get("avx512_kernel") == "lut"} == want
 
@@ -509,7 +508,7 @@ def test_lut_eligibility_and_manifest(native_lib, popcount_lib):
 def test_avx512_library_runs_its_gemms_on_the_avx512_kernel(emulated_lib):
     """A library with AVX-512 layer kernels records (and runs, QC_LUT_GEMM) its LUT-eligible GEMMs on them."""
     assert emulated_lib.manifest["layer_avx512"]
-    lut_convs = {n for n in LUT_LAYERS if BY_NAME[n].op == "conv" or BY_NAME[n].K <= 256}
+    lut_convs = {n for n in LUT_LAYERS if BY_NAME[n].op == "conv"}
     assert {n for n, v in emulated_lib.manifest["layers"].items() if v.get("avx512_kernel") == "lut"} == lut_convs
 
 
