@@ -724,7 +724,8 @@ def match_cell(reader: BodyReader, states: list, state_ids: list[int], x_id: int
             cell.h = 0
             return cell
         raise NotACell("one carried state whose update is not a GRU's")
-    raise NotACell(f"{len(states)} carried float states (an LSTM carries 2, a GRU 1)")
+    raise NotACell(f"{len(states)} carried float states (an LSTM carries 2, a GRU 1; a body of several cells, "
+                   "such as stacked layers, is not split into several nodes)")
 
 
 # ---------------------------------------------------------------------------------------------- the rewrite
@@ -812,6 +813,18 @@ def _rank2(v: ir.Value | None, what: str) -> int | None:
     return _static(v.shape[1])
 
 
+def _check_io(rec: Recognised) -> Recognised:
+    """What the rewritten node cannot take: another dtype than float32, an initial state broadcast over the batch."""
+    for v, what in ((rec.x, "input"), (rec.h0, "initial h"), (rec.c0, "initial c")):
+        if v is not None and v.dtype is not None and v.dtype != ir.DataType.FLOAT:
+            raise NotACell(f"the {what} is {v.dtype.name}; the recurrent recipe takes float32")
+    batch = rec.x.shape[1 if rec.x_axis == 0 else 0] if rec.x.shape is not None else None
+    for v, what in ((rec.h0, "initial h"), (rec.c0, "initial c")):
+        if v is not None and not _zero(v) and v.shape is not None and v.shape[0] == 1 and batch != 1:
+            raise NotACell(f"the {what} has batch 1 and is broadcast over the batch (an LSTM/GRU node's is not)")
+    return rec
+
+
 def read_scan(model: ir.Model, node: ir.Node) -> Recognised:
     a = node.attributes
     body = a["body"].as_graph()
@@ -849,8 +862,8 @@ def read_scan(model: ir.Model, node: ir.Node) -> Recognised:
         if reader.key(reader.poly(reader.ev(v))) != reader.key(reader.poly(h_new)):
             raise NotACell(f"scan output {k} is not the new hidden state (an LSTM/GRU gives only h per step)")
         stacked.append((node.outputs[n_states + k], out_axes[k] % 3, bool(out_dirs[k]) != reverse))
-    return Recognised(cell, x, in_axis, reverse, node.inputs[cell.h], node.inputs[cell.c] if cell.c >= 0 else None,
-                      finals, stacked, [])
+    return _check_io(Recognised(cell, x, in_axis, reverse, node.inputs[cell.h],
+                                node.inputs[cell.c] if cell.c >= 0 else None, finals, stacked, []))
 
 
 def read_loop(model: ir.Model, node: ir.Node) -> Recognised:
@@ -920,7 +933,7 @@ def read_loop(model: ir.Model, node: ir.Node) -> Recognised:
     h0 = carried[floats[cell.h]]
     c0 = carried[floats[cell.c]] if cell.c >= 0 else None
     # the Cell's h/c index the float states; finals already name the outputs
-    return Recognised(cell, x, axis, False, h0, c0, finals, stacked, extra)
+    return _check_io(Recognised(cell, x, axis, False, h0, c0, finals, stacked, extra))
 
 
 class _Emitter:
@@ -932,6 +945,7 @@ class _Emitter:
         self.opset = model.graph.opset_imports.get("", 21)
         self.base = node.name or node.op_type
         self.taken = _all_names(model)
+        self.consts: dict[tuple, ir.Value] = {}
 
     def name(self, tag: str) -> str:
         name, i = f"{self.base}/{tag}", 1
@@ -941,9 +955,12 @@ class _Emitter:
         return name
 
     def const(self, tag: str, array) -> ir.Value:
-        value = add_const(self.model.graph, self.name(tag), np.asarray(array))
-        self.taken.add(value.name)
-        return value
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.consts:
+            self.consts[key] = add_const(self.model.graph, self.name(tag), array)
+            self.taken.add(self.consts[key].name)
+        return self.consts[key]
 
     def add(self, op: str, inputs: list, attrs: dict | None = None, *, outputs: int = 1, name: str | None = None):
         while inputs and inputs[-1] is None:

@@ -249,3 +249,21 @@ def native_model(cell: str, I: int, H: int, *, seed=0, lbr=1):
     graph = helper.make_graph(nodes, "native", [_vi("x", ["S", "B", I])], [_vi("y", ["S", "B", H]),
                                                                             _vi("h_n", ["B", H])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def stacked_scan_model(I: int, H: int):
+    """Two LSTM layers stepped in one Scan body (layer 2 reads layer 1's new h): refused, one node per body."""
+    g, b = Body(""), Body("b_")
+    b.outer = g
+    states = ["h1", "c1", "h2", "c2"]
+    h1, c1 = lstm_step(b, "x_t", "h1", "c1", weights("LSTM", I, H, 1))
+    h2, c2 = lstm_step(b, h1, "h2", "c2", weights("LSTM", H, H, 2))
+    body = helper.make_graph(b.nodes, "body", [_vi(s, ["B", H]) for s in states] + [_vi("x_t", ["B", I])],
+                             [_vi(v, ["B", H]) for v in (h1, c1, h2, c2)] + [_vi(b.op("Identity", [h2]), ["B", H])],
+                             b.inits)
+    g.nodes.append(helper.make_node("Scan", [f"{s}_0" for s in states] + ["x"], [f"{s}_n" for s in states] + ["y"],
+                                    name="cell_scan", body=body, num_scan_inputs=1))
+    graph = helper.make_graph(g.nodes, "stacked", [_vi("x", ["S", "B", I])] + [_vi(f"{s}_0", ["B", H])
+                                                                                for s in states],
+                              [_vi("y", ["S", "B", H])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

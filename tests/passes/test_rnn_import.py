@@ -182,6 +182,7 @@ REFUSED = {
     "cell state emitted per step": (lambda: M.scan_model("LSTM", I, H, per_step="c"), "only h per step"),
     # the loop runs 5 steps whatever the length of x (shorter x: the model fails; longer: it reads a prefix)
     "constant trip count": (lambda: M.loop_model("LSTM", I, H, trip="const"), "trip count is not provably"),
+    "two stacked layers in one body": (lambda: M.stacked_scan_model(I, H), "4 carried float states"),
 }
 
 
