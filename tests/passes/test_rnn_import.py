@@ -41,9 +41,8 @@ def _feeds(sess, seq, rng, flag=True):
         if i.type == "tensor(bool)":
             feeds[i.name] = np.array(flag)
             continue
-        dims = {"S": seq, "B": BATCH}
-        shape = [dims.get(d, d) if isinstance(d, str) else d for d in i.shape]
-        shape = [seq if d == "seq" else BATCH if d == "b" or d == "batch" else d for d in shape]
+        dims = {"S": seq, "seq": seq, "B": BATCH, "batch": BATCH}
+        shape = [dims[d] if isinstance(d, str) else d for d in i.shape]
         feeds[i.name] = rng.normal(0, 1, shape).astype(np.float32)
     return feeds
 
@@ -159,6 +158,18 @@ def test_cells_inside_if_branches_are_rewritten_in_place():
     assert _no_loops(out.graph)
     assert sorted(n.op_type for n in _rnn_nodes(out.graph)) == ["GRU", "LSTM"]
     assert_same_function(model, out, flags=(True, False))
+
+
+def test_a_cell_in_the_if_branch_that_fix_input_selects_is_quantized(tmp_path):
+    """--fix-input folds the If; the branch's Scan, now in the main graph, compiles as a quantized LSTM/GRU."""
+    from qcompile import api
+
+    onnx.save(M.if_model("LSTM", "GRU", I, H), tmp_path / "if.onnx")
+    calib = np.random.default_rng(0).normal(size=(6, 4, I)).astype(np.float32)
+    for flag, op in ((True, "LSTM"), (False, "GRU")):
+        r = api.compile(tmp_path / "if.onnx", config="w4a4", calib=calib, fix_inputs={"flag": [flag]})
+        assert [row["op"] for row in r.report["recurrent"]] == [op]
+        assert not any(n.op_type in ("If", "LSTM", "GRU") for n in r.model.graph.node)  # the quantized Scan form
 
 
 def test_canonicalize_runs_the_pass_and_drops_the_old_weights():
@@ -302,7 +313,20 @@ def _torch_cells():
                 ys.append(h)
             return torch.stack(ys), h, c
 
-    return ScanCell, LoopLSTM, LoopGRU, LoopLSTMCell
+    class LoopLSTMCellBatchFirst(LoopLSTMCell):
+        """The same over x [batch, seq, I]: x[:, t] exports as a whole-axis Slice + Gather(axis=1), the steps
+        as ConcatFromSequence(axis=1)."""
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], self.hidden)
+            c = torch.zeros(x.shape[0], self.hidden)
+            ys: list[torch.Tensor] = []
+            for t in range(x.size(1)):
+                h, c = self.cell(x[:, t], (h, c))
+                ys.append(h)
+            return torch.stack(ys, 1), h, c
+
+    return ScanCell, LoopLSTM, LoopGRU, LoopLSTMCell, LoopLSTMCellBatchFirst
 
 
 def _export(kind: str, path) -> onnx.ModelProto:
@@ -310,7 +334,7 @@ def _export(kind: str, path) -> onnx.ModelProto:
 
     from torch import nn
 
-    ScanCell, LoopLSTM, LoopGRU, LoopLSTMCell = _torch_cells()
+    ScanCell, LoopLSTM, LoopGRU, LoopLSTMCell, BatchFirst = _torch_cells()
     torch.manual_seed(0)
     x, h0 = torch.randn(6, BATCH, I), torch.randn(BATCH, H)
     with warnings.catch_warnings():
@@ -322,15 +346,18 @@ def _export(kind: str, path) -> onnx.ModelProto:
                               input_names=["x", "h0", "c0"],
                               dynamic_shapes={"x": {0: seq, 1: batch}, "h0": {0: batch}, "c0": {0: batch}})
         else:
-            module = {"script-lstm": LoopLSTM, "script-gru": LoopGRU, "script-lstmcell": LoopLSTMCell}[kind]()
+            module = {"script-lstm": LoopLSTM, "script-gru": LoopGRU, "script-lstmcell": LoopLSTMCell,
+                      "script-lstmcell-batch-first": BatchFirst}[kind]()
+            axes = {0: "batch", 1: "seq"} if "batch-first" in kind else {0: "seq", 1: "batch"}
             torch.onnx.export(torch.jit.script(module), (x,), str(path), dynamo=False, input_names=["x"],
-                              dynamic_axes={"x": {0: "seq", 1: "batch"}})
+                              dynamic_axes={"x": axes})
     return onnx.load(str(path))
 
 
 @pytest.mark.parametrize("kind,op,loop", [
     ("dynamo-lstmcell", "LSTM", "Scan"), ("dynamo-grucell", "GRU", "Scan"),
-    ("script-lstm", "LSTM", "Loop"), ("script-gru", "GRU", "Loop"), ("script-lstmcell", "LSTM", "Loop")])
+    ("script-lstm", "LSTM", "Loop"), ("script-gru", "GRU", "Loop"), ("script-lstmcell", "LSTM", "Loop"),
+    ("script-lstmcell-batch-first", "LSTM", "Loop")])
 def test_torch_exports_become_one_recurrent_node(kind, op, loop, tmp_path):
     """What torch's two exporters write for a cell stepped over time (torch 2.13: the dynamo exporter turns
     torch's scan into an ONNX Scan; the TorchScript exporter turns a scripted for-loop into a Loop) reads as the
