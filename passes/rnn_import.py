@@ -410,7 +410,7 @@ class BodyReader:
         parts = a.parts if isinstance(a, Cat) else [a]
         terms, k0 = {}, 0
         for p in parts:
-            width = w.shape[0] if len(parts) == 1 else self.width(p) if not isinstance(p, Lin) else p.rows
+            width = w.shape[0] if len(parts) == 1 else self.width(p)
             if width is None:
                 raise NotACell("a MatMul of concatenated values whose widths are not static")
             key = self.source_key(p)
@@ -1035,7 +1035,8 @@ def rewrite(model: ir.Model, node: ir.Node, rec: Recognised) -> ir.Node:
     for old, axis, backwards in rec.stacked:
         if not (old.uses() or old.is_graph_output()):
             continue
-        y3 = y3 or e.axes_op("Squeeze", outs[0], [1])
+        if y3 is None:
+            y3 = e.axes_op("Squeeze", outs[0], [1])
         replace[old] = e.from_seq_first(e.reversed_time(y3) if backwards else y3, axis)
     graph.insert_before(node, e.nodes)
     for old, new in replace.items():
@@ -1103,7 +1104,10 @@ class RecogniseRecurrentCells:
                 continue
             label = node.name or f"{node.op_type}->{node.outputs[0].name}"
             try:
-                rec = (read_loop if node.op_type == "Loop" else read_scan)(model, node)
+                try:  # reading has no side effects: an unforeseen body is a refusal, not a failed compile
+                    rec = (read_loop if node.op_type == "Loop" else read_scan)(model, node)
+                except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+                    raise NotACell(f"the body could not be read ({type(exc).__name__}: {str(exc)[:80]})") from None
                 rnn = rewrite(model, node, rec)
             except NotACell as why:
                 note = f"{node.op_type} '{label}' is not read as an LSTM/GRU step, kept as it is: {why}"

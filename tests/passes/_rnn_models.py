@@ -230,24 +230,35 @@ def if_model(cell_then: str, cell_else: str, I: int, H: int, **kw):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def native_model(cell: str, I: int, H: int, *, seed=0, lbr=1):
+def native_model(cell: str, I: int, H: int, *, seed=0, lbr=1, direction="forward", h0=False):
     """The same cell as scan_model's (same seed) written as one ONNX LSTM/GRU node: PyTorch's gate blocks reordered
-    to ONNX's (LSTM i, f, g, o -> i, o, f, c; GRU r, z, n -> z, r, h). Outputs y [seq, batch, H] and h_n."""
-    w = weights(cell, I, H, seed)
+    to ONNX's (LSTM i, f, g, o -> i, o, f, c; GRU r, z, n -> z, r, h). Outputs y [seq, batch, H] and h_n (forward
+    and reverse); bidirectional: the node's own outputs. h0: initial states as inputs h0 [, c0] [D, batch, H]."""
+    D = 2 if direction == "bidirectional" else 1
+    ws = [weights(cell, I, H, seed + d) for d in range(D)]
     order = [0, 3, 1, 2] if cell == "LSTM" else [1, 0, 2]
 
     def onnx_order(a):
-        return np.concatenate([np.split(a, len(order))[k] for k in order])[None]
+        return np.concatenate([np.split(a, len(order))[k] for k in order])
 
-    W, R = onnx_order(w["w_ih"]), onnx_order(w["w_hh"])
-    B = np.concatenate([onnx_order(w["b_ih"]), onnx_order(w["b_hh"])], 1)
-    attrs = {"hidden_size": H} | ({"linear_before_reset": lbr} if cell == "GRU" else {})
-    nodes = [helper.make_node(cell, ["x", "W", "R", "B"], ["y4", "h3"], name="native", **attrs),
-             helper.make_node("Squeeze", ["y4", "ax1"], ["y"]), helper.make_node("Squeeze", ["h3", "ax0"], ["h_n"])]
-    inits = [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (R, "R"), (B, "B"), (np.array([1]), "ax1"),
-                                                       (np.array([0]), "ax0"))]
-    graph = helper.make_graph(nodes, "native", [_vi("x", ["S", "B", I])], [_vi("y", ["S", "B", H]),
-                                                                            _vi("h_n", ["B", H])], inits)
+    W = np.stack([onnx_order(w["w_ih"]) for w in ws])
+    R = np.stack([onnx_order(w["w_hh"]) for w in ws])
+    B = np.stack([np.concatenate([onnx_order(w["b_ih"]), onnx_order(w["b_hh"])]) for w in ws])
+    attrs = {"hidden_size": H, "direction": direction} | ({"linear_before_reset": lbr} if cell == "GRU" else {})
+    states = (["h0", "c0"] if cell == "LSTM" else ["h0"]) if h0 else []
+    inputs = [_vi("x", ["S", "B", I])] + [_vi(s, [D, "B", H]) for s in states]
+    outs = ["y4", "h3"] + (["c3"] if cell == "LSTM" else [])
+    nodes = [helper.make_node(cell, ["x", "W", "R", "B", ""] + states, outs, name="native", **attrs)]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (R, "R"), (B, "B"))]
+    if D == 1:
+        nodes += [helper.make_node("Squeeze", ["y4", "ax1"], ["y"]), helper.make_node("Squeeze", ["h3", "ax0"],
+                                                                                      ["h_n"])]
+        inits += [numpy_helper.from_array(np.array([1]), "ax1"), numpy_helper.from_array(np.array([0]), "ax0")]
+        graph_outs = [_vi("y", ["S", "B", H]), _vi("h_n", ["B", H])]
+    else:
+        graph_outs = [_vi("y4", ["S", D, "B", H]), _vi("h3", [D, "B", H])] + (
+            [_vi("c3", [D, "B", H])] if cell == "LSTM" else [])
+    graph = helper.make_graph(nodes, "native", inputs, graph_outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 

@@ -186,6 +186,33 @@ def test_canonicalize_runs_the_pass_and_drops_the_old_weights():
     assert_same_function(model, out)
 
 
+@pytest.mark.parametrize("cell,lbr", [("LSTM", 0), ("GRU", 0), ("GRU", 1)])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_the_float_scan_form_of_passes_rnn_reads_back_as_the_node(cell, lbr, direction):
+    """passes/rnn.decompose's float Scan form (one Scan per direction, Slice'd gates, initial states sliced per
+    direction) is a decomposed cell too: it reads back as one node per direction computing the same."""
+    from onnx import helper
+
+    from qcompile.passes.rnn import decompose
+
+    native = M.native_model(cell, I, H, lbr=lbr, direction=direction, h0=True)
+    spec = recurrent_spec(native.graph.node[0], {t.name: onnx.numpy_helper.to_array(t)
+                                                 for t in native.graph.initializer}.get)
+    nodes, inits = decompose(spec)
+    graph = helper.make_graph(nodes + list(native.graph.node[1:]), "scan_form", list(native.graph.input),
+                              list(native.graph.output), inits + list(native.graph.initializer)[3:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    modified, irm, notes = _recognise(model)
+    assert modified, notes
+    verify(irm, "recognise_recurrent_cells")
+    out = ir.to_proto(irm)
+    specs = [_spec(out, n) for n in _rnn_nodes(out.graph)]
+    want = ["forward", "reverse"] if direction == "bidirectional" else [direction]
+    assert sorted(s.direction for s in specs) == want and {s.cell for s in specs} == {cell}
+    assert_same_function(model, out)
+    assert_same_function(native, out)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 REFUSED = {
     "peephole forget gate": (lambda: M.scan_model("LSTM", I, H, peephole=True), "not an affine map of x and h"),
