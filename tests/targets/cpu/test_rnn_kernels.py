@@ -139,3 +139,33 @@ def test_bad_inputs_get_one_line_errors(compiled):
     feeds["x"] = feeds["x"][..., :5].copy()
     with pytest.raises(RuntimeInputError, match=r"input 'x': shape \[4, 2, 5\], expected \['seq', 'batch', 70\]"):
         sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_an_exporter_decomposed_cell_compiles_to_the_same_time_loop(cell, tmp_path):
+    """A Loop whose body is one cell step (TorchScript's form; passes/rnn_import.py reads it as an LSTM/GRU node)
+    becomes one Recurrent custom op in the artifact, equal to its own fake-quant model."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "passes"))
+    from _rnn_models import loop_model
+
+    model = loop_model(cell, 12, 10)
+    onnx.save(model, tmp_path / "loop.onnx")
+    x = np.random.default_rng(0).normal(size=(6, 3, 12)).astype(np.float32)
+    r = api.compile(tmp_path / "loop.onnx", config="w2a2", calib=x, target="cpu")
+    assert len(r.report["recurrent"]) == 1
+    r.save(tmp_path / "art")
+    deploy = onnx.load(tmp_path / "art" / "deploy.onnx")
+    assert [n.op_type for n in deploy.graph.node if n.op_type in ("Recurrent", "Loop", "Scan")] == ["Recurrent"]
+    sess = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for seq in (1, 6):
+        feeds = {name: x[:seq]}
+        for out, g, w in zip(sess.get_outputs(), InferenceSession(tmp_path / "art").run(None, feeds),
+                             sess.run(None, feeds)):
+            if out.name.startswith("c"):
+                np.testing.assert_allclose(g, w, rtol=0, atol=2e-6)
+            else:
+                np.testing.assert_array_equal(g, w, err_msg=out.name)
