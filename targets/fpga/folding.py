@@ -216,8 +216,8 @@ def _fits(res: dict, budget: dict) -> bool:
     return all(res[r] <= budget[r] for r in RESOURCES)
 
 
-def _need(res: dict) -> str:
-    return ", ".join(f"{res[r]:,} {r.upper()}" for r in ("lut", "ff", "bram18", "dsp") if res[r])
+def _need(res: dict, every: bool = False) -> str:
+    return ", ".join(f"{res[r]:,} {r.upper()}" for r in ("lut", "ff", "bram18", "dsp") if res[r] or every)
 
 
 def _chain(specs, pick) -> list[LayerFold]:
@@ -260,7 +260,7 @@ def choose_folding(specs, part: str | Part, fps: float | None, *, clock_mhz: flo
     if fps is not None and fps <= 0:
         raise ConfigError(f"target frame rate must be positive, got {fps}")
     budget = part.budget(utilization)
-    where = f"{part.name} ({utilization:.0%} of the part: {_need(budget)})"
+    where = f"{part.name} ({utilization * 100:.3g}% of the part: {_need(budget, every=True)})"
     # the lanes into a layer change only its width converter's cost: choose against the cheapest producer first
     options = {}
     for spec in specs:
