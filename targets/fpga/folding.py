@@ -261,13 +261,14 @@ def choose_folding(specs, part: str | Part, fps: float | None, *, clock_mhz: flo
         raise ConfigError(f"target frame rate must be positive, got {fps}")
     budget = part.budget(utilization)
     where = f"{part.name} ({utilization * 100:.3g}% of the part: {_need(budget, every=True)})"
-    # the lanes into a layer change only its width converter's cost: choose against the cheapest producer first
+    # candidates are costed without a width converter (it depends on the producer's choice); _chain adds it
     options = {}
     for spec in specs:
-        cands = candidates(spec)
-        cheapest = min(cands, key=lambda lay: (_cost(lay.res, budget), lay.cycles))
-        if not _fits(cheapest.res, budget):
-            raise FoldingError(f"layer {spec.name!r} does not fit {where}: its smallest folding (PE={cheapest.pe}, "
+        every = candidates(spec)
+        cands = [lay for lay in every if _fits(lay.res, budget)]  # a folding over the budget alone is never used
+        if not cands:
+            cheapest = min(every, key=lambda lay: (_cost(lay.res, budget), lay.cycles))
+            raise FoldingError(f"layer {spec.name!r} does not fit {where}: its cheapest folding (PE={cheapest.pe}, "
                                f"SIMD={cheapest.simd}) needs {_need(cheapest.res)}")
         by_cycles = sorted(cands, key=lambda lay: (lay.cycles, _cost(lay.res, budget)))
         best, prefix = None, []   # prefix[i]: the cheapest of the i+1 fastest foldings

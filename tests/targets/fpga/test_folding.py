@@ -97,7 +97,7 @@ def test_a_layer_that_never_fits_is_named_with_what_it_needs():
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("layer 'huge' does not fit xc7z020 (70% of the part: 37,240 LUT")
-    assert "its smallest folding (PE=" in msg and "BRAM18" in msg.split("needs")[-1]
+    assert "its cheapest folding (PE=" in msg and "BRAM18" in msg.split("needs")[-1]
 
 
 def test_layers_that_fit_alone_but_not_together():
