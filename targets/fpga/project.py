@@ -88,7 +88,8 @@ open_solution -reset solution1 -flow_target vivado
 set_part {part}
 create_clock -period {period:.3f} -name default
 # the float epilogue is written as a float32 multiply then a separate add, the CPU kernel's order
-csim_design -argv "vectors/input.txt vectors/expected.txt vectors/csim_output.txt"
+# csim runs in qc_hls_prj/solution1/csim/build: the vector files by absolute path
+csim_design -argv "[file normalize vectors/input.txt] [file normalize vectors/expected.txt] [file normalize vectors/csim_output.txt]"
 csynth_design
 export_design -format ip_catalog
 exit

@@ -133,9 +133,9 @@ void swg(hls::stream<ap_uint<LANES * BITS> > &in, hls::stream<ap_uint<LANES * BI
     int reads = 0, writes = 0;
     int rrow = 0, rcol = 0, rcf = 0;                       // next input word to read
     int oy = 0, ox = 0, ky = 0, kx = 0, cf = 0;             // next window word to write
-    while (reads < READS || writes < WRITES) {
+    for (int it = 0; it < READS + WRITES; it++) {  // at most one of each per cycle: max(READS, WRITES) + fill
 #pragma HLS PIPELINE II=1
-#pragma HLS LOOP_TRIPCOUNT min=READS max=READS+WRITES
+        if (reads == READS && writes == WRITES) break;
         int first_row = oy * SH - PT;                       // oldest input row the current output row needs
         if (reads < READS && (writes == WRITES || rrow - RING < first_row)) {
             ring[rrow % RING][rcol][rcf] = in.read();
