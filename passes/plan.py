@@ -145,10 +145,10 @@ class PlanBits:
                         break
             ctx.plan[name] = plan
         for owner, node in subgraph_nodes(model.graph):
-            if node.op_type not in WEIGHTED_OPS or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in WEIGHTED_OPS + RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
                 continue
             name = node_label(node)
-            w, axis, _ = weight_layout(node)
+            w, axis, _ = weight_layout(node) if node.op_type in WEIGHTED_OPS else (None, 0, None)
             ctx.plan.setdefault(name, LayerPlan(
                 name, node.op_type, False,
                 f"inside the {owner.op_type} node '{node_label(owner)}' (a subgraph): subgraphs are not quantized "
@@ -167,8 +167,10 @@ def op_table(model: ir.Model, plan: dict[str, LayerPlan]) -> list[dict]:
             status = f"W{p.bits_w}A{p.bits_a} {p.quantizer}" if p.quantize else "float"
             rows.append({"node": name, "op": node.op_type, "status": status, "why": p.reason})
         else:
+            # a Loop/Scan that passes/rnn_import.py looked at and left as it is says why
+            why = node.metadata_props.get("qcompile.rnn_import") if node.op_type in ("Loop", "Scan") else None
             rows.append({"node": name, "op": node.op_type, "status": "float",
-                         "why": "no weights: runs as is in onnxruntime"})
+                         "why": why or "no weights: runs as is in onnxruntime"})
     for owner, node in subgraph_nodes(model.graph):  # layers in If/Loop/Scan bodies are listed, never skipped
         p = plan.get(node_label(node))
         rows.append({"node": node_label(node), "op": node.op_type, "status": "float",

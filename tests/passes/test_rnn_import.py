@@ -432,3 +432,20 @@ def test_compile_quantizes_a_decomposed_cell_like_the_onnx_node(cell, lbr, tmp_p
         np.testing.assert_allclose(a, b, atol=2 / 15)      # at most one A4 grid step where a sum rounds otherwise
         assert np.mean(a == b) > 0.99
         assert np.linalg.norm(a - c) / np.linalg.norm(c) < 0.5     # post-training W4A4 of a random cell
+
+
+def test_inspect_lists_cells_inside_if_branches_and_says_why_a_loop_was_not_read(tmp_path):
+    """A cell left inside an If branch gets a plan row (stays float, the If named); a Loop the pass refused shows
+    its reason in `inspect` instead of "no weights"."""
+    import onnx
+
+    from qcompile import api
+    from _rnn_models import if_model, loop_model
+
+    onnx.save(if_model("LSTM", "GRU", 5, 4), tmp_path / "if.onnx")
+    rows = {r["node"]: r for r in api.inspect(tmp_path / "if.onnx")}
+    inner = [r for r in rows.values() if r["op"] in ("LSTM", "GRU")]
+    assert inner and all(r["status"] == "float" and "inside the If node" in r["why"] for r in inner)
+    onnx.save(loop_model("LSTM", 5, 4, trip="const"), tmp_path / "loop.onnx")
+    loop = next(r for r in api.inspect(tmp_path / "loop.onnx") if r["op"] == "Loop")
+    assert "is not read as an LSTM/GRU step" in loop["why"] and "trip" in loop["why"]
