@@ -15,13 +15,15 @@ import ctypes
 import hashlib
 import json
 import os
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qcompile.errors import ArtifactError, QcompileError, RuntimeInputError
 
-__all__ = ["GpuUnavailableError", "CudaDevice", "EmuDevice", "GpuLibrary", "QcArgs", "open_device"]
+__all__ = ["GpuUnavailableError", "CudaDevice", "EmuDevice", "GpuLibrary", "QcArgs", "Memset", "open_device"]
 
 
 class GpuUnavailableError(QcompileError):
@@ -33,7 +35,15 @@ class QcArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("x", "act", "rowsum", "w", "wz2", "mult", "bias", "thr", "wtap", "in_thr", "out")] + \
-        [("batch", ctypes.c_int64)]
+        [("batch", ctypes.c_int64), ("out_sum", ctypes.c_void_p)]
+
+
+@dataclass(frozen=True)
+class Memset:
+    """A launch-list step that zeroes ``nbytes`` at device address ``ptr`` (before a kernel that accumulates)."""
+
+    ptr: int
+    nbytes: int
 
 
 # ---------------------------------------------------------------------------------------------------- devices
@@ -180,7 +190,10 @@ class GpuLibrary:
     """The layers of one built GPU kernel library (qc_gpu.json), their constants uploaded once to the device.
 
     ``run(layer, x)``: numpy in, numpy out. ``run_device(layer, x_ptr, batch)``: device pointer in, device pointer
-    out (the layer's own output buffer, valid until its next call): chains of layers never leave the device."""
+    out (the layer's own output buffer, valid until its next call): chains of layers never leave the device.
+    ``run_device(producer, x_ptr, batch, into=consumer)`` then ``run_device(consumer, None, batch,
+    packed_input=True)``: a chained threshold layer writes its consumer's packed input, whose pack kernel is skipped.
+    ``launch_log`` keeps the names of the latest kernels launched (and "memset")."""
 
     def __init__(self, manifest: str | os.PathLike, device=None, *, emulation: str | os.PathLike | None = None):
         self.path = Path(manifest)
@@ -205,7 +218,8 @@ class GpuLibrary:
         if constants.nbytes:
             device.htod(self._const, constants)
         self._work: dict[tuple[str, int], dict[str, int]] = {}
-        self._outputs: dict[str, tuple[int, int]] = {}
+        self._nbytes: dict[int, int] = {}
+        self.launch_log: deque[str] = deque(maxlen=4096)
 
     # which GEMM kernel: tensor cores on sm_80+, CUDA cores below (QCOMPILE_GPU_PATH=mma|popc forces one)
     @property
@@ -227,27 +241,35 @@ class GpuLibrary:
             for old in [k for k in self._work if k[0] == entry["name"]]:  # one batch size cached per layer
                 for ptr in self._work.pop(old).values():
                     self.device.free(ptr)
-            bufs = {}
+                    self._nbytes.pop(ptr, None)
+            sizes = {}
             if entry["op"] == "gemm":
                 rows = _cdiv(batch, 128) * 128
-                bufs["act"] = self.device.alloc(4 * rows * entry["act_words_per_row"])
-                bufs["rowsum"] = self.device.alloc(4 * rows)
+                sizes.update(act=4 * rows * entry["act_words_per_row"], rowsum=4 * rows)
             elif entry["op"] == "conv":
-                bufs["act"] = self.device.alloc(4 * batch * entry["act_words_per_sample"])
-                bufs["rowsum"] = self.device.alloc(4 * batch * entry["rowsum_per_sample"])
+                sizes.update(act=4 * batch * entry["act_words_per_sample"],
+                             rowsum=4 * batch * entry["rowsum_per_sample"])
                 if "pool" in entry:
-                    bufs["codes"] = self.device.alloc(batch * int(np.prod(entry["conv_out_shape"])))
-            bufs["out"] = self.device.alloc(batch * int(np.prod(entry["out_shape"])) *
-                                            np.dtype(entry["out_dtype"]).itemsize)
+                    sizes["codes"] = batch * int(np.prod(entry["conv_out_shape"]))
+            sizes["out"] = batch * int(np.prod(entry["out_shape"])) * np.dtype(entry["out_dtype"]).itemsize
+            bufs = {name: self.device.alloc(nbytes) for name, nbytes in sizes.items()}
+            self._nbytes.update({bufs[name]: nbytes for name, nbytes in sizes.items()})
             self._work[key] = bufs
         return self._work[key]
 
-    def launches(self, layer: str, x_ptr: int, batch: int) -> tuple[list[tuple[str, tuple, tuple, QcArgs]], int]:
-        """The kernel launches (name, grid, block, args) that run ``layer`` on ``batch`` samples at device address
-        ``x_ptr``, in order (pack, GEMM, pool), and the output's device address."""
+    def _entry(self, layer: str) -> dict:
         entry = self.layers.get(layer)
         if entry is None:
             raise RuntimeInputError(f"no layer {layer!r} in {self.path}; layers: {sorted(self.layers)}")
+        return entry
+
+    def launches(self, layer: str, x_ptr: int | None, batch: int, *, into: str | None = None,
+                 packed_input: bool = False) -> tuple[list, int]:
+        """The steps that run ``layer`` on ``batch`` samples at device address ``x_ptr``, in order (pack, GEMM,
+        pool): kernel launches (name, grid, block, args) and :class:`Memset` s; and the output's device address.
+        ``into``: the chained consumer whose packed input (its act buffer, returned) the GEMM writes.
+        ``packed_input``: the producer already wrote this layer's packed input; no pack kernel, ``x_ptr`` unused."""
+        entry = self._entry(layer)
         bufs = self._buffers(entry, batch)
         k = entry["kernels"]
         if entry["op"] == "maxpool":
@@ -267,20 +289,42 @@ class GpuLibrary:
         path = self.gemm_path
         tile = entry[path]
         rows = batch * entry["rows_per_sample"]
-        steps = [(k["pack"], (pack_grid, 1, 1), (threads, 1, 1), args),
-                 (k[path], (_cdiv(rows, tile["tm"]), _cdiv(entry["ng"], tile["tn"]), entry["groups"]),
-                  (tile["threads"], 1, 1), args)]
+        steps: list = [] if packed_input else [(k["pack"], (pack_grid, 1, 1), (threads, 1, 1), args)]
+        gemm, out = k[path], bufs["out"]
+        if into is not None:
+            chained = entry.get("packed_out") or {}
+            if chained.get("consumer") != into:
+                raise RuntimeInputError(f"layer {layer} cannot write {into}'s packed input (built to chain into "
+                                        f"{chained.get('consumer')}); rebuild the kernels with that chain")
+            target = self._buffers(self._entry(into), batch)
+            args.out, args.out_sum = target["act"], target["rowsum"]
+            steps.append(Memset(target["rowsum"], self._nbytes[target["rowsum"]]))
+            if chained["zero_act"]:
+                steps.append(Memset(target["act"], self._nbytes[target["act"]]))
+            gemm, out = k[path + "_packed"], target["act"]
+        steps.append((gemm, (_cdiv(rows, tile["tm"]), _cdiv(entry["ng"], tile["tn"]), entry["groups"]),
+                      (tile["threads"], 1, 1), args))
         if "pool" in entry:
             c, ho, wo = entry["pool"]["out_shape"]
             pool = QcArgs(x=bufs["codes"], out=bufs["out"], batch=batch)
             steps.append((k["pool"], (_cdiv(batch * c * ho * wo, 128), 1, 1), (128, 1, 1), pool))
-        return steps, bufs["out"]
+        return steps, out
 
-    def run_device(self, layer: str, x_ptr: int, batch: int) -> int:
-        """Launch ``layer`` on ``batch`` samples at device address ``x_ptr``; returns its output's address."""
-        steps, out = self.launches(layer, x_ptr, batch)
-        for name, grid, block, args in steps:
-            self.device.launch(name, grid, block, args)
+    def execute(self, steps: list) -> None:
+        for step in steps:
+            if isinstance(step, Memset):
+                self.device.memset(step.ptr, step.nbytes)
+                self.launch_log.append("memset")
+            else:
+                self.device.launch(*step)
+                self.launch_log.append(step[0])
+
+    def run_device(self, layer: str, x_ptr: int | None, batch: int, *, into: str | None = None,
+                   packed_input: bool = False) -> int:
+        """Launch ``layer`` on ``batch`` samples at device address ``x_ptr``; returns its output's address (with
+        ``into``: the consumer's packed input). See :meth:`launches`."""
+        steps, out = self.launches(layer, x_ptr, batch, into=into, packed_input=packed_input)
+        self.execute(steps)
         return out
 
     def upload(self, x: np.ndarray) -> int:
@@ -297,9 +341,7 @@ class GpuLibrary:
     def run(self, layer: str, x: np.ndarray) -> np.ndarray:
         """``x``: [batch, K] for a gemm (uint8, or float32 for a layer that quantizes its input), NCHW for a conv
         or a pool. Returns [batch, *out_shape]."""
-        entry = self.layers.get(layer)
-        if entry is None:
-            raise RuntimeInputError(f"no layer {layer!r} in {self.path}; layers: {sorted(self.layers)}")
+        entry = self._entry(layer)
         want = np.dtype(entry["in_dtype"])
         if not isinstance(x, np.ndarray) or x.dtype != want or tuple(x.shape[1:]) != tuple(entry["in_shape"]):
             got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
@@ -317,11 +359,15 @@ class GpuLibrary:
 
 
 # ---------------------------------------------------------------------------------------------------- artifacts
+PACKED = "packed"  # a value that exists only as its reader's packed planes
+
+
 class GpuSession:
     """Follow a gpu artifact's schedule: kernel steps on the GPU, onnxruntime partitions for the float remainder
     (onnxruntime's CUDA provider when this onnxruntime has it, else the CPU with explicit copies). A value a kernel
     writes stays on the device while only kernels read it; it is copied to the host once, when onnxruntime or the
-    caller needs it."""
+    caller needs it. A kernel step with ``packed_into`` writes its (only) reader's packed input, and that reader's
+    step (``packed_input``) launches no pack kernel. ``lib.launch_log`` holds what ``run`` launched."""
 
     def __init__(self, path: Path, manifest: dict, session_options=None, *, emulation=None):
         import onnxruntime as ort
@@ -343,10 +389,19 @@ class GpuSession:
                     raise ArtifactError(f"{self.path / step['model']}: onnxruntime cannot load it: "
                                         f"{str(exc).strip().splitlines()[0][:200]}") from None
 
+    def _download(self, name: str, device: dict) -> np.ndarray:
+        ptr, shape, dtype = device[name]
+        if dtype == PACKED:
+            raise RuntimeInputError(f"{name} exists only as packed bit planes on the GPU (a chained layer's input); "
+                                    "it cannot be read")
+        return self.lib.download(ptr, shape, dtype)
+
     def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
         host = dict(feeds)
-        device: dict[str, tuple[int, tuple, str]] = {}   # value -> (pointer, shape, dtype) on the GPU
+        device: dict[str, tuple[int, tuple, str]] = {}   # value -> (pointer, shape, dtype or PACKED) on the GPU
         uploads = []
+        if self.lib is not None:
+            self.lib.launch_log.clear()
         try:
             for step in self.manifest["schedule"]:
                 if step["kind"] == "kernel":
@@ -360,22 +415,22 @@ class GpuSession:
                         uploads.append(ptr)
                     lead = tuple(step.get("rows", ()))
                     batch = int(np.prod(shape[:1 + len(lead)]))
-                    out = self.lib.run_device(step["layer"], ptr, batch)
+                    packed_in = bool(step.get("packed_input"))
+                    out = self.lib.run_device(step["layer"], None if packed_in else ptr, batch,
+                                              into=step.get("packed_into"), packed_input=packed_in)
                     device[step["outputs"][0]] = (out, (*shape[:1 + len(lead)], *entry["out_shape"]),
-                                                  entry["out_dtype"])
+                                                  PACKED if step.get("packed_into") else entry["out_dtype"])
                 else:
                     for name in step["inputs"]:
                         if name not in host and name in device:
-                            ptr, shape, dtype = device[name]
-                            host[name] = self.lib.download(ptr, shape, dtype)
+                            host[name] = self._download(name, device)
                     sess = self._ort[step["model"]]
                     wanted = [o.name for o in sess.get_outputs()]
                     host.update(zip(wanted, sess.run(wanted, {k: host[k] for k in step["inputs"]})))
             names = output_names or [o["name"] for o in self.manifest["outputs"]]
             for name in names:
                 if name not in host and name in device:
-                    ptr, shape, dtype = device[name]
-                    host[name] = self.lib.download(ptr, shape, dtype)
+                    host[name] = self._download(name, device)
             return [host[name] for name in names]
         finally:
             for ptr in uploads:

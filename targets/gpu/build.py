@@ -1,6 +1,6 @@
 """Build the GPU kernels: nvcc -> one fatbin (SASS for each arch + PTX for later GPUs); g++ -> the emulation.
 
-``build_gpu_library(specs, out_dir, archs)`` writes into ``out_dir``::
+``build_gpu_library(specs, out_dir, archs, chains)`` writes into ``out_dir``::
 
     qc_gpu.cu             generated layers (templates/bitkernels.cuh does the work)
     qc_gpu.fatbin         nvcc --fatbin, sm_75 (CUDA-core path) + each arch's SASS + PTX of the newest
@@ -19,7 +19,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from qcompile.errors import ToolchainError
@@ -27,7 +27,7 @@ from qcompile.fileio import sha256_file
 from qcompile.packing import round_up
 from qcompile.targets.cpu.spec import LayerSpec
 
-from .codegen import generate, pack_constants, plan
+from .codegen import chain_layers, generate, pack_constants, plan
 
 __all__ = ["TEMPLATES", "DEFAULT_ARCHS", "nvcc_command", "nvcc_flags", "build_gpu_library", "build_emulation",
            "compile_fatbin"]
@@ -88,15 +88,21 @@ def compile_fatbin(source: Path, out: Path, archs: Sequence[str], *, keep_ptx_di
 
 
 def build_gpu_library(specs: Sequence[LayerSpec], out_dir: str | Path, archs: Sequence[str] = DEFAULT_ARCHS, *,
-                      nvcc: bool = True, keep_ptx_dir: Path | None = None) -> Path:
-    """Generate, pack and (with ``nvcc``) compile; returns the manifest's path. ``nvcc=False`` writes everything but
-    the fatbin (an emulation-only build)."""
+                      chains: Mapping[str, str] | None = None, nvcc: bool = True,
+                      keep_ptx_dir: Path | None = None) -> Path:
+    """Generate, pack and (with ``nvcc``) compile; returns the manifest's path. ``chains`` maps a threshold layer to
+    the bit layer that reads its codes: the producer also gets kernels writing the consumer's packed input
+    (codegen.chain_layers; ValueError when the two cannot chain). ``nvcc=False`` writes everything but the fatbin
+    (an emulation-only build)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("layer names must be unique")
     layers = [plan(s, i) for i, s in enumerate(specs)]
+    by_name = {layer.spec.name: layer for layer in layers}
+    for producer, consumer in (chains or {}).items():
+        chain_layers(by_name[producer], by_name[consumer])
     source = out / "qc_gpu.cu"
     source.write_text(generate(layers))
     blob = bytearray()

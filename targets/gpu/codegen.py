@@ -1,6 +1,7 @@
 """CUDA source and packed constants for BitGemm / BitConv / MaxPoolCodes layers (templates/bitkernels.cuh).
 
 ``plan(spec, index)`` fixes a layer's compile-time constants (tiles, padded sizes) as a :class:`GpuLayer`;
+``chain_layers(producer, consumer)`` lets a threshold layer write its reader's packed input (targets/gpu/chain.py);
 ``generate(layers)`` writes one ``.cu`` with a constants struct and ``extern "C" __global__`` entry points per
 layer; ``pack_constants(spec, layer)`` lays out the weights and epilogue arrays the kernels read (one blob per
 layer, each array 256-byte aligned). The runtime (qcompile.runtime.gpu) reads only ``GpuLayer.manifest()``.
@@ -17,7 +18,9 @@ from qcompile.packing import round_up
 from qcompile.targets.cpu.codegen import comment_text
 from qcompile.targets.cpu.spec import LayerSpec
 
-__all__ = ["GpuLayer", "plan", "generate", "pack_constants", "mma_tiles", "KWORD_MULTIPLE", "ROW_MULTIPLE"]
+from .chain import chain_refusal, packed_form, shares_words
+
+__all__ = ["GpuLayer", "plan", "chain_layers", "generate", "pack_constants", "mma_tiles", "KWORD_MULTIPLE", "ROW_MULTIPLE"]
 
 KWORD_MULTIPLE = 16   # K is padded to 16 words (512 bits): one shared-memory K tile of either path
 ROW_MULTIPLE = 128    # packed GEMM rows and weight channels are padded to the largest tile
@@ -63,12 +66,17 @@ class GpuLayer:
     consts: dict = field(default_factory=dict)
     pool: dict | None = None          # MaxPoolCodes constants (op "maxpool", or a pool folded into a conv)
     blob: dict = field(default_factory=dict)
+    packed: dict | None = None        # chained: the consumer's packed layout this layer can write
+    consumer: str | None = None
+    zero_act: bool = False            # the consumer's planes must be zeroed first (words shared by two blocks)
 
     @property
     def kernels(self) -> dict[str, str]:
         if self.spec.op == "maxpool":
             return {"pool": f"qc_{self.cname}_pool"}
         k = {"pack": f"qc_{self.cname}_pack", "mma": f"qc_{self.cname}_mma", "popc": f"qc_{self.cname}_popc"}
+        if self.packed is not None:  # the same GEMMs writing the consumer's packed input
+            k.update(mma_packed=f"qc_{self.cname}_mma_packed", popc_packed=f"qc_{self.cname}_popc_packed")
         if self.pool is not None:
             k["pool"] = f"qc_{self.cname}_pool"
         return k
@@ -89,6 +97,8 @@ class GpuLayer:
                 entry.update(act_words_per_sample=c["H"] * c["W"] * c["G"] * s.bits_a * c["CGW"],
                              rowsum_per_sample=c["H"] * c["W"] * c["G"], rows_per_sample=c["HO"] * c["WO"],
                              conv_out_shape=[s.N, *s.out_hw])
+        if self.packed is not None:
+            entry["packed_out"] = {"consumer": self.consumer, "zero_act": self.zero_act}
         if self.pool is not None:
             entry["pool"] = {"in_shape": [self.pool["C"], self.pool["H"], self.pool["W"]],
                              "out_shape": [self.pool["C"], self.pool["HO"], self.pool["WO"]]}
@@ -126,6 +136,16 @@ def plan(spec: LayerSpec, index: int) -> GpuLayer:
     return layer
 
 
+def chain_layers(producer: GpuLayer, consumer: GpuLayer) -> None:
+    """Let ``producer``'s threshold epilogue write ``consumer``'s packed input (its ``*_packed`` kernels); raises
+    ValueError saying why when the two do not chain (chain.chain_refusal)."""
+    why = chain_refusal(producer.spec, consumer.spec)
+    if why:
+        raise ValueError(f"{producer.spec.name} -> {consumer.spec.name} cannot chain: {why}")
+    producer.packed, producer.consumer = packed_form(consumer.consts), consumer.spec.name
+    producer.zero_act = shares_words(producer.consts, producer.packed, (producer.consts["TN"], POPC_TILE[1]))
+
+
 def _struct(name: str, consts: dict) -> str:
     body = "".join(f"    static constexpr int {k} = {int(v)};\n" for k, v in consts.items())
     return f"struct {name} {{\n{body}}};\n"
@@ -145,10 +165,15 @@ def generate(layers: list[GpuLayer]) -> str:
             pack = "pack_rows" if layer.spec.op == "gemm" else "pack_pixels"
             out.append(f'extern "C" __global__ void __launch_bounds__({PACK_THREADS}) {k["pack"]}(QcArgs a) '
                        f"{{ qc::{pack}<{cfg}>(a); }}\n")
-            out.append(f'extern "C" __global__ void __launch_bounds__({threads}) {k["mma"]}(QcArgs a) '
-                       f"{{ qc::bit_mma<{cfg}>(a); }}\n")
-            out.append(f'extern "C" __global__ void __launch_bounds__({POPC_TILE[2]}) {k["popc"]}(QcArgs a) '
-                       f"{{ qc::bit_popc<{cfg}>(a); }}\n")
+            forms = [("", "qc::Codes")]
+            if layer.packed is not None:
+                out.append(_struct(f"O_{layer.cname}", layer.packed))
+                forms.append(("_packed", f"O_{layer.cname}"))
+            for suffix, form in forms:
+                out.append(f'extern "C" __global__ void __launch_bounds__({threads}) {k["mma" + suffix]}(QcArgs a) '
+                           f"{{ qc::bit_mma<{cfg}, {form}>(a); }}\n")
+                out.append(f'extern "C" __global__ void __launch_bounds__({POPC_TILE[2]}) {k["popc" + suffix]}'
+                           f"(QcArgs a) {{ qc::bit_popc<{cfg}, {form}>(a); }}\n")
         if layer.pool is not None:
             out.append(_struct(f"P_{layer.cname}", layer.pool))
             out.append(f'extern "C" __global__ void __launch_bounds__({PACK_THREADS}) {k["pool"]}(QcArgs a) '

@@ -5,6 +5,9 @@ The folder has the same manifest schema as a cpu artifact; ``target.name`` start
 names the kernel manifest (kernels/qc_gpu.json: the fatbin and the packed constants, each with its sha256, are also
 in the artifact's ``files``). There is no ``deploy.onnx``: the kernels are launched through the CUDA driver, not
 registered in onnxruntime.
+
+A kernel step whose threshold codes only the next bit kernel reads (``chained_layers``) writes that kernel's
+packed input from its epilogue (``packed_into`` / ``packed_input`` in the schedule; targets/gpu/chain.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from qcompile.partition import partition
 from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 
 from .build import build_gpu_library
+from .chain import chain_refusal
 
 KERNEL_LABEL = "bitserial-gpu"
 
@@ -38,7 +42,6 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
     fused = ir.to_proto(fused_ir)
     specs = art.layer_specs(fused, model, fold_pools=True)
     to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
-    kernels = build_gpu_library(specs, work / "kernels", archs=caps.archs) if specs else None
 
     types = {i.name: i.type for i in fused.graph.input}
     for spec in specs:
@@ -65,6 +68,8 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
             rel = f"partitions/p{index:02d}.onnx"
             onnx.save(step.model, work / rel)
             schedule.append({"kind": "onnxruntime", "model": rel, "inputs": step.inputs, "outputs": step.outputs})
+    chains = chained_layers(schedule, spec_by_name, {o.name for o in fused.graph.output})
+    kernels = build_gpu_library(specs, work / "kernels", archs=caps.archs, chains=chains) if specs else None
     onnx.save(fused, work / "graph.onnx")
     onnx.save(result.model, work / "fakequant.onnx")
 
@@ -84,6 +89,8 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
                 why += f"; its {spec.pool[0]}x{spec.pool[1]} MaxPool runs on the GPU after it"
             if spec.in_thresholds is not None:
                 why += "; quantizes its float input on the GPU"
+            if name in chains:
+                why += f"; its epilogue writes {chains[name]}'s packed input (no pack kernel between them)"
         else:
             label = "onnxruntime-fp32"
             why = symbolic.get(name, p.reason)
@@ -102,3 +109,24 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
         "deploy": None,
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
+
+
+def chained_layers(schedule: list[dict], specs: dict, graph_outputs: set[str]) -> dict[str, str]:
+    """{producer: consumer} for every kernel step whose output only the next bit kernel reads (not a float
+    partition, not the caller) and that chain.chain_refusal accepts; marks both steps in ``schedule``."""
+    readers: dict[str, list[dict]] = {}
+    for entry in schedule:
+        for name in entry["inputs"]:
+            readers.setdefault(name, []).append(entry)
+    chains = {}
+    for entry in schedule:
+        if entry["kind"] != "kernel" or entry["outputs"][0] in graph_outputs:
+            continue
+        reads = readers.get(entry["outputs"][0], [])
+        if len(reads) != 1 or reads[0]["kind"] != "kernel" or reads[0].get("rows") != entry.get("rows"):
+            continue
+        consumer = reads[0]
+        if chain_refusal(specs[entry["layer"]], specs[consumer["layer"]]) is None:
+            chains[entry["layer"]] = consumer["layer"]
+            entry["packed_into"], consumer["packed_input"] = consumer["layer"], True
+    return chains

@@ -21,11 +21,22 @@ struct QcArgs {
     const int32_t* thr;   // [N][L] threshold epilogue
     const int32_t* wtap;  // xor mode: popcount of each channel's weight bits per tap [N][TAPS]
     const float* in_thr;  // [2^BA - 1] float input thresholds
-    void* out;            // layer output
+    void* out;            // layer output (packed output: the consumer's packed activations)
     int64_t batch;        // gemm: rows; conv / pool: images
+    int32_t* out_sum;     // packed output: the consumer's row / pixel code sums (zeroed before the launch)
 };
 
 namespace qc {
+
+// How a GEMM kernel writes its output. Codes: the epilogue's values as they are (int32, float32 or uint8 codes,
+// [M][N] or NCHW). A threshold layer whose only reader is a bit kernel can instead write that reader's packed
+// input (PACKED = 1, constants generated per chain): consumer row / pixel m, group g = n / CG, plane i, word
+// w = (n % CG) / 32 at out[((m*G + g)*BA + i)*CW + w], and the code sums at out_sum[m*G + g] -- the layout of the
+// consumer's own pack kernel (pack_rows: G = 1, CG = K, CW = KWP; pack_pixels: CW = CGW), so the consumer's GEMM
+// kernel runs unchanged and its pack kernel is skipped.
+struct Codes {
+    static constexpr int PACKED = 0, G = 1, CG = 1, BA = 1, CW = 1;
+};
 
 template <class L>
 __device__ __forceinline__ int code_of(const QcArgs& a, int64_t idx) {
@@ -162,10 +173,22 @@ __device__ __forceinline__ int32_t row_sum(const QcArgs& a, int64_t m, int grp) 
     return s;
 }
 
-// S = sum_k q p (or popc(a AND w) in xor mode) of row m, channel n_local of group grp -> the layer's output
+// the threshold epilogue: thresholds ascend, so the count of T[j] <= v is an upper bound, found by bisection
 template <class L>
-__device__ __forceinline__ void store(const QcArgs& a, int64_t m, int grp, int nl, uint32_t S, int32_t rs) {
-    const int n = grp * L::NG + nl;
+__device__ __forceinline__ int threshold_code(const QcArgs& a, int n, int32_t v) {
+    const int32_t* t = a.thr + int64_t(n) * L::NT;
+    int lo = 0, hi = L::NT;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (v >= t[mid]) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// S = sum_k q p (or popc(a AND w) in xor mode) of row m, channel n of group grp -> the int32 accumulator
+template <class L>
+__device__ __forceinline__ int32_t accumulator(const QcArgs& a, int64_t m, int n, uint32_t S, int32_t rs) {
     uint32_t acc;  // int32 arithmetic modulo 2^32: exact whenever the true accumulator fits int32
     if (L::XOR) {
         uint32_t wsum = 0, valid = 0;
@@ -187,7 +210,20 @@ __device__ __forceinline__ void store(const QcArgs& a, int64_t m, int grp, int n
     } else {
         acc = 2u * S - uint32_t(a.wz2[n]) * uint32_t(rs);
     }
-    const int32_t v = int32_t(acc);
+    return int32_t(acc);
+}
+
+// the layer's output of row m, channel n_local of group grp: codes, or (packed output) the code into the block's
+// staging tile, stage[(m - m0) * TN + n_local - n0], packed by pack_output once the tile is complete
+template <class L, class O, int TN>
+__device__ __forceinline__ void store(const QcArgs& a, int64_t m, int grp, int nl, uint32_t S, int32_t rs,
+                                      uint8_t* stage, int64_t m0, int n0) {
+    const int n = grp * L::NG + nl;
+    const int32_t v = accumulator<L>(a, m, n, S, rs);
+    if (O::PACKED) {
+        stage[(m - m0) * TN + nl - n0] = uint8_t(threshold_code<L>(a, n, v));
+        return;
+    }
     int64_t idx;
     if (L::OP == 0) {
         idx = m * L::N + n;
@@ -199,22 +235,57 @@ __device__ __forceinline__ void store(const QcArgs& a, int64_t m, int grp, int n
         static_cast<int32_t*>(a.out)[idx] = v;
     } else if (L::EPI == 1) {  // float32 multiply, then a separate float32 add: never a fused multiply-add
         static_cast<float*>(a.out)[idx] = __fadd_rn(__fmul_rn(float(v), a.mult[n]), a.bias[n]);
-    } else {  // thresholds ascend: the count of T[j] <= v is an upper bound, found by bisection
-        const int32_t* t = a.thr + int64_t(n) * L::NT;
-        int lo = 0, hi = L::NT;
-        while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            if (v >= t[mid]) lo = mid + 1;
-            else hi = mid;
+    } else {
+        static_cast<uint8_t*>(a.out)[idx] = uint8_t(threshold_code<L>(a, n, v));
+    }
+}
+
+// Packed output: the block's staged codes (rows [m0, m0 + TM), channels [n0, n0 + TN) of group grp) -> the
+// consumer's bit planes. One warp per (row, consumer word): lane l holds the word's channel 32 w + l, each plane is
+// one __ballot_sync, the code sum one shuffle reduction. A word whose channels all lie in this block is stored; one
+// shared with another block (a consumer group boundary or a tile edge inside it) is OR-ed into the zeroed planes.
+// The sums of a row's consumer group are added up across blocks (out_sum is zeroed before the launch).
+template <class L, class O, int TM, int TN, int NT>
+__device__ void pack_output(const QcArgs& a, const uint8_t* stage, int64_t m0, int n0, int grp) {
+    static_assert(O::BA >= 1 && O::BA <= 8 && O::CG >= 1, "packed output: consumer planes and group size");
+    const int64_t M = L::OP == 0 ? a.batch : a.batch * L::HO * L::WO;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nb0 = grp * L::NG + n0, nb1 = grp * L::NG + min(n0 + TN, L::NG);  // this block's channels
+    const int w0 = (nb0 / O::CG) * O::CW + nb0 % O::CG / 32;                  // its consumer words [w0, w1)
+    const int w1 = ((nb1 - 1) / O::CG) * O::CW + (nb1 - 1) % O::CG / 32 + 1;
+    const int rows = int(M - m0 < TM ? M - m0 : TM), words = w1 - w0;
+    for (int item = warp; item < rows * words; item += NT / 32) {  // the same trip count for a warp's lanes
+        const int r = item / words, wid = w0 + item % words, g = wid / O::CW, cw = wid % O::CW;
+        const int c = cw * 32 + lane, n = g * O::CG + c;
+        const bool mine = c < O::CG && n >= nb0 && n < nb1;
+        const int code = mine ? stage[r * TN + n - nb0] : 0;
+        int sum = code;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        uint32_t planes[O::BA];
+#pragma unroll
+        for (int i = 0; i < O::BA; ++i) planes[i] = __ballot_sync(0xffffffffu, (code >> i) & 1);
+        if (lane == 0) {
+            const int64_t m = m0 + r;
+            const int lo = g * O::CG + cw * 32, hi = g * O::CG + min(cw * 32 + 32, O::CG);
+            uint32_t* dst = static_cast<uint32_t*>(a.out) + (m * O::G + g) * O::BA * O::CW + cw;
+            if (lo >= nb0 && hi <= nb1) {
+#pragma unroll
+                for (int i = 0; i < O::BA; ++i) dst[i * O::CW] = planes[i];
+            } else {
+#pragma unroll
+                for (int i = 0; i < O::BA; ++i)
+                    if (planes[i]) atomicOr(dst + i * O::CW, planes[i]);
+            }
+            if (sum) atomicAdd(a.out_sum + m * O::G + g, sum);
         }
-        static_cast<uint8_t*>(a.out)[idx] = uint8_t(lo);
     }
 }
 
 // ---- tensor-core path (sm_80+): b1 MMA m16n8k256, AND + popc ----
 // Block tile TM rows x TN channels of every plane pair; warp tile WM x WN; accumulators per plane diagonal
 // s = i + j (the planes' weight 2^s is applied once, in the epilogue). Two-stage cp.async pipeline over K.
-template <class L>
+template <class L, class O>
 __device__ void bit_mma(const QcArgs& a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     constexpr int TM = L::TM, TN = L::TN, KT = 16, LD = KT + 4;  // +4 words: the fragment reads hit 32 banks
@@ -227,6 +298,9 @@ __device__ void bit_mma(const QcArgs& a) {
     const int64_t M = L::OP == 0 ? a.batch : a.batch * L::HO * L::WO;
     const int64_t m0 = int64_t(blockIdx.x) * TM;
     const int n0 = blockIdx.y * TN, grp = blockIdx.z;
+    // packed output: the codes are staged in the A buffers once the K loop is done with them
+    uint8_t* stage = reinterpret_cast<uint8_t*>(&As[0][0]);
+    static_assert(!O::PACKED || TM * TN <= int(sizeof(As)), "packed output: the staging tile must fit in As");
     int32_t acc[DG][MI][NJ][4];
 #pragma unroll
     for (int s = 0; s < DG; ++s)
@@ -298,18 +372,23 @@ __device__ void bit_mma(const QcArgs& a) {
                     uint32_t S = 0;
 #pragma unroll
                     for (int s = 0; s < DG; ++s) S += uint32_t(acc[s][mi][nj][2 * h + e]) << s;
-                    store<L>(a, m, grp, nl, S, rs);
+                    store<L, O, TN>(a, m, grp, nl, S, rs, stage, m0, n0);
                 }
         }
+    if (O::PACKED) {
+        __syncthreads();
+        pack_output<L, O, TM, TN, NT>(a, stage, m0, n0, grp);
+    }
 #endif
 }
 
 // ---- CUDA-core path (sm_75, or forced): __popc over the same packed tiles, 64x64 outputs per 256 threads ----
-template <class L>
+template <class L, class O>
 __device__ void bit_popc(const QcArgs& a) {
     constexpr int TM = 64, TN = 64, KT = 8, LD = KT + 1, NT = 256, NKT = L::KWP / KT;
     __shared__ uint32_t As[TM * L::BA * LD];
     __shared__ uint32_t Bs[TN * L::BW * LD];
+    __shared__ uint8_t stage[O::PACKED ? TM * TN : 1];  // packed output: the block's codes
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int64_t M = L::OP == 0 ? a.batch : a.batch * L::HO * L::WO;
     const int64_t m0 = int64_t(blockIdx.x) * TM;
@@ -347,8 +426,12 @@ __device__ void bit_popc(const QcArgs& a) {
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
             const int nl = n0 + tx + 16 * v;
-            if (nl < L::NG) store<L>(a, m, grp, nl, S[u][v], rs);
+            if (nl < L::NG) store<L, O, TN>(a, m, grp, nl, S[u][v], rs, stage, m0, n0);
         }
+    }
+    if (O::PACKED) {
+        __syncthreads();
+        pack_output<L, O, TM, TN, NT>(a, stage, m0, n0, grp);
     }
 }
 

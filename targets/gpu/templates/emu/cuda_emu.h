@@ -5,8 +5,9 @@
 // switched only where CUDA threads synchronize, so __syncthreads() and the warp-collective operations keep their
 // meaning:
 //   __syncthreads()        all live threads of the block arrive before any continues;
-//   warp collectives       (mma.sync, __shfl_xor_sync, __syncwarp) the 32 lanes of a warp each deposit their
-//                          operands; the last lane to arrive computes the result for all 32 and releases them.
+//   warp collectives       (mma.sync, __shfl_xor_sync, __ballot_sync, __syncwarp) the 32 lanes of a warp each
+//                          deposit their operands; the last lane to arrive computes the result for all 32 and
+//                          releases them.
 // The b1 MMA follows the PTX ISA's register layout for mma.m16n8k256 (.row.col, .b1, .s32, .and.popc), section
 // "Matrix Fragments for mma.m16n8k256": groupID = lane >> 2, threadID_in_group = lane % 4;
 //   A (16x256 bits, 4 x b32): a0 = row g, bits [32t, 32t+32); a1 = row g+8, same bits; a2, a3 = the same rows,
@@ -14,6 +15,7 @@
 //   B (256x8 bits, 2 x b32):  b0 = column g, bits [32t, 32t+32); b1 = column g, bits [128 + 32t, ...)
 //   C, D (16x8 s32, 4 x s32): c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g+8, columns 2t, 2t+1
 // Element e of a register is its bit e. cp.async copies synchronously (the waits are then no-ops).
+// Atomics are plain read-modify-writes: one fiber runs at a time and none yields inside one.
 #pragma once
 #ifndef QC_EMU
 #define QC_EMU 1
@@ -164,7 +166,7 @@ inline void syncthreads() {
     yield_to_scheduler();
 }
 
-enum Op { OP_SYNC = 0, OP_MMA_B1_AND = 1, OP_SHFL_XOR = 2 };
+enum Op { OP_SYNC = 0, OP_MMA_B1_AND = 1, OP_SHFL_XOR = 2, OP_BALLOT = 3 };
 
 inline void compute(Warp& w) {
     switch (w.op) {
@@ -173,6 +175,12 @@ inline void compute(Warp& w) {
     case OP_SHFL_XOR:  // in[lane] = {value, laneMask}
         for (int l = 0; l < 32; ++l) w.out[l][0] = w.in[l ^ int(w.in[l][1] & 31)][0];
         return;
+    case OP_BALLOT: {  // in[lane] = {predicate}: bit l of the result is lane l's predicate
+        uint32_t bits = 0;
+        for (int l = 0; l < 32; ++l) bits |= uint32_t(w.in[l][0] != 0) << l;
+        for (int l = 0; l < 32; ++l) w.out[l][0] = bits;
+        return;
+    }
     case OP_MMA_B1_AND: {  // in[lane] = {a0..a3, b0, b1, c0..c3}
         uint32_t A[16][8], B[8][8];
         int32_t C[16][8];
@@ -256,6 +264,20 @@ inline float __fadd_rn(float a, float b) {
 inline int __shfl_xor_sync(unsigned, int v, int mask) {
     uint32_t in[2] = {uint32_t(v), uint32_t(mask)};
     return int(qc_emu::warp_collective(qc_emu::OP_SHFL_XOR, in, 2)[0]);
+}
+inline unsigned __ballot_sync(unsigned, int predicate) {
+    uint32_t in[1] = {uint32_t(predicate != 0)};
+    return qc_emu::warp_collective(qc_emu::OP_BALLOT, in, 1)[0];
+}
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old | v;
+    return old;
+}
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p = int(unsigned(old) + unsigned(v));
+    return old;
 }
 template <class T> inline T __ldg(const T* p) { return *p; }
 using std::max;
