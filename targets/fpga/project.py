@@ -78,7 +78,8 @@ def write_vectors(design: hls.HlsDesign, x: np.ndarray, out_dir) -> np.ndarray:
 
 def _tcl(part: str, clock_mhz: float, top: str) -> str:
     period = 1000.0 / clock_mhz
-    return f"""# Vitis HLS: C simulation, synthesis and IP export of the qcompile accelerator for {part} at {clock_mhz:g} MHz.
+    return f"""# Vitis HLS: C simulation, synthesis and IP export of the qcompile accelerator
+# for {part} at {clock_mhz:g} MHz.
 # Run in this folder: vitis_hls -f run_hls.tcl   (or vitis-run --mode hls --tcl run_hls.tcl)
 open_project -reset qc_hls_prj
 set_top {top}
@@ -89,7 +90,8 @@ set_part {part}
 create_clock -period {period:.3f} -name default
 # the float epilogue is written as a float32 multiply then a separate add, the CPU kernel's order
 # csim runs in qc_hls_prj/solution1/csim/build: the vector files by absolute path
-csim_design -argv "[file normalize vectors/input.txt] [file normalize vectors/expected.txt] [file normalize vectors/csim_output.txt]"
+set vectors [file normalize vectors]
+csim_design -argv "$vectors/input.txt $vectors/expected.txt $vectors/csim_output.txt"
 csynth_design
 export_design -format ip_catalog
 exit
@@ -99,7 +101,7 @@ exit
 def _csim_script() -> str:
     return """#!/bin/sh
 # C simulation without Vitis: g++ against Xilinx's open-source ap_types (ap_int.h, hls_stream.h), e.g. from the
-# hls4ml wheel: AP_TYPES=$(python -c "import importlib.util as u; print(u.find_spec('hls4ml').submodule_search_locations[0])")/templates/vivado/ap_types
+# hls4ml wheel (pip install --no-deps hls4ml): AP_TYPES=<site-packages>/hls4ml/templates/vivado/ap_types
 set -e
 cd "$(dirname "$0")"
 : "${AP_TYPES:?set AP_TYPES to the folder holding ap_int.h and hls_stream.h}"
@@ -235,7 +237,8 @@ thresholds as ROM arrays partitioned by PE (`qc_params.h`), building blocks in `
   Xilinx's open-source ap_types: `pip install --no-deps hls4ml`, folder `hls4ml/templates/vivado/ap_types`). The
   testbench streams `hls/vectors/input.txt` ({frames} random frames at and around the input
   thresholds) and compares every value with `expected.txt` (qcompile.reference, layer by layer).
-- Vitis HLS (csim, csynth, IP export for {plan.part.full} at {plan.clock_mhz:g} MHz): `cd hls && vitis_hls -f run_hls.tcl`.
+- Vitis HLS (csim, csynth, IP export for {plan.part.full} at {plan.clock_mhz:g} MHz):
+  `cd hls && vitis_hls -f run_hls.tcl`.
 """
 
 
