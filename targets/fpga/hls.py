@@ -64,6 +64,8 @@ class Stage:
         """Cycles per frame in steady state (the MVAU reads its buffered vector NF times)."""
         if self.kind == "mvau":
             return self.params["ROWS"] * self.params["NF"] * self.params["SF"]
+        if self.kind == "dwc":
+            return self.params["TOTAL"] // self.params["CHUNK"]
         return max(self.words_in, self.words_out)
 
 
