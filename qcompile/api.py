@@ -66,7 +66,8 @@ class CompileResult:
             md = report_mod.to_markdown(self.report)
             if self.manifest is not None:
                 md += "\n" + report_mod.plan_markdown(self.manifest["plan"])
-                md += "\n" + self.manifest.get("report_markdown", "")  # e.g. the fpga target's folding table
+                if self.manifest.get("report_markdown"):  # the fpga target's folding table
+                    md += "\n" + self.manifest["report_markdown"]
             (tmp / "report.md").write_text(md)
             if plots and self.ctx.layers:
                 png = self._weights_png.result() if self._weights_png is not None else None
