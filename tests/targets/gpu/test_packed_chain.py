@@ -8,7 +8,10 @@ schedule and its launch log and equals the fake-quant model.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
 
 import numpy as np
 import onnx
@@ -77,12 +80,41 @@ BATCHES = {"gemm_a2_a2_xor": (1, 130), "gemm_w8_tiles": (1, 3), "conv_c70_stride
            "conv_groups_xor": (1, 2)}
 
 
+def _have_nvcc() -> bool:
+    try:
+        gpu_build.nvcc_command()
+        return True
+    except ToolchainError:
+        return False
+
+
+nvcc_needed = pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: the chained kernels "
+                                                          "are not compiled for sm_80/sm_90 here")
+
+
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def built(tmp_path_factory):
+    """The chains' sources (no fatbin yet), nvcc for sm_80 + sm_90 started in the background, the emulation built
+    meanwhile."""
     out = tmp_path_factory.mktemp("gpu_chains")
     chains = {p.name: c.name for chain in CHAINS.values() for p, c in zip(chain, chain[1:])}
     manifest = build_gpu_library(SPECS, out, nvcc=False, chains=chains)
-    return GpuLibrary(manifest, EmuDevice(build_emulation(out)))
+    job = None
+    if _have_nvcc():
+        (out / "ptx").mkdir()
+        argv = [*gpu_build.nvcc_command(), *gpu_build.NVCC_FLAGS, "--fatbin", f"-I{gpu_build.TEMPLATES}",
+                *gpu_build.nvcc_flags(("80", "90"), sm75=False), "-keep", f"-keep-dir={out / 'ptx'}",
+                "-o", str(out / "qc_gpu.fatbin"), str(out / "qc_gpu.cu")]
+        job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    so = build_emulation(out)
+    yield {"dir": out, "manifest": manifest, "so": so, "nvcc": job}
+    if job is not None and job.poll() is None:
+        job.kill()
+
+
+@pytest.fixture(scope="module")
+def lib(built):
+    return GpuLibrary(built["manifest"], EmuDevice(built["so"]))
 
 
 def _same(y: np.ndarray, r: np.ndarray) -> bool:
@@ -207,14 +239,6 @@ def chain_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def _have_nvcc() -> bool:
-    try:
-        gpu_build.nvcc_command()
-        return True
-    except ToolchainError:
-        return False
-
-
 @pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: gpu artifacts cannot be built here")
 def test_artifact_chains_skip_pack_kernels_and_equal_fakequant(tmp_path, monkeypatch):
     from qcompile import api
@@ -253,3 +277,23 @@ def test_artifact_chains_skip_pack_kernels_and_equal_fakequant(tmp_path, monkeyp
                              f"fc1_{path}_packed", f"fc2_{path}"], log
         with pytest.raises(RuntimeInputError, match="exists only as packed bit planes"):
             gpu.run([kernel_steps["conv1"]["outputs"][0]], {"input": x})
+
+
+# ---------------------------------------------------------------------------------------------------- nvcc
+MMA = "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"
+
+
+@nvcc_needed
+def test_nvcc_compiles_the_chained_kernels_for_sm80_sm90(built):
+    out, _ = built["nvcc"].communicate(timeout=900)
+    assert built["nvcc"].returncode == 0, out[-2000:]
+    layers = json.loads(built["manifest"].read_text())["layers"]
+    for arch in ("80", "90"):
+        ptx = (built["dir"] / "ptx" / f"qc_gpu.compute_{arch}.ptx").read_text()
+        bodies = {m.group(1): m.group(2) for m in re.finditer(r"\.entry (\w+)\((.*?)(?=\.entry |\Z)", ptx, re.S)}
+        for layer in layers:
+            for role, name in layer["kernels"].items():
+                assert name in bodies, f"{name} missing from the compute_{arch} PTX"
+                if role.endswith("_packed"):   # the packed epilogue: one warp ballot per plane
+                    assert "vote.sync.ballot.b32" in bodies[name], name
+                    assert (MMA in bodies[name]) == role.startswith("mma"), name
