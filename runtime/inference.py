@@ -86,7 +86,12 @@ class InferenceSession:
         # workers may spin between them
         so = session_options(intra_op_num_threads, spinning=os.environ.get("QCOMPILE_THREADS", "") != "own")
         self._gpu = None
-        if str((self.manifest.get("target") or {}).get("name", "")).startswith("gpu"):
+        target = str((self.manifest.get("target") or {}).get("name", ""))
+        if target.startswith("fpga"):
+            raise ArtifactError(f"{self.path}: an FPGA project ({target}), not a host artifact: simulate it with "
+                                f"{self.path / 'fpga' / 'hls' / 'csim.sh'} or build it with Vitis (run_hls.tcl); "
+                                "compile with --target cpu to run on this machine")
+        if target.startswith("gpu"):
             # a gpu artifact: kernels through the CUDA driver, float partitions on onnxruntime (runtime/gpu.py)
             from qcompile.runtime.gpu import GpuSession
 

@@ -178,6 +178,11 @@ def test_cli_writes_a_project_whose_csim_passes(tmp_path):
     got = project.csim(fpga / "hls", build_dir=tmp_path / "build")
     want = np.loadtxt(fpga / "hls" / "vectors" / "expected.txt", skiprows=1, dtype=np.uint64, ndmin=2)
     np.testing.assert_array_equal(got, want.astype(np.uint32))
+    from qcompile.errors import ArtifactError
+    from qcompile.runtime import InferenceSession
+
+    with pytest.raises(ArtifactError, match="an FPGA project .*csim.sh"):  # not a host artifact: said so
+        InferenceSession(out)
 
 
 def test_cli_relaxes_an_unreachable_frame_rate_and_refuses_an_unknown_part(tmp_path):
