@@ -243,6 +243,33 @@ def device_check(arch: str, work: Path, log) -> dict:
     except Exception as exc:  # noqa: BLE001 - report, keep measuring
         total += 1
         failed.append(f"artifact flow: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    try:  # chains of bit layers: each threshold epilogue writes the next layer's packed planes (no pack kernel)
+        import onnx
+        sys.path.insert(0, str(REPO / "tests" / "targets" / "gpu"))
+        from test_packed_chain import chain_cnn
+        from qcompile import api
+        from qcompile.evaluate import predict
+        from qcompile.runtime import InferenceSession
+
+        onnx.save(chain_cnn(), work / "chain.onnx")
+        calib = np.random.default_rng(1).uniform(0, 1, (32, 3, 10, 10)).astype(np.float32)
+        for config in ("w1a2", "w2a2"):
+            result = api.compile(work / "chain.onnx", config=config, calib=calib, target=f"gpu:sm_{arch}")
+            result.save(work / f"chain_{config}")
+            for path in paths:
+                os.environ["QCOMPILE_GPU_PATH"] = path
+                sess = InferenceSession(work / f"chain_{config}")
+                for batch in (1, 5, 256):
+                    x = np.random.default_rng(batch).uniform(0, 1, (batch, 3, 10, 10)).astype(np.float32)
+                    total += 1
+                    if np.array_equal(sess.run(None, {"input": x})[0], predict(result.model, x)):
+                        passed += 1
+                    else:
+                        failed.append(f"chain:{config}:{path}:b{batch}")
+        os.environ.pop("QCOMPILE_GPU_PATH", None)
+    except Exception as exc:  # noqa: BLE001 - report, keep measuring
+        total += 1
+        failed.append(f"chain flow: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     log(f"bit-exact check: {passed}/{total} passed" + (f"; failed: {failed[:10]}" if failed else ""))
     return {"passed": passed, "total": total, "failed": failed}
 
