@@ -418,12 +418,10 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
             entry["measured_ms"] = {k: round(v, 4) for k, v in choice.measured_ms.items()}
         plan.append(entry)
     manifest = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
-        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
-        "config": result.config.to_dict(),
-        "target": {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps),
-                   "plan_batch": batch, "autotuned": bool(measured),
-                   "cost_model": "this CPU's measured profile" if profile is not None else "design constants"},
+        **manifest_header(result, {"name": target_name, "caps": caps.__dict__ if hasattr(caps, "__dict__") else str(caps),
+                                   "plan_batch": batch, "autotuned": bool(measured),
+                                   "cost_model": "this CPU's measured profile" if profile is not None
+                                   else "design constants"}),
         "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
         # other input shapes than the kernels were built for run the fake-quant model (same integer arithmetic)
         "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,
@@ -434,6 +432,14 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
         "files": {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()},
     }
     return manifest
+
+
+def manifest_header(result, target: dict) -> dict:
+    """What every target's manifest starts with: schema, qcompile version, the source and its sha256, the config,
+    and ``target`` (name, capabilities, how the plan was made)."""
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
+            "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
+            "config": result.config.to_dict(), "target": target}
 
 
 def _first_calibration_batch(reader) -> dict | None:

@@ -248,7 +248,6 @@ def build_fpga_artifact(result, target_name: str, part, work: Path, *, fps: floa
     import onnx
     import onnx_ir as ir
 
-    import qcompile
     from qcompile import artifact as art
     from qcompile.fileio import sha256_file
     from qcompile.input_quant import fold_input_quantizers
@@ -299,11 +298,10 @@ def build_fpga_artifact(result, target_name: str, part, work: Path, *, fps: floa
         entries.append({"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
                         "kernel": label, "why": why})
     return {
-        "schema": art.SCHEMA, "schema_version": art.SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
-        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
-        "config": result.config.to_dict(),
-        "target": {"name": target_name, "caps": {"part": part.name, "full": part.full, "board": part.board},
-                   "plan_batch": None, "autotuned": False, "cost_model": "targets/fpga/estimate.py (MVAU)"},
+        **art.manifest_header(result, {"name": target_name,
+                                       "caps": {"part": part.name, "full": part.full, "board": part.board},
+                                       "plan_batch": None, "autotuned": False,
+                                       "cost_model": "targets/fpga/estimate.py (MVAU)"}),
         "inputs": [], "outputs": [],
         "generic": {"model": "fakequant.onnx"} if specialized else None,
         "plan": entries, "schedule": [],

@@ -17,7 +17,6 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-import qcompile
 from qcompile.fileio import sha256_file
 from qcompile.input_quant import fold_input_quantizers
 from qcompile.partition import partition
@@ -97,11 +96,9 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
         plan.append({"node": name, "op": p.op, "bits": f"W{p.bits_w}A{p.bits_a}" if p.quantize else "float",
                      "kernel": label, "why": why})
     return {
-        "schema": art.SCHEMA, "schema_version": art.SCHEMA_VERSION, "qcompile_version": qcompile.__version__,
-        "source": {"path": str(result.source), "sha256": result.report.get("source_sha256")},
-        "config": result.config.to_dict(),
-        "target": {"name": target_name, "caps": caps.__dict__, "plan_batch": None, "autotuned": False,
-                   "cost_model": "none: every fixed-size quantized layer runs on the GPU"},
+        **art.manifest_header(result, {"name": target_name, "caps": caps.__dict__, "plan_batch": None,
+                                       "autotuned": False,
+                                       "cost_model": "none: every fixed-size quantized layer runs on the GPU"}),
         "inputs": signature(fused.graph.input), "outputs": signature(fused.graph.output),
         "generic": {"model": "fakequant.onnx", "inputs": signature(result.model.graph.input)} if specialized else None,
         "plan": plan, "schedule": schedule,
