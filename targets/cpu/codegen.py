@@ -315,7 +315,7 @@ def _layer_source(index: int, spec: LayerSpec, blob_name: str, offsets: dict[str
     out_c = {"none": "int32_t", "float": "float", "threshold": "uint8_t"}[spec.epilogue]
     if spec.op == "gemm":
         gmr, gnr = GEMM_TILE
-        direct = _template("layer_dgemm.c").substitute(common, GMR=gmr, GNR=gnr, OUT_CTYPE_C=out_c)
+        direct = _template("layer_dgemm.c").substitute(common, GMR=gmr, GNR=gnr, OUT_CTYPE_C=out_c, K=spec.K)
         lut_call = ""
         if lut and lut_gemm(spec):
             geo = _lut_geometry(spec)

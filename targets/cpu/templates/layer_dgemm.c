@@ -13,6 +13,7 @@ enum { ${CNAME}_GKA = ${KA}, ${CNAME}_GKB = ${KB}, ${CNAME}_GKWP = ${KWP}, ${CNA
 typedef struct {
     const uint64_t* A;       /* packed activation rows [M][KA][KWP] */
     const int32_t* rowsum;   /* [M] */
+    const uint8_t* x;        /* the codes [M][K] when each task packs its own rows into A (row split), else NULL */
     ${OUT_CTYPE_C}* y;       /* [M][N] */
     int64_t M, mb, nb, n_nb; /* rows, rows per block, channels per block, channel blocks */
 } ${CNAME}_gctx;
@@ -216,6 +217,9 @@ QC_TGT_AVX512 static void ${CNAME}_gtask_avx512(const void* vctx, int64_t t) {
     const uint64_t* W8 = (const uint64_t*)(qc_blob_${CNAME} + ${OFF_W8});
     const int64_t bm = t / cx->n_nb, bn = t - bm * cx->n_nb;
     const int64_t m_lo = bm * cx->mb, m_hi = m_lo + cx->mb < cx->M ? m_lo + cx->mb : cx->M;
+    if (cx->x)  /* row split: this task alone reads these rows, so it packs them (in parallel with the others) */
+        qc_pack_rows(QC_PATH_AVX512, cx->x + m_lo * ${K}, m_hi - m_lo, ${K}, KA, ${CNAME}_GMODE != QC_AND, KWP,
+                     (uint64_t*)cx->A + m_lo * (int64_t)KA * KWP, (int32_t*)cx->rowsum + m_lo, 1);
     const int64_t g_lo = bn * cx->nb / 8, g_end = (bn * cx->nb + cx->nb < N ? bn * cx->nb + cx->nb : N);
     const int64_t g_hi = (g_end + 7) / 8;  /* groups of 8 channels; the last may be partly padding */
     qc_v512 acc[MR][NG1];
@@ -254,10 +258,12 @@ QC_TGT_AVX512 static void ${CNAME}_gtask_avx512(const void* vctx, int64_t t) {
 }
 #endif
 
-/* packed rows [M] -> y [M][N] on up to nt threads */
-static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64_t M, void* y, int path, int nt) {
+/* codes x [M][K] -> y [M][N] on up to nt threads, through packed rows A [M][KA][KWP] (zeroed by the caller: the
+ * padding words stay 0) and their code sums rowsum [M] */
+static void ${CNAME}_gemm_direct(const uint8_t* x, uint64_t* A, int32_t* rowsum, int64_t M, void* y, int path,
+                                 int nt) {
     enum { AS = ${CNAME}_GKA * ${CNAME}_GKWP, N = ${CNAME}_GN, MR = ${GMR}, NR = ${GNR} };
-    ${CNAME}_gctx cx = {A, rowsum, (${OUT_CTYPE_C}*)y, M, 0, 0, 0};
+    ${CNAME}_gctx cx = {A, rowsum, NULL, (${OUT_CTYPE_C}*)y, M, 0, 0, 0};
     /* a block's packed rows fill at most ~24 KiB of L1 */
     int64_t mb = 24576 / (AS * 8);
     mb = mb < MR ? MR : mb > 256 ? 256 : mb;
@@ -278,10 +284,18 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
      * every channel. A thread then writes whole output rows (no cache line shared with another thread's block) and
      * packs nothing twice: W1A1 M=64 K=N=256 5.1 against 5.9-6.4 us, K=256 N=1024 M=256 52 against 63-65 us,
      * K=1024 equal or better (Zen 4, 2 threads) */
-    if (simd && nt > 1 && (int64_t)N * ${CNAME}_GKB * ${CNAME}_GKWP * 8 <= (256 << 10) && M >= 4 * nt * 4) {
+    /* below ~2^13 words of work (~10 us on one core; 2^14 on AVX-512, 8 words per instruction: W1A1 M=64 K=N=256
+     * took 6.0 us on 2 threads against 7.1 on one, M=16 2.1 us on one against 2.7, Zen 4) waking threads costs
+     * more than it saves */
+    const int64_t work = M * N * ${CNAME}_GKW * (${CNAME}_GMODE == QC_AND ? ${CNAME}_GKA * ${CNAME}_GKB : 1);
+    const int threads = work > (simd ? (1 << 14) : (1 << 13)) ? nt : 1;
+    if (simd && threads > 1 && (int64_t)N * ${CNAME}_GKB * ${CNAME}_GKWP * 8 <= (256 << 10) && M >= 4 * nt * 4) {
         mb = (M + want - 1) / want;
         mb = (mb + 3) / 4 * 4;                      /* whole 4-row tiles of the AVX-512 kernel */
         nb = (N + unit - 1) / unit * unit;
+        cx.x = x;                                   /* and each task packs its own rows */
+    } else {
+        qc_pack_rows(path, x, M, ${K}, ${CNAME}_GKA, ${CNAME}_GMODE != QC_AND, ${CNAME}_GKWP, A, rowsum, nt);
     }
     cx.mb = mb; cx.nb = nb; cx.n_nb = (N + nb - 1) / nb;
 #if defined(QC_X86)
@@ -293,10 +307,6 @@ static void ${CNAME}_gemm_direct(const uint64_t* A, const int32_t* rowsum, int64
     if (simd) fn = ${CNAME}_gtask_avx512;
 #endif
     (void)path;
-    /* below ~2^13 words of work (~10 us on one core; 2^14 on AVX-512, 8 words per instruction: W1A1 M=64 K=N=256
-     * took 6.0 us on 2 threads against 7.1 on one, M=16 2.1 us on one against 2.7, Zen 4) waking threads costs
-     * more than it saves */
-    const int64_t work = M * N * ${CNAME}_GKW * (${CNAME}_GMODE == QC_AND ? ${CNAME}_GKA * ${CNAME}_GKB : 1);
-    qc_parallel(work > (simd ? (1 << 14) : (1 << 13)) ? nt : 1, ((M + mb - 1) / mb) * cx.n_nb, fn, &cx);
+    qc_parallel(threads, ((M + mb - 1) / mb) * cx.n_nb, fn, &cx);
 }
 

@@ -41,12 +41,12 @@ ${LUT_CALL}    qc_job j;
     j.A = A; j.rowsum = rowsum;
     for (int64_t r0 = 0; r0 < batch; r0 += chunk) {
         const int64_t rows = batch - r0 < chunk ? batch - r0 : chunk;
-        qc_pack_rows(path, x + r0 * K, rows, K, KA, ${MODE} != QC_AND, KWP, A, rowsum, j.nthreads);
-        if (QC_PER_LAYER_GEMM(path)) {  /* this layer's own kernel (layer_dgemm.c) */
-            ${CNAME}_gemm_direct(A, rowsum, rows, (uint8_t*)y + r0 * N * (int64_t)sizeof(${OUT_CTYPE_C}), path,
-                                 j.nthreads);
+        if (QC_PER_LAYER_GEMM(path)) {  /* this layer's own kernel (layer_dgemm.c); it packs the rows itself */
+            ${CNAME}_gemm_direct(x + r0 * K, A, rowsum, rows, (uint8_t*)y + r0 * N * (int64_t)sizeof(${OUT_CTYPE_C}),
+                                 path, j.nthreads);
             continue;
         }
+        qc_pack_rows(path, x + r0 * K, rows, K, KA, ${MODE} != QC_AND, KWP, A, rowsum, j.nthreads);
         j.M = rows; j.row0 = r0;
         qc_run_job(path, &j);
     }

@@ -316,6 +316,23 @@ def test_large_batch_and_threads_agree(native_lib, monkeypatch):
         np.testing.assert_array_equal(native_lib.run(spec.name, x), want)
 
 
+@pytest.mark.parametrize("threads", ["2", "3"])
+def test_short_rows_split_by_rows_bit_exact(native_lib, emulated_lib, monkeypatch, threads):
+    """Enough rows and small weights: the AVX-512 kernel splits rows across threads and each task packs its own
+    rows (layer_dgemm.c); every GEMM of the library at M = 33..257 on that path, against the reference."""
+    lib = native_lib if native_lib.path_available("avx512") else emulated_lib
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx512")
+    monkeypatch.setenv("QCOMPILE_NUM_THREADS", threads)
+    checked = 0
+    for spec in (s for s in SPECS if s.op == "gemm" and s.N * s.K * s.bits_w <= 1 << 20):
+        for batch in (33, 64, 257):
+            x = make_input(spec, batch, seed=batch + spec.K)
+            np.testing.assert_array_equal(lib.run(spec.name, x), expected(spec, x),
+                                          err_msg=f"{spec.name} M={batch} threads={threads}")
+            checked += 1
+    assert checked >= 15
+
+
 def test_float_epilogue_is_not_fused(native_lib):
     """The data must tell an FMA from a multiply-then-add, and the kernel must give the latter."""
     spec = next(s for s in SPECS if s.epilogue == "float" and s.op == "gemm" and s.K >= 1000)
