@@ -370,6 +370,30 @@ static void ${CNAME}_limage_task(const void* vctx, int64_t b) {
     for (int64_t r = 0; r < ${CNAME}_OHO; ++r) ${CNAME}_orow(cx, b, r);
 }
 
+/* The tables' and sums' buffers are kept between calls: zeroing ~100 KiB of them per call was a visible share of a
+ * batch-1 call. Only interior pixels are ever written, so a reused buffer's border (padding) stays zero. One cached
+ * pair per layer, taken and given back atomically: a concurrent call allocates its own. */
+typedef struct { uint8_t* tab; int32_t* psum; int64_t images; } ${CNAME}_lbufs;
+static _Atomic(${CNAME}_lbufs*) ${CNAME}_lcache;
+
+static ${CNAME}_lbufs* ${CNAME}_lbufs_take(int64_t images, int64_t img_bytes, int64_t sum_ints) {
+    ${CNAME}_lbufs* c = atomic_exchange(&${CNAME}_lcache, NULL);
+    if (c && c->images >= images) return c;
+    if (c) { free(c->tab); free(c->psum); free(c); }
+    c = (${CNAME}_lbufs*)malloc(sizeof *c);
+    if (!c) return NULL;
+    c->images = images;
+    c->tab = (uint8_t*)qc_alloc((size_t)(images * img_bytes) + 32);   /* zeroed; +32 bytes of slack */
+    c->psum = (int32_t*)qc_alloc((size_t)(images * sum_ints) * 4);
+    if (!c->tab || !c->psum) { free(c->tab); free(c->psum); free(c); return NULL; }
+    return c;
+}
+
+static void ${CNAME}_lbufs_give(${CNAME}_lbufs* c) {
+    ${CNAME}_lbufs* none = NULL;
+    if (!atomic_compare_exchange_strong(&${CNAME}_lcache, &none, c)) { free(c->tab); free(c->psum); free(c); }
+}
+
 static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     enum { C = ${CNAME}_C, H = ${CNAME}_H, W = ${CNAME}_W, N = ${CNAME}_N, HP = ${CNAME}_HP, WP = ${CNAME}_WP,
            G4 = ${CNAME}_G4, KTAP = ${CNAME}_KH * ${CNAME}_KW * ${CNAME}_C };
@@ -384,10 +408,10 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
     if (chunk > batch) chunk = batch;
     ${CNAME}_lctx cx;
     memset(&cx, 0, sizeof cx);
-    /* zeroed once: the border (padding) keeps all-zero tables and sums; +32 bytes of slack */
-    cx.tab = (uint8_t*)qc_alloc((size_t)(chunk * img_bytes) + 32);
-    cx.psum = (int32_t*)qc_alloc((size_t)(chunk * HP * WP) * 4);
-    if (!cx.tab || !cx.psum) { free(cx.tab); free(cx.psum); return QC_ERR_NOMEM; }
+    ${CNAME}_lbufs* bufs = ${CNAME}_lbufs_take(chunk, img_bytes, (int64_t)HP * WP);
+    if (!bufs) return QC_ERR_NOMEM;
+    cx.tab = bufs->tab;
+    cx.psum = bufs->psum;
     for (int64_t b0 = 0; b0 < batch && !cx.err; b0 += chunk) {
         const int64_t bc = batch - b0 < chunk ? batch - b0 : chunk;
         cx.x = (const ${IN_T}*)x + b0 * C * HW;
@@ -398,12 +422,12 @@ static int ${CNAME}_lut(const uint8_t* x, void* y, int64_t batch) {
             qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc, ${CNAME}_limage_task, &cx);
             continue;
         }
-        qc_parallel(bc * HW * C > 32768 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_ltab_task, &cx);
+        qc_parallel(bc * HW * C > 8192 ? nt : 1, bc * ((H + cx.pix_rows - 1) / cx.pix_rows), ${CNAME}_ltab_task, &cx);
         if (cx.err) break;
         qc_parallel(bc * P * N * KTAP > (1 << 20) ? nt : 1, bc * ((OHO + cx.out_rows - 1) / cx.out_rows),
                     ${CNAME}_lrow_task, &cx);
     }
-    free(cx.tab); free(cx.psum);
+    ${CNAME}_lbufs_give(bufs);
     return cx.err;
 }
 #endif

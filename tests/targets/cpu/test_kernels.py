@@ -608,3 +608,33 @@ def test_direct_conv_threads_and_row_blocks_agree(native_lib, monkeypatch, name)
         for threads in ("1", "2", "3"):
             monkeypatch.setenv("QCOMPILE_NUM_THREADS", threads)
             np.testing.assert_array_equal(native_lib.run(spec.name, x), want, err_msg=f"{threads} threads, {batch}")
+
+
+def test_lut_conv_buffers_are_reused_and_safe_across_threads(native_lib, monkeypatch):
+    """A LUT conv keeps its table buffers between calls (their padding border must stay zero) and gives them to one
+    caller at a time: calls from several Python threads at once, each with its own batch, against the reference."""
+    import threading
+
+    if not native_lib.path_available("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("QCOMPILE_CPU_PATH", "avx2")
+    names = [n for n in ("conv3x3_pad_c64", "lconv_c256_chunks", "conv_5x5_valid") if n in BY_NAME and
+             native_lib.manifest["layers"][n].get("avx2_kernel") == "lut"]
+    assert names
+    cases = [(BY_NAME[n], b, make_input(BY_NAME[n], b, 7 * b + i)) for i, n in enumerate(names) for b in (1, 6, 2)]
+    wants = [expected(spec, x) for spec, _, x in cases]
+    errors = []
+
+    def worker(k):
+        for rep in range(6):
+            i = (k + rep) % len(cases)
+            spec, _, x = cases[i]
+            if not np.array_equal(native_lib.run(spec.name, x), wants[i]):
+                errors.append(f"{spec.name} batch {x.shape[0]} (thread {k}, call {rep})")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
