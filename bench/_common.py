@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -13,6 +14,20 @@ def cpu_name() -> str:
     from qcompile.targets.cpu.caps import model_name
 
     return model_name()
+
+
+def best_ms(fn, reps: int, settle_s: float = 0.0) -> float:
+    """Best of ``reps`` timed calls of ``fn`` in ms, after one untimed call (and ``settle_s`` seconds of sleep first,
+    so the previous engine's worker threads stop spinning)."""
+    if settle_s:
+        time.sleep(settle_s)
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def load_average() -> str:

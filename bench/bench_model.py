@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, cpu_name, load_average, publish  # noqa: E402  (bench/ is sys.path[0])
+from _common import RESULTS, best_ms, cpu_name, load_average, publish  # noqa: E402  (bench/ is sys.path[0])
 
 SECTION = "## Bundled models end to end"
 CASES = [("cnn", "w1a2", "bitserial"), ("cnn", "w1a2", None), ("cnn", "w2a2", "bitserial"), ("cnn", "w2a2", None),
@@ -59,13 +59,7 @@ def _best(fn, rounds: list[float], reps: int) -> None:
     from qcompile.benchmark import settle
 
     settle()  # the previous engine's onnxruntime threads stop spinning first
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    rounds.append(best * 1e3)
+    rounds.append(best_ms(fn, reps))
 
 
 def _isolated(fn, *args):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import onnxruntime as ort
 from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cpu_name, load_average, publish  # noqa: E402
+from _common import best_ms, cpu_name, load_average, publish  # noqa: E402
 
 SEQ = 35
 
@@ -60,16 +59,6 @@ def layer_model(cell: str, out: Path) -> tuple[Path, np.ndarray]:
     table = onnx.numpy_helper.to_array(inits[emb_name])
     x = table[lm.batchify(tokens[:20000], 16)[:SEQ * 8]].astype(np.float32)     # [280, 16, 128]
     return path, x
-
-
-def best_ms(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # larq and LCE 0.16 build on tf-keras (Keras 2)
@@ -117,14 +116,11 @@ def op_counts(flatbuffer: bytes) -> dict[str, int]:
 
 
 def best_ms(run, reps: int) -> float:
-    time.sleep(0.15)  # the previous setting's worker threads go idle first (as qcompile.benchmark.settle)
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    """bench/_common.best_ms, the previous setting's worker threads idle first (as qcompile.benchmark.settle)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from _common import best_ms as common_best_ms
+
+    return common_best_ms(run, reps, settle_s=0.15)
 
 
 def main(argv=None) -> int:
