@@ -192,6 +192,44 @@ def custom_op_node(spec, fused_node: onnx.NodeProto) -> onnx.NodeProto:
                             layer=spec.name)
 
 
+def kernel_output_types(fused: onnx.ModelProto, specs) -> dict[str, onnx.TypeProto]:
+    """The types of the values that may cross a schedule step: the graph inputs and every kernel layer's output."""
+    types = {i.name: i.type for i in fused.graph.input}
+    elems = {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8, "none": onnx.TensorProto.INT32}
+    for spec in specs:
+        out_name = spec.extra.get("output") or \
+            next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
+        elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else elems[spec.epilogue]
+        lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))  # 0: a symbolic size (sequence length)
+        types[out_name] = _tensor_type(elem, (*lead, *spec.out_shape))
+    return types
+
+
+@dataclass
+class FusedGraph:
+    """A fake-quant model with every fixed-size quantized layer fused into a bit-kernel node (targets that run all of
+    them, gpu and fpga: no planner)."""
+
+    calib_batch: dict | None      # the first calibration batch (its sizes fix symbolic ones)
+    model: onnx.ModelProto        # the fake-quant model, shapes specialized
+    specialized: bool
+    symbolic: dict                # layers left on onnxruntime for a symbolic size -> why
+    fused: onnx.ModelProto        # the fused graph
+    graph: onnx.ModelProto        # the fused graph with float input quantizers folded into their kernels
+    specs: list                   # one LayerSpec per kernel node
+
+
+def fuse_fixed_size_layers(result) -> FusedGraph:
+    calib_batch = _first_calibration_batch(result.ctx.calib)
+    model, specialized, symbolic = specialize_shapes(result.model, calib_batch, result.ctx.layers)
+    result.ctx.fuse_notes = {}
+    fused_ir = ir.from_proto(model)
+    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(fused_ir, result.ctx)
+    fused = ir.to_proto(fused_ir)
+    graph, specs = fold_input_quantizers(fused, layer_specs(fused, model, fold_pools=True), DOMAIN)
+    return FusedGraph(calib_batch, model, specialized, symbolic, fused, graph, specs)
+
+
 def compile_recurrent(model: onnx.ModelProto, layers) -> onnx.ModelProto:
     """``model`` with each recurrent layer's Scan-form nodes replaced by one ``Recurrent`` node of ai.qcompile (its
     time loop in the kernel library, templates/layer_rnn.c), where the first of them stood. Every output gets a name
@@ -342,14 +380,7 @@ def _build(result, target_name: str, caps, work: Path, *, autotune: bool, batch:
     for leftover in (work / "kernels").glob("*.o"):
         leftover.unlink()
 
-    types = {i.name: i.type for i in fused.graph.input}
-    for spec in specs:
-        out_name = spec.extra.get("output") or \
-            next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
-        elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
-            {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8}[spec.epilogue]
-        lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))  # 0: a symbolic size (sequence length)
-        types[out_name] = _tensor_type(elem, (*lead, *spec.out_shape))
+    types = kernel_output_types(fused, specs)
     types.update(recurrent_types(model, rnn))
     rnn_names = {r.name for r in rnn}
     schedule, deploy_nodes, kernel_node = [], [], {}

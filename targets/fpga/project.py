@@ -246,23 +246,15 @@ def build_fpga_artifact(result, target_name: str, part, work: Path, *, fps: floa
                         utilization: float | None = None, frames: int = 8) -> dict:
     """The fpga target's artifact folder: fpga/ (HLS project, RTL, report.md), graph.onnx, fakequant.onnx, manifest."""
     import onnx
-    import onnx_ir as ir
 
     from qcompile import artifact as art
     from qcompile.fileio import sha256_file
-    from qcompile.input_quant import fold_input_quantizers
-    from qcompile.passes.fuse import DOMAIN, FuseBitKernels
+    from qcompile.passes.fuse import DOMAIN
 
     from .folding import DEFAULT_UTILIZATION, choose_folding
 
-    calib_batch = art._first_calibration_batch(result.ctx.calib)
-    model, specialized, symbolic = art.specialize_shapes(result.model, calib_batch, result.ctx.layers)
-    result.ctx.fuse_notes = {}
-    fused_ir = ir.from_proto(model)
-    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(fused_ir, result.ctx)
-    fused = ir.to_proto(fused_ir)
-    specs = art.layer_specs(fused, model, fold_pools=True)
-    graph, specs = fold_input_quantizers(fused, specs, DOMAIN)
+    g = art.fuse_fixed_size_layers(result)
+    specialized, symbolic, graph, specs = g.specialized, g.symbolic, g.graph, g.specs
     if not specs:
         raise QuantizationError(f"{result.source}: no quantized layer became a bit kernel, so there is nothing to "
                                 "put on the FPGA (check the config's keep_float and the report's plan)")

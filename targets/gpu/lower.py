@@ -15,12 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from qcompile.fileio import sha256_file
-from qcompile.input_quant import fold_input_quantizers
 from qcompile.partition import partition
-from qcompile.passes.fuse import DOMAIN, FuseBitKernels
 
 from .build import build_gpu_library
 from .chain import chain_refusal
@@ -33,24 +30,9 @@ def build_gpu_artifact(result, target_name: str, caps, work: Path) -> dict:
 
     (work / "kernels").mkdir()
     (work / "partitions").mkdir()
-    calib_batch = art._first_calibration_batch(result.ctx.calib)
-    model, specialized, symbolic = art.specialize_shapes(result.model, calib_batch, result.ctx.layers)
-    result.ctx.fuse_notes = {}
-    fused_ir = ir.from_proto(model)
-    FuseBitKernels(set(result.ctx.layers) - set(symbolic))(fused_ir, result.ctx)
-    fused = ir.to_proto(fused_ir)
-    specs = art.layer_specs(fused, model, fold_pools=True)
-    to_partition, specs = fold_input_quantizers(fused, specs, DOMAIN)
-
-    types = {i.name: i.type for i in fused.graph.input}
-    for spec in specs:
-        out_name = spec.extra.get("output") or \
-            next(n.output[0] for n in fused.graph.node if n.name == spec.name and n.domain == DOMAIN)
-        elem = onnx.TensorProto.UINT8 if spec.op == "maxpool" else \
-            {"float": onnx.TensorProto.FLOAT, "threshold": onnx.TensorProto.UINT8,
-             "none": onnx.TensorProto.INT32}[spec.epilogue]
-        lead = tuple(d or None for d in spec.extra.get("lead_shape", ()))
-        types[out_name] = art._tensor_type(elem, (*lead, *spec.out_shape))
+    g = art.fuse_fixed_size_layers(result)
+    specialized, symbolic, fused, to_partition, specs = g.specialized, g.symbolic, g.fused, g.graph, g.specs
+    types = art.kernel_output_types(fused, specs)
     schedule = []
     folded = {s.extra["pool_node"]: s.name for s in specs if "pool_node" in s.extra}
     spec_by_name = {s.name: s for s in specs}
