@@ -128,24 +128,23 @@ def recurrent_layers(model: onnx.ModelProto) -> list[RecurrentLayer]:
             k = _body_constants(scan)
             q = f"{meta['prefix']}_d{d}"
 
-            def product(tag, what):
+            def parts(tag):  # (V, m, b) of one product of the body's integer form
                 if f"{q}_{tag}_V" not in k:
                     raise QuantizationError(f"recurrent layer {name!r}: its Scan body lacks the integer form "
                                             f"({q}_{tag}_V); compile it again with this qcompile")
-                V = np.rint(k[f"{q}_{tag}_V"].T).astype(np.int64)
-                return gemm_spec(f"{name}/d{d}/{what}", V, k[f"{q}_{tag}_m"], k[f"{q}_{tag}_b"], bits_a, bits_w)
+                return np.rint(k[f"{q}_{tag}_V"].T).astype(np.int64), k[f"{q}_{tag}_m"], k[f"{q}_{tag}_b"]
 
-            W = product("xw", "W")
+            def product(what, *tags):  # one BitGemm over the rows of the products `tags`
+                V, m, b = (np.concatenate(a) for a in zip(*(parts(t) for t in tags)))
+                return gemm_spec(f"{name}/d{d}/{what}", V, m, b, bits_a, bits_w)
+
+            W = product("W", "xw")
             if meta["cell"] == "LSTM":
-                R, Rh = product("hr", "R"), None
+                R, Rh = product("R", "hr"), None
             elif gru_rh:
-                R, Rh = product("hzr", "R"), product("rec", "Rh")
+                R, Rh = product("R", "hzr"), product("Rh", "rec")
             else:  # linear_before_reset: all three blocks read h's codes: one call
-                zr, hh = product("hzr", "R"), product("hh", "Rh")
-                R = gemm_spec(f"{name}/d{d}/R", np.concatenate([2 * zr.w.astype(np.int64) - zr.wzero2[:, None],
-                                                                2 * hh.w.astype(np.int64) - hh.wzero2[:, None]]),
-                              np.concatenate([zr.mult, hh.mult]), np.concatenate([zr.bias, hh.bias]), bits_a, bits_w)
-                Rh = None
+                R, Rh = product("R", "hzr", "hh"), None
             sub.append({"W": W, "R": R, "Rh": Rh})
         out.append(RecurrentLayer(
             name=name, cell=meta["cell"], direction=meta["direction"], hidden=H, input_size=meta["input_size"],
