@@ -3,8 +3,11 @@ mode, strided / padded / dilated / grouped convs, max-pools) plus tile edges of 
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 
+from qcompile.errors import ToolchainError
 from qcompile.targets.cpu import LayerSpec
 
 BITS = [(1, 1), (2, 1), (2, 2), (4, 4), (4, 1), (1, 2), (3, 2)]  # (bits_a, bits_w)
@@ -123,3 +126,37 @@ def random_input(spec: LayerSpec, batch: int, rng) -> np.ndarray:
     if spec.in_thresholds is not None:
         return rng.choice(np.array([-1, -0.5, 0, 0.1, 0.25, 0.3, 1, 1.5, 2, 3, np.nan], np.float32), size=shape)
     return rng.integers(0, 1 << spec.bits_a, size=shape, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------- test helpers
+def have_nvcc() -> bool:
+    from qcompile.targets.gpu import build as gpu_build
+
+    try:
+        gpu_build.nvcc_command()
+        return True
+    except ToolchainError:
+        return False
+
+
+def same_bits(y: np.ndarray, r: np.ndarray) -> bool:
+    """Equal dtype, shape and bits (float32 compared as their bit patterns)."""
+    if y.dtype != r.dtype or y.shape != r.shape:
+        return False
+    return np.array_equal(y.view(np.uint32), r.view(np.uint32)) if y.dtype == np.float32 else np.array_equal(y, r)
+
+
+def build_emulated(specs, out, archs, **library_options):
+    """A library's sources and its host emulation; nvcc builds the fatbin for ``archs`` in the background meanwhile
+    (PTX kept in out/ptx) when it is installed. Returns {"dir", "manifest", "so", "nvcc": the Popen or None}."""
+    from qcompile.targets.gpu import build as gpu_build
+
+    manifest = gpu_build.build_gpu_library(specs, out, nvcc=False, **library_options)
+    job = None
+    if have_nvcc():
+        (out / "ptx").mkdir()
+        argv = [*gpu_build.nvcc_command(), *gpu_build.NVCC_FLAGS, "--fatbin", f"-I{gpu_build.TEMPLATES}",
+                *gpu_build.nvcc_flags(archs, sm75=False), "-keep", f"-keep-dir={out / 'ptx'}",
+                "-o", str(out / "qc_gpu.fatbin"), str(out / "qc_gpu.cu")]
+        job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return {"dir": out, "manifest": manifest, "so": gpu_build.build_emulation(out), "nvcc": job}

@@ -13,23 +13,15 @@ import pytest
 
 from graphs import tiny_inputs
 from qcompile import api
-from qcompile.errors import ConfigError, ToolchainError
+from qcompile.errors import ConfigError
 from qcompile.evaluate import predict
 from qcompile.runtime import InferenceSession
 from qcompile.runtime.gpu import GpuUnavailableError
-from qcompile.targets.gpu import build as gpu_build
 from qcompile.targets.gpu.build import build_emulation
+from tests.targets.gpu.gpu_cases import have_nvcc
 
 
-def _have_nvcc() -> bool:
-    try:
-        gpu_build.nvcc_command()
-        return True
-    except ToolchainError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: gpu artifacts cannot "
+pytestmark = pytest.mark.skipif(not have_nvcc(), reason="nvcc (CUDA toolkit) not installed: gpu artifacts cannot "
                                                          "be built here")
 
 

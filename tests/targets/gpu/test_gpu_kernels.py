@@ -8,10 +8,8 @@ fatbin with the PTX kept, which is checked for the b1 tensor-core MMA. The runti
 
 from __future__ import annotations
 
-import ctypes
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -20,9 +18,10 @@ from qcompile.errors import ArtifactError, ToolchainError
 from qcompile.runtime import gpu as gpu_rt
 from qcompile.runtime.gpu import CudaDevice, EmuDevice, GpuLibrary, GpuUnavailableError
 from qcompile.targets.gpu import build as gpu_build
-from qcompile.targets.gpu.build import build_emulation, build_gpu_library, compile_fatbin
+from qcompile.targets.gpu.build import build_gpu_library, compile_fatbin
 
-from tests.targets.gpu.gpu_cases import gpu_specs, random_input, reference_output
+from tests.targets.gpu.gpu_cases import (build_emulated, gpu_specs, have_nvcc, random_input, reference_output,
+                                        same_bits)
 
 SPECS = gpu_specs()
 BY_NAME = {s.name: s for s in SPECS}
@@ -30,28 +29,12 @@ MMA = "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"
 ARCHS = ("80", "90")
 
 
-def _have_nvcc() -> bool:
-    try:
-        gpu_build.nvcc_command()
-        return True
-    except ToolchainError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Sources + constants (no fatbin yet), nvcc started in the background, the emulation built meanwhile."""
-    out = tmp_path_factory.mktemp("gpu_kernels")
-    manifest = build_gpu_library(SPECS, out, nvcc=False)
-    job = None
-    if _have_nvcc():
-        argv = [*gpu_build.nvcc_command(), *gpu_build.NVCC_FLAGS, "--fatbin", f"-I{gpu_build.TEMPLATES}",
-                *gpu_build.nvcc_flags(ARCHS, sm75=False), "-keep", f"-keep-dir={out / 'ptx'}",
-                "-o", str(out / "qc_gpu.fatbin"), str(out / "qc_gpu.cu")]
-        (out / "ptx").mkdir()
-        job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    so = build_emulation(out)
-    yield {"dir": out, "manifest": manifest, "so": so, "nvcc": job}
+    built = build_emulated(SPECS, tmp_path_factory.mktemp("gpu_kernels"), ARCHS)
+    yield built
+    job = built["nvcc"]
     if job is not None and job.poll() is None:
         job.kill()
 
@@ -59,12 +42,6 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lib(built):
     return GpuLibrary(built["manifest"], EmuDevice(built["so"]))
-
-
-def _same(y: np.ndarray, r: np.ndarray) -> bool:
-    if y.dtype != r.dtype or y.shape != r.shape:
-        return False
-    return np.array_equal(y.view(np.uint32), r.view(np.uint32)) if y.dtype == np.float32 else np.array_equal(y, r)
 
 
 @pytest.mark.parametrize("path", ["mma", "popc"])
@@ -76,7 +53,7 @@ def test_layer_bit_exact(lib, monkeypatch, path, name):
     x = random_input(spec, 3, rng)
     y = lib.run(name, x)
     r = reference_output(spec, x)
-    assert _same(y, r), f"{name} on the {path} path differs from qcompile.reference"
+    assert same_bits(y, r), f"{name} on the {path} path differs from qcompile.reference"
 
 
 @pytest.mark.parametrize("name, batches", [
@@ -94,7 +71,7 @@ def test_batch_one_and_many_tiles(lib, monkeypatch, name, batches, path):
     rng = np.random.default_rng(7)
     for batch in batches:
         x = random_input(spec, batch, rng)
-        assert _same(lib.run(name, x), reference_output(spec, x)), f"{name} batch {batch} on {path}"
+        assert same_bits(lib.run(name, x), reference_output(spec, x)), f"{name} batch {batch} on {path}"
 
 
 def test_chain_stays_on_device(lib):
@@ -106,7 +83,7 @@ def test_chain_stays_on_device(lib):
     y = lib.download(lib.run_device(fc.name, codes, 2), (2, fc.N), np.float32)
     lib.device.free(ptr)
     want = reference_output(fc, reference_output(conv, x).reshape(2, -1))
-    assert _same(y, want)
+    assert same_bits(y, want)
 
 
 def test_sm75_device_runs_the_cuda_core_path(built, monkeypatch):
@@ -180,7 +157,7 @@ def test_missing_nvcc_names_what_to_install(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- nvcc
-nvcc_needed = pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: the GPU kernels are "
+nvcc_needed = pytest.mark.skipif(not have_nvcc(), reason="nvcc (CUDA toolkit) not installed: the GPU kernels are "
                                                           "not compiled for sm_80/sm_90 here")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -19,14 +18,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import bn_params
-from qcompile.errors import RuntimeInputError, ToolchainError
+from qcompile.errors import RuntimeInputError
 from qcompile.targets.cpu import LayerSpec
-from qcompile.targets.gpu import build as gpu_build
-from qcompile.targets.gpu.build import build_emulation, build_gpu_library
+from qcompile.targets.gpu.build import build_emulation
 from qcompile.targets.gpu.chain import chain_refusal
 from qcompile.runtime.gpu import EmuDevice, GpuLibrary
 
-from tests.targets.gpu.gpu_cases import reference_output
+from tests.targets.gpu.gpu_cases import build_emulated, have_nvcc, reference_output, same_bits
 
 
 def _thresholds(rng, spec_k: int, n: int, levels: int, bits_w: int, bits_a: int) -> np.ndarray:
@@ -80,15 +78,7 @@ BATCHES = {"gemm_a2_a2_xor": (1, 130), "gemm_w8_tiles": (1, 3), "conv_c70_stride
            "conv_groups_xor": (1, 2)}
 
 
-def _have_nvcc() -> bool:
-    try:
-        gpu_build.nvcc_command()
-        return True
-    except ToolchainError:
-        return False
-
-
-nvcc_needed = pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: the chained kernels "
+nvcc_needed = pytest.mark.skipif(not have_nvcc(), reason="nvcc (CUDA toolkit) not installed: the chained kernels "
                                                           "are not compiled for sm_80/sm_90 here")
 
 
@@ -96,18 +86,10 @@ nvcc_needed = pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) n
 def built(tmp_path_factory):
     """The chains' sources (no fatbin yet), nvcc for sm_80 + sm_90 started in the background, the emulation built
     meanwhile."""
-    out = tmp_path_factory.mktemp("gpu_chains")
     chains = {p.name: c.name for chain in CHAINS.values() for p, c in zip(chain, chain[1:])}
-    manifest = build_gpu_library(SPECS, out, nvcc=False, chains=chains)
-    job = None
-    if _have_nvcc():
-        (out / "ptx").mkdir()
-        argv = [*gpu_build.nvcc_command(), *gpu_build.NVCC_FLAGS, "--fatbin", f"-I{gpu_build.TEMPLATES}",
-                *gpu_build.nvcc_flags(("80", "90"), sm75=False), "-keep", f"-keep-dir={out / 'ptx'}",
-                "-o", str(out / "qc_gpu.fatbin"), str(out / "qc_gpu.cu")]
-        job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    so = build_emulation(out)
-    yield {"dir": out, "manifest": manifest, "so": so, "nvcc": job}
+    built = build_emulated(SPECS, tmp_path_factory.mktemp("gpu_chains"), ("80", "90"), chains=chains)
+    yield built
+    job = built["nvcc"]
     if job is not None and job.poll() is None:
         job.kill()
 
@@ -115,12 +97,6 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lib(built):
     return GpuLibrary(built["manifest"], EmuDevice(built["so"]))
-
-
-def _same(y: np.ndarray, r: np.ndarray) -> bool:
-    if y.dtype != r.dtype or y.shape != r.shape:
-        return False
-    return np.array_equal(y.view(np.uint32), r.view(np.uint32)) if y.dtype == np.float32 else np.array_equal(y, r)
 
 
 @pytest.mark.parametrize("path", ["mma", "popc"])
@@ -141,7 +117,7 @@ def test_chain_bit_exact_without_pack_kernels(lib, monkeypatch, chain, path):
             out = lib.run_device(spec.name, ptr if i == 0 else None, batch, into=into, packed_input=i > 0)
         got = lib.download(out, want.shape, want.dtype)
         lib.device.free(ptr)
-        assert _same(got, want), f"{chain} batch {batch} on the {path} path differs from qcompile.reference"
+        assert same_bits(got, want), f"{chain} batch {batch} on the {path} path differs from qcompile.reference"
         kernels = [k for k in lib.launch_log if k != "memset"]
         packs = [k for k in kernels if k.endswith("_pack")]
         assert len(packs) == 1 and layers[0].name in packs[0], kernels     # only the chain's first layer packs
@@ -239,7 +215,7 @@ def chain_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.skipif(not _have_nvcc(), reason="nvcc (CUDA toolkit) not installed: gpu artifacts cannot be built here")
+@pytest.mark.skipif(not have_nvcc(), reason="nvcc (CUDA toolkit) not installed: gpu artifacts cannot be built here")
 def test_artifact_chains_skip_pack_kernels_and_equal_fakequant(tmp_path, monkeypatch):
     from qcompile import api
     from qcompile.evaluate import predict
