@@ -192,6 +192,15 @@ class RecurrentQuant:
     points: tuple = ("x", "h", "rh", "cand", "h_new")
     gates: list | None = None   # per direction IntegerGates: the products on codes (decompose's integer-exact form)
 
+    @classmethod
+    def of(cls, spec: "RecurrentSpec", bits_w: int, bits_a: int, quantizer: str, x_scale: float, x_zero: int):
+        """The layer's quantization (weights through ``quantizer`` per gate row, their integer gate products) and
+        the weights' QuantizedTensors: (RecurrentQuant, [(W tensor, R tensor) per direction])."""
+        Wq, Rq, qts = quantize_weights(spec, bits_w, quantizer)
+        gates = [IntegerGates.build(tw, tr, spec.Wb[d], spec.Rb[d], x_scale, x_zero, bits_a)
+                 for d, (tw, tr) in enumerate(qts)]
+        return cls(bits_a, x_scale, x_zero, Wq, Rq, gates=gates), qts
+
     def act(self, name: str, v: np.ndarray) -> np.ndarray:
         if name not in self.points:
             return v
@@ -286,19 +295,23 @@ def scan_prefix(name: str) -> str:
 
 
 def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: int = 21):
-    """The layer as ONNX ``Scan`` loops (one per direction) whose bodies compute the cell step by step, with
-    QuantizeLinear/DequantizeLinear at ``quant``'s points: the fake-quant form onnxruntime runs. Returns
+    """The layer as ONNX ``Scan`` loops (one per direction) whose bodies compute the cell step by step; with
+    ``quant`` (RecurrentQuant.of) the gate products are in integer-exact form (IntegerGates) on the codes of x_t, h
+    and the GRU's r*h, the candidate and new h go through QuantizeLinear/DequantizeLinear: the fake-quant form
+    onnxruntime runs. Returns
     (nodes, initializers); the nodes read spec.inputs and write spec.outputs (layout 0), so they replace the
     LSTM/GRU node in place. Equal to :func:`run` up to float summation order (a test)."""
     from onnx import TensorProto, helper, numpy_helper
 
     if spec.layout != 0:
         raise UnsupportedRecurrent(f"{spec.cell} node {spec.name!r}: layout=1 is not covered yet; kept in float")
+    if quant is not None and quant.gates is None:
+        raise ValueError(f"decompose {spec.name!r}: the quantized form needs the integer gate products "
+                         "(RecurrentQuant.of)")
     H, g = spec.hidden, GATES[spec.cell]
     p = scan_prefix(spec.name)
     inits, nodes = [], []
-    W = quant.Wq if quant else spec.W
-    R = quant.Rq if quant else spec.R
+    W, R = spec.W, spec.R   # the float form's weights (the quantized form multiplies integer ones: IntegerGates)
 
     def const(name, arr):
         if any(t.name == f"{p}_{name}" for t in inits):
@@ -306,7 +319,7 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
         inits.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
         return f"{p}_{name}"
 
-    def node(op, ins, outs, **kw):  # named under the layer: lowering finds the layer's nodes by this prefix
+    def node(op, ins, outs, **kw):  # named under the layer (metadata qcompile.recurrent lists them for lowering)
         nodes.append(helper.make_node(op, ins, outs, name=f"{spec.name}/{outs[0]}", **kw))
         return outs[0]
 
@@ -365,7 +378,7 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
             return b("Sub", [b("Mul", [deq, bconst("two", np.float32(2))], [f"{tag}_2"]), bconst("onef", np.float32(1))],
                      [f"{tag}_q"])
 
-        ig = quant.gates[d] if quant is not None and quant.gates is not None else None
+        ig = quant.gates[d] if quant is not None else None
 
         def int_product(codes, rows, V, m, bias, tag):
             """acc(V[rows], codes) * m + bias: codes as floats times integer weights (exact), then the two roundings
@@ -376,23 +389,17 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
                      [tag])
 
         h_in, c_in, x_in, m_in = f"{q}_h", f"{q}_c", f"{q}_x", f"{q}_m"
-        xt = x_in
-        if quant is not None and "x" in quant.points:
-            n = (1 << quant.bits_a) - 1
-            codes = b("QuantizeLinear", [x_in, bconst("xs", np.float32(quant.x_scale)), bconst("xz", np.uint8(quant.x_zero))],
-                      ["xc"])
-            codes = b("Min", [codes, bconst("xn", np.uint8(n))], ["xcc"])
-            if ig is None:
-                xt = b("DequantizeLinear", [codes, bconst("xs2", np.float32(quant.x_scale)),
-                                            bconst("xz2", np.uint8(quant.x_zero))], ["xq"])
         G = slice(None)
-        if ig is not None:
-            xw = int_product(f"{q}_xcc", G, ig.Vw, ig.mw, ig.bw, "xw")
+        if ig is not None:  # x_t's and h's codes times the integer weights
+            n = (1 << quant.bits_a) - 1
+            xc = b("QuantizeLinear", [x_in, bconst("xs", np.float32(quant.x_scale)), bconst("xz", np.uint8(quant.x_zero))],
+                   ["xc"])
+            xw = int_product(b("Min", [xc, bconst("xn", np.uint8(n))], ["xcc"]), G, ig.Vw, ig.mw, ig.bw, "xw")
             hc = tanh_codes(h_in, "hq")
         else:
-            xw = b("Add", [b("MatMul", [xt, bconst("Wt", np.ascontiguousarray(W[d].T))], ["xw0"]),
+            xw = b("Add", [b("MatMul", [x_in, bconst("Wt", np.ascontiguousarray(W[d].T))], ["xw0"]),
                            bconst("Wb", spec.Wb[d])], ["xw"])
-        hq = tanh_q(h_in, "hq") if quant is not None and "h" in quant.points and ig is None else h_in
+        hq = h_in
 
         def cols(v, k, tag):  # gate k's columns [k*H, (k+1)*H)
             return b("Slice", [v, bconst(f"s{k}", np.array([k * H], np.int64)),
@@ -416,18 +423,16 @@ def decompose(spec: RecurrentSpec, quant: RecurrentQuant | None = None, opset: i
             xzr = cols(xw, 0, "xz_"), cols(xw, 1, "xr_")
             z = b("Sigmoid", [b("Add", [xzr[0], cols(hr, 0, "hz_")], ["zpre"])], ["z"])
             r = b("Sigmoid", [b("Add", [xzr[1], cols(hr, 1, "hr_")], ["rpre"])], ["r"])
-            Rh = (lambda: bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T)))
             if spec.linear_before_reset:
                 hh = int_product(hc, HH, ig.Vr, ig.mr, ig.br, "hh") if ig is not None else \
-                    b("Add", [b("MatMul", [hq, Rh()], ["hh0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["hh"])
+                    b("Add", [b("MatMul", [hq, bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T))], ["hh0"]),
+                              bconst("Rbh", spec.Rb[d][2 * H:])], ["hh"])
                 rec = b("Mul", [r, hh], ["rec"])
             else:
                 rh = b("Mul", [r, h_in], ["rh0"])
-                if ig is not None:
-                    rec = int_product(tanh_codes(rh, "rhq"), HH, ig.Vr, ig.mr, ig.br, "rec")
-                else:
-                    rh = tanh_q(rh, "rhq") if quant is not None and "rh" in quant.points else rh
-                    rec = b("Add", [b("MatMul", [rh, Rh()], ["rec0"]), bconst("Rbh", spec.Rb[d][2 * H:])], ["rec"])
+                rec = int_product(tanh_codes(rh, "rhq"), HH, ig.Vr, ig.mr, ig.br, "rec") if ig is not None else \
+                    b("Add", [b("MatMul", [rh, bconst("Rh", np.ascontiguousarray(R[d][2 * H:].T))], ["rec0"]),
+                              bconst("Rbh", spec.Rb[d][2 * H:])], ["rec"])
             cand = b("Tanh", [b("Add", [cols(xw, 2, "xh_"), rec], ["cpre"])], ["cand"])
             cand = tanh_q(cand, "candq") if quant is not None and "cand" in quant.points else cand
             one_minus_z = b("Sub", [bconst("onez", np.float32(1)), z], ["omz"])
@@ -499,13 +504,11 @@ def quantize_recurrent(proto, ctx):
             new_nodes.append(node)
             continue
         spec = recurrent_spec(node, constant)
-        Wq, Rq, qts = quantize_weights(spec, plan.bits_w, plan.quantizer)
         st = ranges.get(spec.inputs["x"])
         lo, hi = (st.min, st.max) if st is not None and st.count else (-1.0, 1.0)
         xs, xz = x_grid(lo, hi, plan.bits_a)
-        gates = [IntegerGates.build(tw, tr, spec.Wb[d], spec.Rb[d], xs, xz, plan.bits_a)
-                 for d, (tw, tr) in enumerate(qts)]
-        quant = RecurrentQuant(plan.bits_a, xs, xz, Wq, Rq, gates=gates)
+        quant, qts = RecurrentQuant.of(spec, plan.bits_w, plan.bits_a, plan.quantizer, xs, xz)
+        Wq, Rq = quant.Wq, quant.Rq
         nodes, extra = decompose(spec, quant)
         layers_meta.append({"name": name, "cell": spec.cell, "direction": spec.direction, "hidden": spec.hidden,
                             "input_size": spec.input_size, "linear_before_reset": spec.linear_before_reset,

@@ -145,14 +145,13 @@ def test_the_scan_form_equals_the_onnx_op_in_float(op, lbr, direction, lens, sta
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_the_fake_quant_scan_equals_the_quantized_reference(op, lbr, direction, bits):
-    from qcompile.passes.rnn import RecurrentQuant, quantize_weights, x_grid
+    from qcompile.passes.rnn import RecurrentQuant, x_grid
 
     model = _model(op, direction, lens=True, states=True, lbr=lbr)
     spec = recurrent_spec(model.graph.node[0], _const(model))
     feeds = _feeds(spec, True, True, seed=1)
-    Wq, Rq, _ = quantize_weights(spec, bits)
     xs, xz = x_grid(feeds["x"].min(), feeds["x"].max(), bits)
-    quant = RecurrentQuant(bits, xs, xz, Wq, Rq)
+    quant, _ = RecurrentQuant.of(spec, bits, bits, "rnn-balanced", xs, xz)   # the form compile writes
     got = _decomposed(model, spec, quant).run(None, feeds)
     want = run(quant.quantized(spec), feeds["x"], feeds["lens"], feeds["h0"], feeds.get("c0"), quant=quant)
     # the hidden states sit on the grid; a matmul summed in another order may move one across a rounding boundary,
